@@ -1,0 +1,120 @@
+"""Frozen dataclass configs. Each is written as JSON next to the output it produced, and the CLI builds its
+flags from the fields (help text in ``metadata["help"]``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How a folder of images becomes training data."""
+
+    grayscale: bool = field(False, "convert images to grayscale (kept as 3 channels for the model)")
+    max_images: int = field(0, "use at most this many images (0: all)", min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionConfig:
+    """Stage 1, the dataset prompt: textual inversion over the whole dataset (Eq. 7)."""
+
+    placeholder_token: str = field("<dyod>", "the pseudo-word S* added to the tokenizer")
+    initializer: str = field("object", "word whose embedding initializes S*")
+    num_vectors: int = field(1, "embedding vectors behind S* (tokens <tok>, <tok>_1, ...)", min=1)
+    templates: tuple[str, ...] = field(
+        (
+            "a photo of {}",
+            "a rendering of {}",
+            "a picture of {}",
+            "an image of {}",
+            "a good photo of {}",
+            "a close-up photo of {}",
+        ),
+        "context texts; {} is replaced by S*",
+    )
+    steps: int = field(3000, "optimization steps", min=1)
+    batch_size: int = field(4, "images per step (per device)", min=1)
+    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step", min=1)
+    learning_rate: float = field(5e-3, "AdamW learning rate for the new embedding rows", min=0.0)
+    weight_decay: float = field(0.0, "AdamW weight decay on the new rows", min=0.0)
+    mixed_precision: str = field("no", "no | fp16 | bf16 (through Accelerate)", choices=("no", "fp16", "bf16"))
+    checkpoint_every: int = field(500, "write a resumable checkpoint every N steps (0: only at the end)", min=0)
+    sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")
+    latent_cache_max_ram_mb: int = field(1024, "above this size the latent cache lives on disk (memmap)", min=0)
+    seed: int = field(0, "training seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Stage 2, the custom generator: the vanilla VAE of PyTorch-VAE (Subramanian, 2020), optionally a beta-VAE."""
+
+    resolution: int = field(0, "training resolution, a power of two >= 16 (0: from the dataset, at most 128)", min=0)
+    latent_dim: int = field(128, "size of z", min=1)
+    hidden_dims: tuple[int, ...] = field((32, 64, 128, 256, 512), "encoder channels, one stride-2 conv each")
+    beta: float = field(1.0, "weight on the KL term (>1: beta-VAE, more disentangled)", min=0.0)
+    kld_weight: float = field(0.0, "extra KL scale; 0 uses PyTorch-VAE's batch/dataset ratio", min=0.0)
+    epochs: int = field(100, "passes over the dataset", min=1)
+    batch_size: int = field(64, "images per step", min=1)
+    learning_rate: float = field(5e-3, "Adam learning rate", min=0.0)
+    lr_gamma: float = field(0.95, "exponential learning-rate decay per epoch", min=0.0)
+    sample_every: int = field(10, "write a sample grid every N epochs", min=1)
+    seed: int = field(0, "training seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Stage 3 and 4: start the reverse process at t0 (Eq. 9-11)."""
+
+    t0: float = field(0.7, "start of the reverse process as a fraction of T, in (0, 1]; 1.0 = pure noise")
+    num_inference_steps: int = field(50, "T: steps of the DDIM schedule", min=1)
+    guidance_scale: float = field(7.5, "classifier-free guidance scale with the learned prompt")
+    prompt: str = field("a photo of {}", "prompt; {} is replaced by S*")
+    negative_prompt: str = field("", "unconditional prompt for guidance")
+    batch_size: int = field(8, "images per UNet batch", min=1)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            continue  # written by a newer version; ignore rather than fail
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    from .errors import DyodError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DyodError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise DyodError(f"{path} is not valid JSON ({e}); the file may be damaged") from None

@@ -1,0 +1,165 @@
+"""A folder of images as a dataset: recursive search, EXIF orientation, RGB or grayscale, Lanczos resizing.
+
+A file that cannot be read is skipped and recorded with its reason; it never stops a run."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import DyodError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ImageFolder:
+    """The readable images of a folder, loaded as RGB PIL images (grayscale ones replicated to 3 channels)."""
+
+    root: Path
+    images: list[Image.Image]
+    paths: list[Path]
+    skipped: list[SkippedFile]
+
+    @property
+    def resolution(self) -> int:
+        """The dataset's own resolution: the shorter side of its most common image size."""
+        sizes = collections.Counter(im.size for im in self.images)
+        (w, h), _ = sizes.most_common(1)[0]
+        return min(w, h)
+
+    def stats(self) -> dict:
+        sizes = collections.Counter(f"{w}x{h}" for w, h in (im.size for im in self.images))
+        return {
+            "root": str(self.root),
+            "num_images": len(self.images),
+            "resolution": self.resolution,
+            "sizes": dict(sizes.most_common(10)),
+            "num_skipped": len(self.skipped),
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+        }
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def find_image_files(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.exists():
+        raise DyodError(f"data folder {root} does not exist")
+    if root.is_file():
+        return [root]
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files)
+
+
+def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
+    """Open an image, apply its EXIF orientation, flatten transparency on white, return RGB (or L as RGB).
+
+    Raises ``ValueError``/``OSError`` (with PIL's reason) when the file cannot be decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.seek(0)  # first frame of an animation
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    if im.width < 1 or im.height < 1:
+        raise ValueError("image has no pixels")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / float grayscale: rescale the full range to 8 bits instead of clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(arr.round().astype(np.uint8), "L")
+    if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    im = im.convert("L" if grayscale else "RGB")
+    return im.convert("RGB")
+
+
+def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_images: int = 0) -> ImageFolder:
+    """Load every readable image under ``root``; unreadable files are skipped and listed with their reason."""
+    root = Path(root)
+    files = find_image_files(root)
+    if not files:
+        raise DyodError(
+            f"no image files found in {root} (searched recursively for {', '.join(IMAGE_SUFFIXES)}); "
+            "point DATA_DIR at a folder of images"
+        )
+    images, paths, skipped = [], [], []
+    for path in files:
+        if max_images and len(images) >= max_images:
+            break
+        try:
+            images.append(load_image(path, grayscale=grayscale))
+            paths.append(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            skipped.append(SkippedFile(str(path), reason))
+            logger.warning("skipping %s (%s)", path, reason)
+    if not images:
+        raise DyodError(
+            f"none of the {len(files)} image files in {root} could be read; first problem: "
+            f"{skipped[0].path}: {skipped[0].reason}"
+        )
+    return ImageFolder(root=root, images=images, paths=paths, skipped=skipped)
+
+
+def center_crop_square(im: Image.Image) -> Image.Image:
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
+def resize_lanczos(im: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize with Lanczos (the paper's choice, in both directions)."""
+    im = center_crop_square(im)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.LANCZOS)
+    return im
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL RGB images -> float tensor [B, 3, H, W] in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Float tensor [B, C, H, W] in [-1, 1] -> PIL RGB images."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in x]
+
+
+def lanczos_resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Lanczos resize of a [B, C, H, W] float tensor, per channel in PIL's float mode (no 8-bit rounding)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = []
+    for image in x.detach().float().cpu():
+        channels = [
+            np.asarray(Image.fromarray(c.numpy(), "F").resize((size, size), Image.Resampling.LANCZOS))
+            for c in image
+        ]
+        out.append(torch.from_numpy(np.stack(channels)))
+    return torch.stack(out).to(device=x.device, dtype=x.dtype)

@@ -1,0 +1,37 @@
+"""Image grids, strips and PNG output."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from PIL import Image
+
+
+def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2, background=(255, 255, 255)) -> Image.Image:
+    """Tile equally sized images row by row (ncols defaults to a near-square grid)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad), background)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save a PNG atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_images(images: list[Image.Image], folder: str | os.PathLike, names: list[str]) -> list[Path]:
+    return [save_png(im, Path(folder) / name) for im, name in zip(images, names)]

@@ -1,0 +1,288 @@
+"""Stage 1, the dataset prompt: textual inversion over the whole dataset (Eq. 7).
+
+    v* = argmin_v  E_{x_0 ~ dataset, ε ~ N(0, I), t ~ U{0, N-1}} || target - f_phi(x_t, t, c(v)) ||²
+
+with c(v) a context text ("a photo of {}") holding the pseudo-word S*, f_phi the frozen UNet and target ε (or v
+for v-prediction models). Only the new embedding rows train. The frozen VAE encodes every image once: the
+posterior's mean and std are cached (in memory, or memory-mapped on disk when large) and latents are sampled from
+them at each step, which is what encoding every step would give, without the VAE in the loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import DataConfig, InversionConfig, from_dict, to_dict, write_json
+from .data import load_image_folder, pil_to_tensor, resize_lanczos
+from .embeddings import (
+    add_placeholder_tokens,
+    expand_prompt,
+    initializer_embedding,
+    install_placeholder,
+    save_learned_embeds,
+    uninstall_placeholder,
+)
+from .errors import DyodError
+from .prior import Prior, load_prior
+from .run import Run
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+class LatentCache:
+    """Posterior mean and std of the frozen VAE for every image: [N, C, h, w] each, in RAM or memory-mapped."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = index.numpy()
+        if isinstance(self.mean, torch.Tensor):
+            return self.mean[index], self.std[index]
+        return torch.from_numpy(np.asarray(self.mean[idx])), torch.from_numpy(np.asarray(self.std[idx]))
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, images, prior: Prior, folder: Path, max_ram_mb: int, batch_size: int = 8, progress: bool = True):
+        h = prior.resolution // prior.vae_scale_factor
+        shape = (len(images), prior.vae.config.latent_channels, h, h)
+        nbytes = 2 * 4 * math.prod(shape)
+        on_disk = nbytes > max_ram_mb * 2**20
+        if on_disk:
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = {"model": prior.model, "shape": list(shape)}
+            meta_path = folder / "latents.json"
+            paths = folder / "latents_mean.npy", folder / "latents_std.npy"
+            if meta_path.exists() and json.loads(meta_path.read_text()) == meta and all(p.exists() for p in paths):
+                logger.info("reusing the latent cache in %s", folder)
+                return cls(np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r"))
+            mean = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32, shape=shape)
+            std = np.lib.format.open_memmap(paths[1], mode="w+", dtype=np.float32, shape=shape)
+        else:
+            mean, std = torch.empty(shape), torch.empty(shape)
+        vae = prior.vae
+        device = vae.device
+        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encoding dataset", leave=False):
+            chunk = [resize_lanczos(im, prior.resolution) for im in images[start : start + batch_size]]
+            x = pil_to_tensor(chunk).to(device=device, dtype=vae.dtype)
+            posterior = vae.encode(x).latent_dist
+            m, s = posterior.mean.float().cpu(), posterior.std.float().cpu()
+            if on_disk:
+                mean[start : start + len(chunk)] = m.numpy()
+                std[start : start + len(chunk)] = s.numpy()
+            else:
+                mean[start : start + len(chunk)] = m
+                std[start : start + len(chunk)] = s
+        if on_disk:
+            mean.flush(), std.flush()
+            meta_path.write_text(json.dumps(meta))
+            logger.info("latent cache of %.0f MB written to %s", nbytes / 2**20, folder)
+        return cls(mean, std)
+
+
+def diffusion_loss_target(latents, noise, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
+    """What the UNet regresses: ε for epsilon models, v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x_0 for v-prediction."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod_t.sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas_cumprod_t).sqrt().view(-1, 1, 1, 1)
+        return a * noise - s * latents
+    raise DyodError(f"textual inversion needs an epsilon or v_prediction model, got {prediction_type!r}")
+
+
+def inversion_loss(prior: Prior, latents, noise, timesteps, input_ids, alphas_cumprod) -> torch.Tensor:
+    """Eq. 7 for one batch: the diffusion loss with the text condition c(v)."""
+    ab = alphas_cumprod.to(latents.device)[timesteps].float()
+    noisy = ab.sqrt().view(-1, 1, 1, 1) * latents + (1 - ab).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 4
+    hidden = prior.text_encoder(input_ids)[0]
+    pred = prior.unet(noisy.to(prior.unet.dtype), timesteps, encoder_hidden_states=hidden.to(prior.unet.dtype)).sample
+    target = diffusion_loss_target(latents, noise, ab, prior.prediction_type)
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def draw_batch(cache: LatentCache, template_ids: torch.Tensor, batch_size: int, num_train_timesteps: int,
+               generator: torch.Generator, sample_latents: bool, scaling_factor: float):
+    """One random batch (images, templates, t, ε), all drawn from ``generator`` so a run can resume exactly."""
+    index = torch.randint(len(cache), (batch_size,), generator=generator)
+    mean, std = cache.batch(index)
+    latents = mean + std * torch.randn(mean.shape, generator=generator) if sample_latents else mean
+    latents = latents * scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(num_train_timesteps, (batch_size,), generator=generator)
+    input_ids = template_ids[torch.randint(len(template_ids), (batch_size,), generator=generator)]
+    return latents, noise, timesteps, input_ids
+
+
+def _save_checkpoint(path: Path, step: int, learned, optimizer, generator, config: InversionConfig, losses) -> None:
+    tensors = {"learned": learned.detach().float().cpu().contiguous(), "generator": generator.get_state()}
+    state = optimizer.state_dict()
+    for i, param_state in state["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    meta = {"step": str(step), "config": json.dumps(to_dict(config)), "losses": json.dumps(losses[-1000:])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, learned, optimizer, generator) -> tuple[int, list]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        learned.copy_(tensors["learned"].to(learned.device))
+    generator.set_state(tensors["generator"])
+    state = optimizer.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = value.to(learned.device) if value.ndim else value
+    optimizer.load_state_dict(state)
+    return int(meta["step"]), json.loads(meta.get("losses", "[]"))
+
+
+def invert(
+    data_dir: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    config: InversionConfig = InversionConfig(),
+    data_config: DataConfig = DataConfig(),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> Path:
+    """Learn S* for the dataset in ``data_dir`` and write ``out/learned_embeds.safetensors``; return its path."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=device == "cpu",
+    )
+    run = Run.open_or_create(out)
+    folder = run.inversion_path
+    checkpoint = folder / CHECKPOINT_FILE
+    if not resume and not overwrite and (checkpoint.exists() or run.embeddings_path.exists()):
+        raise DyodError(
+            f"{run.path} already holds a dataset prompt; pass --resume to continue it or --overwrite to start over"
+        )
+    if resume and not checkpoint.exists():
+        raise DyodError(f"--resume: {checkpoint} does not exist, so there is nothing to resume")
+    if overwrite and not resume:
+        checkpoint.unlink(missing_ok=True)
+
+    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    prior = load_prior(model)
+    run.bind_model(str(model), prior.describe())
+    run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
+    write_json(run.path / "data.json", data.stats())
+    write_json(folder / "config.json", to_dict(config))
+
+    # Each image through the frozen VAE once, in fp32; the VAE then leaves the accelerator.
+    prior.vae.to(accelerator.device)
+    cache = LatentCache.build(data.images, prior, run.path / "cache", config.latent_cache_max_ram_mb, progress=progress)
+    prior.vae.to("cpu")
+    del data
+
+    token, k = config.placeholder_token, config.num_vectors
+    init = initializer_embedding(prior.tokenizer, prior.text_encoder, config.initializer)
+    ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, token, k)
+    embedding = install_placeholder(prior.text_encoder, ids[0], init[None].repeat(k, 1))
+    prompts = [expand_prompt(t, token, k) for t in config.templates]
+    template_ids = prior.tokenizer(
+        prompts, padding="max_length", max_length=prior.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+    prior.unet.to(accelerator.device) if weight_dtype == torch.float32 else prior.unet.to(accelerator.device, weight_dtype)
+    prior.text_encoder.to(accelerator.device)
+    optimizer = torch.optim.AdamW([embedding.learned], lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    start_step, losses = 0, []
+    if resume:
+        start_step, losses = _load_checkpoint(checkpoint, embedding.learned, optimizer, generator)
+        if start_step >= config.steps:
+            logger.info("the dataset prompt in %s already finished %d of %d steps", run.path, start_step, config.steps)
+        else:
+            logger.info("resuming the dataset prompt at step %d of %d", start_step, config.steps)
+    text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
+    alphas_cumprod = prior.alphas_cumprod()
+    num_train_timesteps = len(alphas_cumprod)
+
+    started = time.time()
+    log_file = folder / "log.jsonl"
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not progress or not accelerator.is_main_process, desc="dataset prompt")
+    text_encoder.train()
+    for step in bar:
+        step_loss = 0.0
+        for _ in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(text_encoder):
+                latents, noise, timesteps, input_ids = draw_batch(
+                    cache, template_ids, config.batch_size, num_train_timesteps, generator,
+                    config.sample_latents, prior.scaling_factor,
+                )
+                dev = accelerator.device
+                with accelerator.autocast():
+                    loss = inversion_loss(
+                        prior, latents.to(dev), noise.to(dev), timesteps.to(dev), input_ids.to(dev), alphas_cumprod
+                    )
+                if not torch.isfinite(loss):
+                    raise DyodError(
+                        f"the loss became {loss.item()} at step {step}; the last checkpoint in {checkpoint} is intact. "
+                        "Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
+                    )
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.item() / config.gradient_accumulation_steps
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        done = step + 1
+        if accelerator.is_main_process:
+            with open(log_file, "a") as f:
+                f.write(json.dumps({"step": done, "loss": step_loss}) + "\n")
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+                _save_checkpoint(checkpoint, done, embedding.learned, optimizer, generator, config, losses)
+
+    vectors = accelerator.unwrap_model(text_encoder).get_input_embeddings().learned.detach()
+    uninstall_placeholder(accelerator.unwrap_model(text_encoder))
+    if accelerator.is_main_process:
+        save_learned_embeds(run.embeddings_path, token, vectors)
+        run.update(placeholder_token=token, num_vectors=k)
+        run.set_stage(
+            "inversion",
+            {
+                "steps": config.steps,
+                "final_loss": float(np.mean(losses[-50:])) if losses else None,
+                "wall_time_s": round(time.time() - started, 1),
+                "device": str(accelerator.device),
+                "mixed_precision": accelerator.mixed_precision,
+                "config": to_dict(config),
+            },
+        )
+    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    return run.embeddings_path
+
+
+def load_inversion_config(run: Run) -> InversionConfig:
+    from .config import read_json
+
+    return from_dict(InversionConfig, read_json(run.inversion_path / "config.json"))

@@ -1,0 +1,217 @@
+"""DYOD sampling on a run: distribution initialization (Eq. 9-10), image initialization (Eq. 11), and latent
+manipulation (Fig. 6-7), on top of the pure DDIM functions in ``sampling``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import SampleConfig
+from .data import lanczos_resize_tensor, pil_to_tensor, resize_lanczos, tensor_to_pil
+from .embeddings import expand_prompt, load_into, load_learned_embeds
+from .errors import DyodError
+from .guidance import GuidedDenoiser, encode_prompts
+from .prior import Prior, load_prior
+from .run import Run
+from .sampling import Schedule, num_denoising_steps, sample_ddim, start_latents
+from .seeding import STREAM_NOISE, STREAM_Z, randn_per_seed
+from .vae import VanillaVAE, load_vae
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DyodPipeline:
+    """The frozen prior with the learned S*, and (optionally) the custom VAE of a run."""
+
+    def __init__(
+        self,
+        prior: Prior,
+        token: str | None,
+        num_vectors: int = 1,
+        custom_vae: VanillaVAE | None = None,
+        output_resolution: int | None = None,
+    ):
+        self.prior = prior
+        self.token = token
+        self.num_vectors = num_vectors
+        self.custom_vae = custom_vae
+        self.output_resolution = output_resolution or prior.resolution
+        self.last_unet_calls = 0
+
+    @classmethod
+    def from_run(cls, run: str | os.PathLike | Run, device: str | None = None, dtype: torch.dtype = torch.float32) -> "DyodPipeline":
+        run = run if isinstance(run, Run) else Run.open(run)
+        device = device or default_device()
+        prior = load_prior(run.model, device=device, dtype=dtype)
+        token, num_vectors = None, 1
+        if run.embeddings_path.exists():
+            token, vectors = load_learned_embeds(run.embeddings_path)
+            load_into(prior.tokenizer, prior.text_encoder, token, vectors)
+            num_vectors = vectors.shape[0]
+        else:
+            logger.warning("run %s has no dataset prompt yet: prompts cannot use S*", run.path)
+        custom_vae = load_vae(run.vae_path, device) if (run.vae_path / "model.safetensors").exists() else None
+        return cls(prior, token, num_vectors, custom_vae, run.data_resolution)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior.unet.device
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def prompt(self, template: str) -> str:
+        if "{}" in template and self.token is None:
+            raise DyodError("this run has no learned token yet; run `dyod invert` first or give a prompt without {}")
+        return expand_prompt(template, self.token, self.num_vectors) if "{}" in template else template
+
+    def denoiser(self, config: SampleConfig) -> GuidedDenoiser:
+        cond = encode_prompts(self.prior.tokenizer, self.prior.text_encoder, [self.prompt(config.prompt)])
+        uncond = encode_prompts(self.prior.tokenizer, self.prior.text_encoder, [config.negative_prompt])
+        return GuidedDenoiser(self.prior.unet, cond, uncond, config.guidance_scale)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] at the model's resolution -> scaled latents (posterior mean: no extra randomness)."""
+        vae = self.prior.vae
+        latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
+        return latents.float() * self.prior.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.prior.vae
+        return vae.decode((latents / self.prior.scaling_factor).to(self.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        h = self.prior.resolution // self.prior.vae_scale_factor
+        return randn_per_seed(seeds, (self.prior.latent_channels, h, h), STREAM_NOISE)
+
+    def z(self, seeds: list[int]) -> torch.Tensor:
+        return randn_per_seed(seeds, (self._require_vae().latent_dim,), STREAM_Z)
+
+    def _require_vae(self) -> VanillaVAE:
+        if self.custom_vae is None:
+            raise DyodError("this run has no custom VAE; run `dyod train-vae` (or `dyod fit`) first, or use --t0 1.0")
+        return self.custom_vae
+
+    @torch.no_grad()
+    def vae_images(self, z: torch.Tensor) -> torch.Tensor:
+        """x' ~ p_theta(x' | z): the custom VAE's decoding, in [-1, 1] at its own resolution (the "VAE alone")."""
+        vae = self._require_vae()
+        return vae.decode(z.to(next(vae.parameters()).device)).float()
+
+    # -- the reverse process from t0 ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise_from(
+        self, init_latents: torch.Tensor | None, noise: torch.Tensor, t0: float, config: SampleConfig, progress: bool = False
+    ) -> torch.Tensor:
+        """x_{t0} ~ q(x_{t0} | x') then deterministic DDIM to x_0 (Eq. 9 and 11); latents in, latents out."""
+        schedule = Schedule.from_scheduler_config(self.prior.scheduler_config, config.num_inference_steps)
+        timesteps = schedule.start(t0)
+        model = self.denoiser(config)
+        noise = noise.to(self.device, torch.float32)
+        init = None if init_latents is None else init_latents.to(self.device, torch.float32)
+        x = start_latents(init, noise, schedule, t0)
+        out = sample_ddim(model, x, timesteps, schedule, progress=progress)
+        self.last_unet_calls = model.calls
+        return out
+
+    def _to_output(self, images: torch.Tensor, size: int | None) -> list[Image.Image]:
+        size = size or self.output_resolution
+        return [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.LANCZOS) for im in tensor_to_pil(images)]
+
+    def _batched(self, n: int, config: SampleConfig, progress: bool, fn) -> list[Image.Image]:
+        out = []
+        for start in tqdm(range(0, n, config.batch_size), disable=not progress, desc="sampling", leave=False):
+            out.extend(fn(slice(start, min(n, start + config.batch_size))))
+        return out
+
+    def generate(self, z: torch.Tensor | None, noise: torch.Tensor, config: SampleConfig = SampleConfig(),
+                 progress: bool = False, output_size: int | None = None) -> list[Image.Image]:
+        """Distribution initialization (Eq. 9-10) from explicit randomness (z, ε); z is ignored at t0 = 1."""
+        t0 = config.t0
+        num_denoising_steps(t0, config.num_inference_steps)
+
+        def run(batch: slice) -> list[Image.Image]:
+            init = None
+            if t0 < 1.0:
+                x_prime = self.vae_images(z[batch])  # z -> x'
+                x_prime = lanczos_resize_tensor(x_prime, self.prior.resolution).clamp(-1, 1)  # up, Lanczos
+                init = self.encode(x_prime)
+            latents = self.denoise_from(init, noise[batch], t0, config)
+            return self._to_output(self.decode(latents), output_size)  # down to the dataset's resolution
+
+        return self._batched(len(noise), config, progress, run)
+
+    def sample(self, n: int, config: SampleConfig = SampleConfig(), seed: int = 0, noise_seed: int | None = None,
+               progress: bool = True) -> list[Image.Image]:
+        """n samples with seeds seed..seed+n-1 (z and ε from each seed; ``noise_seed`` fixes ε for all)."""
+        if n < 1:
+            raise DyodError(f"the number of samples must be >= 1, got {n}")
+        seeds = list(range(seed, seed + n))
+        z = self.z(seeds) if config.t0 < 1.0 else None
+        noise = self.noise([noise_seed] * n if noise_seed is not None else seeds)
+        return self.generate(z, noise, config, progress)
+
+    def transform(self, images: list[Image.Image], config: SampleConfig = SampleConfig(), seed: int = 0,
+                  grayscale: bool = False, progress: bool = True, output_size: int | None = None) -> list[Image.Image]:
+        """Image initialization (Eq. 11): perturb each input to t' = config.t0 and denoise it with S*."""
+        if not images:
+            raise DyodError("no input images to transform")
+        if grayscale:
+            images = [im.convert("L").convert("RGB") for im in images]
+        x = pil_to_tensor([resize_lanczos(im, self.prior.resolution) for im in images])
+        noise = self.noise(list(range(seed, seed + len(images))))
+
+        def run(batch: slice) -> list[Image.Image]:
+            latents = self.denoise_from(self.encode(x[batch]), noise[batch], config.t0, config)
+            return self._to_output(self.decode(latents), output_size)
+
+        return self._batched(len(images), config, progress, run)
+
+    def interpolate(self, seed_a: int, seed_b: int, steps: int = 8, config: SampleConfig = SampleConfig(),
+                    fix_noise: bool = True, noise_seed: int | None = None, progress: bool = True) -> list[Image.Image]:
+        """Fig. 6: z = z1 + λ(z2 - z1) for λ in [0, 1]; ε the same for every frame when fix_noise."""
+        if steps < 2:
+            raise DyodError(f"interpolation needs at least 2 steps, got {steps}")
+        z1, z2 = self.z([seed_a, seed_b])
+        lambdas = torch.linspace(0, 1, steps)
+        z = torch.stack([z1 + lam * (z2 - z1) for lam in lambdas])
+        base = seed_a if noise_seed is None else noise_seed
+        noise = self.noise([base] * steps if fix_noise else list(range(base, base + steps)))
+        return self.generate(z, noise, config, progress)
+
+    def traverse(self, seed: int, dim: int, values: list[float], config: SampleConfig = SampleConfig(),
+                 progress: bool = True) -> list[Image.Image]:
+        """Fig. 7: set one coordinate of z to each value, the rest of z and ε fixed."""
+        latent_dim = self._require_vae().latent_dim
+        if not 0 <= dim < latent_dim:
+            raise DyodError(f"--dim must be in [0, {latent_dim - 1}] for this VAE, got {dim}")
+        z = self.z([seed]).repeat(len(values), 1)
+        z[:, dim] = torch.tensor(values, dtype=z.dtype)
+        noise = self.noise([seed] * len(values))
+        return self.generate(z, noise, config, progress)
+
+
+def load_input_images(paths: list[str | os.PathLike]) -> tuple[list[Image.Image], list[Path], list]:
+    """Inputs for ``transform``: files or folders (searched recursively); unreadable files are reported."""
+    from .data import find_image_files, load_image
+
+    images, names, skipped = [], [], []
+    for p in paths:
+        for f in find_image_files(p):
+            try:
+                images.append(load_image(f))
+                names.append(Path(f))
+            except Exception as e:  # noqa: BLE001 - any decoding failure is reported, not fatal
+                skipped.append((str(f), f"{type(e).__name__}: {e}"))
+    if not images:
+        raise DyodError(f"no readable input images in {', '.join(map(str, paths))}")
+    return images, names, skipped

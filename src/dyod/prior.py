@@ -1,0 +1,126 @@
+"""The frozen text-to-image prior p_phi(x | c): any diffusers-format Stable Diffusion, by folder or hub id.
+
+Components are loaded one by one with ``from_pretrained`` (the layout of stable-diffusion-v1-5 and 2.x:
+``tokenizer/``, ``text_encoder/``, ``unet/``, ``vae/``, ``scheduler/``), so epsilon- and v-prediction models and
+their scheduler configs work unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import DyodError
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+@dataclasses.dataclass
+class Prior:
+    """The frozen parts of a Stable Diffusion model, and what dyod needs to know about them."""
+
+    model: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Pixel resolution the UNet was trained at (512 for SD 1.5, 768 for SD 2.x-v, 64 for the reference prior)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.text_encoder.get_input_embeddings().weight.shape[1])
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for the training timesteps (Eq. 4), exactly as diffusers' schedulers compute it."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod.clone()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Prior":
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model,
+            "resolution": self.resolution,
+            "prediction_type": self.prediction_type,
+            "latent_channels": self.latent_channels,
+            "embedding_dim": self.embedding_dim,
+            "vocab_size": len(self.tokenizer),
+        }
+
+
+def _model_not_found(model: str, reason: str) -> DyodError:
+    return DyodError(
+        f"could not load the diffusers model {model!r}: {reason}\n"
+        "  --model takes a local folder in diffusers layout (model_index.json with tokenizer/, text_encoder/, "
+        "unet/, vae/, scheduler/), e.g. a stable-diffusion-v1-5 snapshot, or a hub id such as "
+        "'stable-diffusion-v1-5/stable-diffusion-v1-5' while online (offline, a hub id works only if it is already "
+        "in the Hugging Face cache; download it elsewhere with `huggingface-cli download` and pass the folder)."
+    )
+
+
+def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Prior:
+    """Load the frozen prior from a local diffusers folder or a hub id, with a clear error when it is missing."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model = str(model)
+    local = Path(model)
+    # A hub id is "org/name"; anything else path-like is a folder that must exist.
+    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_local:
+        if not local.exists():
+            raise _model_not_found(model, f"the folder {local} does not exist")
+        if not local.is_dir():
+            raise _model_not_found(model, f"{local} is not a folder")
+        missing = [c for c in COMPONENTS if not (local / c).is_dir()]
+        if missing:
+            raise _model_not_found(model, f"the folder lacks {', '.join(c + '/' for c in missing)}")
+    try:
+        from diffusers import DDIMScheduler
+
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    except DyodError:
+        raise
+    except Exception as e:  # hub/OS/validation errors differ across huggingface_hub versions
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _model_not_found(model, f"{type(e).__name__}: {first_line}") from e
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+        module.eval()
+    prior = Prior(model, tokenizer, text_encoder, unet, vae, scheduler_config).to(device)
+    logger.info("loaded prior %s: %s", model, prior.describe())
+    return prior

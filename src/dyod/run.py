@@ -1,0 +1,95 @@
+"""The run folder: everything a later command needs, so that ``dyod sample RUN`` takes only RUN.
+
+Layout::
+
+    RUN/run.json                     model id or path, prior facts, token, stage summaries (JSON)
+    RUN/data.json                    dataset statistics and the skipped files with their reasons
+    RUN/learned_embeds.safetensors   the dataset prompt S*, diffusers' format
+    RUN/inversion/                   config.json, log.jsonl, checkpoint.safetensors (resumable)
+    RUN/vae/                         model.safetensors, config.json, log.jsonl, samples/*.png
+    RUN/dyod.log                     the CLI's log
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from . import __version__
+from .config import read_json, write_json
+from .embeddings import EMBEDDINGS_FILE
+from .errors import DyodError
+
+RUN_FILE = "run.json"
+
+
+class Run:
+    def __init__(self, path: Path, info: dict):
+        self.path = path
+        self.info = info
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        path = Path(path)
+        if not (path / RUN_FILE).exists():
+            what = "does not exist" if not path.exists() else f"has no {RUN_FILE}"
+            raise DyodError(f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {path}`")
+        return cls(path, read_json(path / RUN_FILE))
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike) -> "Run":
+        path = Path(path)
+        if (path / RUN_FILE).exists():
+            return cls.open(path)
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path, {"dyod_version": __version__, "created": _now(), "stages": {}})
+        run.save()
+        return run
+
+    def save(self) -> None:
+        write_json(self.path / RUN_FILE, self.info)
+
+    def update(self, **sections) -> None:
+        self.info.update(sections)
+        self.info["updated"] = _now()
+        self.save()
+
+    def set_stage(self, name: str, summary: dict) -> None:
+        self.info.setdefault("stages", {})[name] = summary
+        self.update()
+
+    def bind_model(self, model: str, prior_facts: dict) -> None:
+        """Record the prior; a run made for one model refuses another (an embedding only fits its text encoder)."""
+        known = self.info.get("model")
+        if known is not None and known != model:
+            raise DyodError(
+                f"run {self.path} was made for model {known!r}, not {model!r}; use a new --out folder"
+            )
+        self.update(model=model, prior=prior_facts)
+
+    @property
+    def model(self) -> str:
+        if "model" not in self.info:
+            raise DyodError(f"run {self.path} records no model; run `dyod invert` or `dyod fit` on it first")
+        return self.info["model"]
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.path / EMBEDDINGS_FILE
+
+    @property
+    def vae_path(self) -> Path:
+        return self.path / "vae"
+
+    @property
+    def inversion_path(self) -> Path:
+        return self.path / "inversion"
+
+    @property
+    def data_resolution(self) -> int | None:
+        return self.info.get("data", {}).get("resolution")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

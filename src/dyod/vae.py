@@ -1,0 +1,138 @@
+"""Stage 2, the custom generator p_theta(x' | z): the vanilla VAE of PyTorch-VAE (Subramanian, 2020).
+
+Conv encoder (stride-2 conv + BatchNorm + LeakyReLU per hidden width) to mu/log-variance, a mirrored transposed-conv
+decoder with a tanh output in [-1, 1]. Loss: MSE reconstruction + beta · kld_weight · KL, with PyTorch-VAE's
+kld_weight = batch size / dataset size by default."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .config import VAEConfig, from_dict, to_dict
+from .errors import DyodError
+
+logger = logging.getLogger(__name__)
+
+
+def check_resolution(resolution: int, hidden_dims: tuple[int, ...]) -> None:
+    if resolution < 16 or resolution & (resolution - 1):
+        raise DyodError(f"the VAE resolution must be a power of two >= 16, got {resolution}")
+    if resolution >> len(hidden_dims) < 1:
+        raise DyodError(f"{len(hidden_dims)} stride-2 layers are too many for a {resolution}px VAE")
+
+
+def default_hidden_dims(resolution: int, base: tuple[int, ...]) -> tuple[int, ...]:
+    """PyTorch-VAE's widths, one layer per halving, down to a 2x2 map (5 layers at 64 px)."""
+    layers = int(math.log2(resolution)) - 1
+    dims = list(base[:layers])
+    while len(dims) < layers:
+        dims.append(dims[-1])
+    return tuple(dims)
+
+
+class VanillaVAE(nn.Module):
+    def __init__(self, resolution: int = 64, latent_dim: int = 128, hidden_dims=(32, 64, 128, 256, 512), in_channels: int = 3):
+        super().__init__()
+        hidden_dims = tuple(hidden_dims)
+        check_resolution(resolution, hidden_dims)
+        self.resolution, self.latent_dim, self.hidden_dims, self.in_channels = resolution, latent_dim, hidden_dims, in_channels
+        self.bottom = resolution >> len(hidden_dims)  # spatial size after the encoder
+
+        layers, channels = [], in_channels
+        for h in hidden_dims:
+            layers.append(nn.Sequential(nn.Conv2d(channels, h, 3, stride=2, padding=1), nn.BatchNorm2d(h), nn.LeakyReLU()))
+            channels = h
+        self.encoder = nn.Sequential(*layers)
+        flat = hidden_dims[-1] * self.bottom**2
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_var = nn.Linear(flat, latent_dim)
+
+        self.decoder_input = nn.Linear(latent_dim, flat)
+        rev = hidden_dims[::-1]
+        layers = []
+        for a, b in zip(rev[:-1], rev[1:]):
+            layers.append(
+                nn.Sequential(
+                    nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(b), nn.LeakyReLU()
+                )
+            )
+        self.decoder = nn.Sequential(*layers)
+        self.final_layer = nn.Sequential(
+            nn.ConvTranspose2d(rev[-1], rev[-1], 3, stride=2, padding=1, output_padding=1),
+            nn.BatchNorm2d(rev[-1]),
+            nn.LeakyReLU(),
+            nn.Conv2d(rev[-1], in_channels, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.flatten(self.encoder(x), start_dim=1)
+        return self.fc_mu(h), self.fc_var(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.decoder_input(z).view(-1, self.hidden_dims[-1], self.bottom, self.bottom)
+        return self.final_layer(self.decoder(h))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        mu, log_var = self.encode(x)
+        noise = torch.randn_like(mu) if noise is None else noise
+        z = mu + noise * torch.exp(0.5 * log_var)  # reparameterization
+        return self.decode(z), mu, log_var
+
+    def config(self) -> dict:
+        return {
+            "resolution": self.resolution,
+            "latent_dim": self.latent_dim,
+            "hidden_dims": list(self.hidden_dims),
+            "in_channels": self.in_channels,
+        }
+
+
+def vae_loss(recons: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, kl_scale: float):
+    """PyTorch-VAE's loss: MSE + kl_scale · KL(q(z|x) || N(0, I)), KL summed over z and averaged over the batch."""
+    recons_loss = F.mse_loss(recons, x)
+    kld = torch.mean(-0.5 * torch.sum(1 + log_var - mu**2 - log_var.exp(), dim=1))
+    return recons_loss + kl_scale * kld, recons_loss.detach(), kld.detach()
+
+
+def save_vae(model: VanillaVAE, folder: str | os.PathLike, train_config: VAEConfig | None = None, extra: dict | None = None) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / "model.safetensors")
+    config = {"model": model.config(), **(extra or {})}
+    if train_config is not None:
+        config["training"] = to_dict(train_config)
+    tmp = folder / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, folder / "config.json")
+
+
+def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> VanillaVAE:
+    folder = Path(folder)
+    weights, config_path = folder / "model.safetensors", folder / "config.json"
+    for p in (weights, config_path):
+        if not p.exists():
+            pickles = sorted(str(q.name) for q in folder.glob("*") if q.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            hint = f" ({', '.join(pickles)} found: pickles are refused, save as safetensors)" if pickles else ""
+            raise DyodError(f"the custom VAE in {folder} lacks {p.name}{hint}; run `dyod train-vae` first")
+    config = json.loads(config_path.read_text())["model"]
+    model = VanillaVAE(**config)
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval()
+
+
+def training_config_of(folder: str | os.PathLike) -> VAEConfig:
+    return from_dict(VAEConfig, json.loads((Path(folder) / "config.json").read_text()).get("training", {}))

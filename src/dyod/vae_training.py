@@ -1,0 +1,118 @@
+"""Training the custom generator (stage 2) on the dataset, at the dataset's own resolution."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import DataConfig, VAEConfig, to_dict, write_json
+from .data import load_image_folder, pil_to_tensor, resize_lanczos, tensor_to_pil
+from .errors import DyodError
+from .images import make_grid, save_png
+from .run import Run
+from .vae import VanillaVAE, check_resolution, default_hidden_dims, save_vae, vae_loss
+
+logger = logging.getLogger(__name__)
+
+
+def vae_resolution(config: VAEConfig, data_resolution: int) -> int:
+    """The configured resolution, else the largest power of two <= the dataset's (between 16 and 128)."""
+    if config.resolution:
+        return config.resolution
+    res = 16
+    while res * 2 <= min(data_resolution, 128):
+        res *= 2
+    return res
+
+
+def train_vae(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    config: VAEConfig = VAEConfig(),
+    data_config: DataConfig = DataConfig(),
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> Path:
+    """Train the vanilla VAE on ``data_dir`` and save it to ``out/vae``; return that folder."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device == "cpu")
+    run = Run.open_or_create(out)
+    folder = run.vae_path
+    if (folder / "model.safetensors").exists() and not overwrite:
+        raise DyodError(f"{folder} already holds a trained VAE; pass --overwrite to train a new one")
+    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images)
+    resolution = vae_resolution(config, data.resolution)
+    hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
+    check_resolution(resolution, hidden_dims)
+    if "data" not in run.info:
+        run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
+        write_json(run.path / "data.json", data.stats())
+
+    torch.manual_seed(config.seed)
+    x_all = pil_to_tensor([resize_lanczos(im, resolution) for im in data.images])
+    n = len(x_all)
+    model = VanillaVAE(resolution, config.latent_dim, hidden_dims)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_gamma)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(config.seed)
+    fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(config.seed + 1))
+    batch_size = min(config.batch_size, n)
+    # PyTorch-VAE scales the KL by batch / dataset size (M_N); beta > 1 gives the beta-VAE.
+    kl_scale = config.beta * (config.kld_weight or batch_size / n)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "log.jsonl"
+    log_path.unlink(missing_ok=True)
+    started = time.time()
+    bar = tqdm(range(config.epochs), disable=not progress, desc="custom VAE")
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        totals = torch.zeros(3)
+        for start in range(0, n - batch_size + 1, batch_size):  # drop_last keeps BatchNorm statistics sane
+            x = x_all[order[start : start + batch_size]].to(accelerator.device)
+            recons, mu, log_var = model(x)
+            loss, rec, kld = vae_loss(recons, x, mu, log_var, kl_scale)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            totals += torch.tensor([loss.item(), rec.item(), kld.item()])
+        scheduler.step()
+        steps = max(1, n // batch_size)
+        loss, rec, kld = (totals / steps).tolist()
+        if not math.isfinite(loss):
+            raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; try a lower --learning-rate")
+        bar.set_postfix(loss=f"{loss:.4f}", recon=f"{rec:.4f}")
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
+        if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
+            model.eval()
+            with torch.no_grad():
+                samples = accelerator.unwrap_model(model).decode(fixed_z.to(accelerator.device))
+            save_png(make_grid(tensor_to_pil(samples), 8), folder / "samples" / f"epoch-{epoch + 1:04d}.png")
+
+    model = accelerator.unwrap_model(model).eval()
+    save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
+    run.set_stage(
+        "vae",
+        {
+            "resolution": resolution,
+            "epochs": config.epochs,
+            "final_loss": loss,
+            "final_recon": rec,
+            "wall_time_s": round(time.time() - started, 1),
+            "device": str(accelerator.device),
+            "config": to_dict(config),
+        },
+    )
+    return folder
