@@ -31,8 +31,8 @@ class Schedule:
     """The T-step DDIM schedule of a model, read from its scheduler config."""
 
     timesteps: torch.Tensor  # [T] descending
-    alphas_cumprod: torch.Tensor  # [num_train_timesteps], float64 for exact arithmetic
-    final_alpha_cumprod: float
+    alphas_cumprod: torch.Tensor  # [num_train_timesteps], float32 as in diffusers (same rounding, same results)
+    final_alpha_cumprod: torch.Tensor
     num_train_timesteps: int
     prediction_type: str
     clip_sample_range: float | None  # x_0 is clipped to ±this when the config says clip_sample
@@ -57,8 +57,8 @@ class Schedule:
             raise DyodError(f"unsupported prediction_type {prediction_type!r} in the scheduler config")
         return cls(
             timesteps=scheduler.timesteps.clone().long(),
-            alphas_cumprod=scheduler.alphas_cumprod.clone().double(),
-            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            alphas_cumprod=scheduler.alphas_cumprod.clone().float(),
+            final_alpha_cumprod=torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).clone(),
             num_train_timesteps=int(scheduler.config.num_train_timesteps),
             prediction_type=prediction_type,
             clip_sample_range=float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None,
@@ -68,9 +68,9 @@ class Schedule:
     def num_inference_steps(self) -> int:
         return len(self.timesteps)
 
-    def alpha_cumprod(self, t: int) -> float:
-        """ᾱ_t, with ᾱ at a negative t being the final value (1 when set_alpha_to_one)."""
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+    def alpha_cumprod(self, t: int) -> torch.Tensor:
+        """ᾱ_t as a 0-d tensor; at a negative t, the final value (1 when set_alpha_to_one)."""
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def previous_timestep(self, t: int) -> int:
         # diffusers' DDIMScheduler convention: step back by num_train_timesteps // T.
@@ -91,16 +91,17 @@ def num_denoising_steps(t0: float, num_inference_steps: int) -> int:
     return min(num_inference_steps, max(1, round(t0 * num_inference_steps)))
 
 
-def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
+# ᾱ may be a float or a 0-d tensor; ``** 0.5`` keeps diffusers' float32 rounding when it is a tensor.
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod) -> torch.Tensor:
     """Eq. 4: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 - ᾱ_t)·ε."""
-    return math.sqrt(alpha_cumprod) * x0 + math.sqrt(1.0 - alpha_cumprod) * noise
+    return alpha_cumprod**0.5 * x0 + (1 - alpha_cumprod) ** 0.5 * noise
 
 
 def predict_x0_and_eps(
-    model_output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: float, prediction_type: str
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn the network output into (x̂_0, ε̂) for any prediction type (DDIM Eq. 12's two ingredients)."""
-    a, s = math.sqrt(alpha_cumprod), math.sqrt(1.0 - alpha_cumprod)
+    a, s = alpha_cumprod**0.5, (1 - alpha_cumprod) ** 0.5
     if prediction_type == "epsilon":
         eps = model_output
         x0 = (x_t - s * eps) / a
@@ -115,9 +116,9 @@ def predict_x0_and_eps(
     return x0, eps
 
 
-def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod_prev: float) -> torch.Tensor:
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod_prev) -> torch.Tensor:
     """DDIM Eq. 12 with η = 0: x_{t-1} = sqrt(ᾱ_{t-1})·x̂_0 + sqrt(1 - ᾱ_{t-1})·ε̂ (deterministic)."""
-    return math.sqrt(alpha_cumprod_prev) * x0 + math.sqrt(1.0 - alpha_cumprod_prev) * eps
+    return alpha_cumprod_prev**0.5 * x0 + (1 - alpha_cumprod_prev) ** 0.5 * eps
 
 
 def start_latents(x_prime: torch.Tensor | None, noise: torch.Tensor, schedule: Schedule, t0: float) -> torch.Tensor:
@@ -130,7 +131,7 @@ def start_latents(x_prime: torch.Tensor | None, noise: torch.Tensor, schedule: S
     if x_prime is None:
         raise DyodError("t0 < 1 needs an initialization x' (a custom-VAE sample or an input image)")
     t_start = int(schedule.start(t0)[0])
-    return q_sample(x_prime, noise, schedule.alpha_cumprod(t_start))
+    return q_sample(x_prime, noise, schedule.alpha_cumprod(t_start).to(noise.device))
 
 
 @torch.no_grad()
@@ -144,12 +145,12 @@ def sample_ddim(
 ) -> torch.Tensor:
     """Run the deterministic reverse process p_phi(x_{0:t0-1} | x_{t0}, c*) over ``timesteps`` (descending)."""
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="DDIM", leave=False)):
-        alpha_cumprod = schedule.alpha_cumprod(t)
+        alpha_cumprod = schedule.alpha_cumprod(t).to(x.device)
         model_output = model(x, torch.tensor(t, device=x.device))
         x0, eps = predict_x0_and_eps(model_output.to(x.dtype), x, alpha_cumprod, schedule.prediction_type)
         if schedule.clip_sample_range is not None:
             x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
-        x = ddim_step(x0, eps, schedule.alpha_cumprod(schedule.previous_timestep(t)))
+        x = ddim_step(x0, eps, schedule.alpha_cumprod(schedule.previous_timestep(t)).to(x.device))
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x

@@ -1,0 +1,315 @@
+"""The ``dyod`` command: a thin layer over the library. Config flags are generated from the frozen dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .config import DataConfig, InversionConfig, SampleConfig, VAEConfig, from_dict, to_dict, write_json
+from .errors import DyodError
+
+logger = logging.getLogger("dyod")
+
+
+# -- flags from configs -------------------------------------------------------------------------------------------
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _ranged(kind, name: str, low: float | None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = f"{cls.__name__}.{f.name}"
+        hint, help_text = hints[f.name], f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {f.default!r})"}
+        if hint is bool:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        elif hint in (int, float):
+            kwargs.update(type=_ranged(hint, flag, f.metadata.get("min")), metavar=hint.__name__.upper())
+        elif str(hint).startswith("tuple"):
+            kwargs.update(nargs="+", metavar="VALUE")
+            inner = int if "int" in str(hint) else str
+            kwargs["type"] = inner
+        else:
+            kwargs.update(metavar="TEXT")
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, **overrides: Any):
+    prefix = cls.__name__ + "."
+    values = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    values.update(overrides)
+    try:
+        return from_dict(cls, values)
+    except (TypeError, ValueError) as e:
+        raise DyodError(f"bad {cls.__name__} settings: {e}") from None
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def _parse_csv(text: str, kind, flag: str, count: int | None = None) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DyodError(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}") from None
+    if count is not None and len(values) != count:
+        raise DyodError(f"{flag} takes exactly {count} comma-separated values, got {text!r}")
+    return values
+
+
+def _prepare_output(folder: Path, overwrite: bool) -> Path:
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise DyodError(f"output folder {folder} is not empty; pass --overwrite or choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _attach_run_log(run: Path) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run / "dyod.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("dyod").addHandler(handler)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - logging tweaks only
+        pass
+
+
+def _save_outputs(images, names, out: Path, ncols: int | None, record: dict) -> None:
+    from .images import make_grid, save_images, save_png
+
+    save_images(images, out, names)
+    save_png(make_grid(images, ncols), out / "grid.png")
+    write_json(out / "dyod_output.json", record)
+    logger.info("wrote %d images and grid.png to %s", len(images), out)
+
+
+def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict:
+    from .sampling import Schedule, num_denoising_steps
+
+    schedule = Schedule.from_scheduler_config(pipe.prior.scheduler_config, config.num_inference_steps)
+    n = num_denoising_steps(config.t0, config.num_inference_steps)
+    return {
+        "command": args.command,
+        "run": str(run),
+        "config": to_dict(config),
+        "start_timestep": "pure noise (x_T)" if config.t0 == 1.0 else int(schedule.start(config.t0)[0]),
+        "denoising_steps": n,
+        "unet_calls_per_batch": n,
+        **extra,
+    }
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+def cmd_invert(args) -> None:
+    from .inversion import invert
+
+    _attach_run_log(Path(args.out))
+    path = invert(args.data_dir, args.model, args.out, config_from_args(args, InversionConfig),
+                  config_from_args(args, DataConfig), resume=args.resume, overwrite=args.overwrite, device=args.device)
+    print(f"dataset prompt: {path}")
+
+
+def cmd_train_vae(args) -> None:
+    from .vae_training import train_vae
+
+    _attach_run_log(Path(args.out))
+    path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
+                     overwrite=args.overwrite, device=args.device)
+    print(f"custom VAE: {path}")
+
+
+def cmd_fit(args) -> None:
+    cmd_invert(args)
+    from .vae_training import train_vae
+
+    vae_path = Path(args.out) / "vae" / "model.safetensors"
+    if args.resume and vae_path.exists():
+        print(f"custom VAE: {vae_path.parent} (already trained)")
+        return
+    path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
+                     overwrite=args.overwrite, device=args.device)
+    print(f"custom VAE: {path}")
+
+
+def _pipeline(args):
+    from .pipeline import DyodPipeline
+
+    return DyodPipeline.from_run(args.run, device=args.device)
+
+
+def cmd_sample(args) -> None:
+    if args.n < 1:
+        raise DyodError(f"-n must be >= 1, got {args.n}")
+    config = config_from_args(args, SampleConfig)
+    from .sampling import num_denoising_steps
+
+    num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything
+    out = _prepare_output(Path(args.out), args.overwrite)
+    pipe = _pipeline(args)
+    images = pipe.sample(args.n, config, seed=args.seed, noise_seed=args.noise_seed)
+    seeds = list(range(args.seed, args.seed + args.n))
+    _save_outputs(images, [f"seed-{s:06d}.png" for s in seeds], out, None,
+                  _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed))
+
+
+def cmd_transform(args) -> None:
+    from .pipeline import load_input_images
+
+    config = config_from_args(args, SampleConfig)
+    images, paths, skipped = load_input_images(args.inputs)
+    for path, reason in skipped:
+        logger.warning("skipping input %s (%s)", path, reason)
+    out = _prepare_output(Path(args.out), args.overwrite)
+    pipe = _pipeline(args)
+    results = pipe.transform(images, config, seed=args.seed, grayscale=args.grayscale)
+    names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
+    _save_outputs(results, names, out, None,
+                  _sample_record(args, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
+                                 seed=args.seed, grayscale=args.grayscale))
+
+
+def cmd_interpolate(args) -> None:
+    seed_a, seed_b = _parse_csv(args.seeds, int, "--seeds", 2)
+    config = config_from_args(args, SampleConfig)
+    out = _prepare_output(Path(args.out), args.overwrite)
+    pipe = _pipeline(args)
+    images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
+    _save_outputs(images, [f"frame-{i:03d}.png" for i in range(len(images))], out, len(images),
+                  _sample_record(args, Path(args.run), config, pipe, seeds=[seed_a, seed_b], steps=args.steps,
+                                 fix_noise=args.fix_noise))
+
+
+def cmd_traverse(args) -> None:
+    low, high = _parse_csv(args.range, float, "--range", 2)
+    if args.steps < 2:
+        raise DyodError(f"--steps must be >= 2, got {args.steps}")
+    values = [low + (high - low) * i / (args.steps - 1) for i in range(args.steps)]
+    config = config_from_args(args, SampleConfig)
+    out = _prepare_output(Path(args.out), args.overwrite)
+    pipe = _pipeline(args)
+    images = pipe.traverse(args.seed, args.dim, values, config)
+    _save_outputs(images, [f"value-{i:03d}.png" for i in range(len(images))], out, len(images),
+                  _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dim=args.dim, values=values))
+
+
+# -- parser ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dyod", description="Customize a pre-trained text-to-image diffusion model to your own data (DYOD)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def training(name: str, help_text: str, inversion: bool, vae: bool):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
+        if inversion:
+            p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder or hub id")
+        p.add_argument("--out", required=True, help="run folder")
+        p.add_argument("--overwrite", action="store_true", help="replace what the run folder already holds")
+        if inversion:
+            p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        p.add_argument("--device", default=None, help="cpu to force the CPU (default: Accelerate's choice)")
+        add_config_flags(p, DataConfig)
+        if inversion:
+            add_config_flags(p, InversionConfig)
+        if vae:
+            add_config_flags(p, VAEConfig, prefix="vae-")
+        return p
+
+    training("fit", "stage 1 (dataset prompt) and stage 2 (custom VAE)", True, True).set_defaults(func=cmd_fit)
+    training("invert", "stage 1 alone: learn the dataset prompt S* (Eq. 7)", True, False).set_defaults(func=cmd_invert)
+    training("train-vae", "stage 2 alone: train the custom VAE", False, True).set_defaults(func=cmd_train_vae)
+
+    def sampling(name: str, help_text: str):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("run", metavar="RUN", help="run folder made by `dyod fit`")
+        p.add_argument("--out", required=True, help="output folder (PNG images, grid.png, dyod_output.json)")
+        p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+        p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+        add_config_flags(p, SampleConfig)
+        return p
+
+    p = sampling("sample", "distribution initialization (Eq. 9-10): custom VAE -> perturb to t0 -> DDIM with S*")
+    p.add_argument("-n", type=int, default=16, help="number of samples (default: 16)")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed; sample i uses seed+i")
+    p.add_argument("--noise-seed", type=_ranged(int, "--noise-seed", 0), default=None, help="fix ε to this seed for all samples")
+    p.set_defaults(func=cmd_sample)
+
+    p = sampling("transform", "image initialization (Eq. 11): perturb inputs to t0 and denoise with S*")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--grayscale", action="store_true", help="convert inputs to grayscale first")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="input i uses noise seed seed+i")
+    p.set_defaults(func=cmd_transform)
+
+    p = sampling("interpolate", "Fig. 6: interpolate between the VAE latents of two seeds")
+    p.add_argument("--seeds", required=True, help="two seeds, e.g. 3,7")
+    p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=8, help="frames, λ from 0 to 1 (default: 8)")
+    p.add_argument("--fix-noise", action=argparse.BooleanOptionalAction, default=True, help="same ε for every frame")
+    p.add_argument("--noise-seed", type=_ranged(int, "--noise-seed", 0), default=None, help="seed of ε (default: the first seed)")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sampling("traverse", "Fig. 7: traverse one dimension of the VAE latent, the rest fixed")
+    p.add_argument("--dim", type=_ranged(int, "--dim", 0), required=True, help="latent dimension")
+    p.add_argument("--range", default="-3,3", help="low,high values of that coordinate (default: -3,3)")
+    p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed of z and ε")
+    p.set_defaults(func=cmd_traverse)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except DyodError as e:
+        print(f"dyod {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed checkpoints and outputs are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

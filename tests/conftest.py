@@ -1,0 +1,47 @@
+"""Fixtures: tiny SD-shaped models written in diffusers layout and loaded back through the same path as a real
+checkpoint (``--model PATH``), a small procedural dataset, and a short fitted run. Nothing touches the network."""
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from dyod.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", prediction_type="epsilon", scheduler="pndm")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model(tmp_path_factory):
+    from dyod.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction", scheduler="ddim", seed=1)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    from dyod.testing import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", n=12, size=32)
+
+
+@pytest.fixture(scope="session")
+def fitted_run(tmp_path_factory, tiny_model, shapes):
+    """A run with a (briefly) learned S* and a custom VAE, shared by the sampling tests."""
+    import dyod
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    dyod.invert(shapes, tiny_model, out, dyod.InversionConfig(steps=5, batch_size=2, checkpoint_every=0), progress=False, device="cpu")
+    dyod.train_vae(shapes, out, dyod.VAEConfig(epochs=2, batch_size=4, latent_dim=8), progress=False, device="cpu")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.getLogger("dyod").setLevel(logging.INFO)

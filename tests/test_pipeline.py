@@ -1,0 +1,110 @@
+"""DYOD sampling on a fitted run, against diffusers' own pipelines on the same latents and noise."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+import dyod
+from dyod import SampleConfig
+from dyod.data import pil_to_tensor
+from dyod.errors import DyodError
+from dyod.pipeline import DyodPipeline
+
+CONFIG = SampleConfig(num_inference_steps=20, guidance_scale=7.5, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def pipe(fitted_run):
+    return DyodPipeline.from_run(fitted_run, device="cpu")
+
+
+def diffusers_pipeline(cls, model, run):
+    p = cls.from_pretrained(model, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.scheduler = DDIMScheduler.from_config(p.scheduler.config)  # the paper's sampler
+    p.load_textual_inversion(str(run / "learned_embeds.safetensors"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_t0_path_matches_diffusers_img2img(pipe, tiny_model, fitted_run):
+    img2img = diffusers_pipeline(StableDiffusionImg2ImgPipeline, tiny_model, fitted_run)
+    init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    # 0.7·20 = 14 exactly, so img2img's truncation and dyod's rounding agree here.
+    expected = img2img(
+        prompt=["a photo of <dyod>"] * 2, image=init, strength=0.7, num_inference_steps=20, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(9), output_type="latent",
+    ).images
+    noise = randn_tensor(init.shape, generator=torch.Generator().manual_seed(9))
+    ours = pipe.denoise_from(init, noise, 0.7, CONFIG)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    assert pipe.last_unet_calls == 14
+
+
+def test_t0_one_equals_text_to_image(pipe, tiny_model, fitted_run):
+    txt2img = diffusers_pipeline(StableDiffusionPipeline, tiny_model, fitted_run)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = txt2img(prompt=["a photo of <dyod>"] * 2, latents=noise.clone(), num_inference_steps=20,
+                       guidance_scale=7.5, output_type="latent").images
+    ours = pipe.denoise_from(None, noise, 1.0, CONFIG)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    assert pipe.last_unet_calls == 20
+
+
+def test_sample_is_batch_size_invariant_and_seeded(pipe):
+    one = pipe.sample(3, SampleConfig(t0=0.6, num_inference_steps=10, batch_size=1), seed=4, progress=False)
+    three = pipe.sample(3, SampleConfig(t0=0.6, num_inference_steps=10, batch_size=3), seed=4, progress=False)
+    shifted = pipe.sample(2, SampleConfig(t0=0.6, num_inference_steps=10, batch_size=2), seed=5, progress=False)
+    for a, b in zip(one, three):
+        assert (pil_to_tensor([a]) - pil_to_tensor([b])).abs().max() <= 2 / 127.5  # at most 1 level of rounding
+    for a, b in zip(one[1:], shifted):  # seed 5 is seed 5, wherever it sits in the batch
+        assert (pil_to_tensor([a]) - pil_to_tensor([b])).abs().max() <= 2 / 127.5
+    assert (pil_to_tensor([one[0]]) - pil_to_tensor([one[1]])).abs().max() > 0.05  # different seeds differ
+
+
+def test_fixed_noise_gives_identical_outputs(pipe):
+    config = SampleConfig(t0=0.5, num_inference_steps=10)
+    z = pipe.z([7, 7])
+    noise = pipe.noise([11, 11])
+    a, b = pipe.generate(z, noise, config)
+    assert a.tobytes() == b.tobytes()
+    c, d = pipe.generate(z, pipe.noise([11, 12]), config)
+    assert c.tobytes() != d.tobytes()  # ε is the remaining randomness
+    # interpolation endpoints with fixed ε are the plain samples of the two seeds' z under that ε
+    frames = pipe.interpolate(7, 8, steps=3, config=config, fix_noise=True, noise_seed=11, progress=False)
+    assert frames[0].tobytes() == a.tobytes()
+
+
+def test_interpolation_and_traversal_shapes(pipe, fitted_run):
+    resolution = dyod.Run.open(fitted_run).data_resolution
+    frames = pipe.interpolate(1, 2, steps=4, config=SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
+    assert len(frames) == 4 and all(f.size == (resolution, resolution) for f in frames)
+    values = pipe.traverse(0, 3, [-2.0, 0.0, 2.0], SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
+    assert len(values) == 3 and values[0].tobytes() != values[2].tobytes()
+    with pytest.raises(DyodError, match="--dim must be in"):
+        pipe.traverse(0, 99, [0.0], SampleConfig(num_inference_steps=10), progress=False)
+
+
+def test_image_initialization_stays_near_the_input_at_small_t0(pipe, shapes, fitted_run):
+    from dyod.data import load_image, resize_lanczos
+
+    images = [load_image(p) for p in sorted(shapes.iterdir())[:3]]
+    out = pipe.transform(images, SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
+    resolution = dyod.Run.open(fitted_run).data_resolution
+    assert len(out) == 3 and all(im.size == (resolution, resolution) for im in out)
+    # Eq. 11 in latent space: starting at t' = 1 of 50 steps changes the input latents far less than t' = T.
+    latents = pipe.encode(pil_to_tensor([resize_lanczos(im, pipe.prior.resolution) for im in images]))
+    noise = pipe.noise([0, 1, 2])
+    near = pipe.denoise_from(latents, noise, 0.02, SampleConfig())
+    far = pipe.denoise_from(latents, noise, 1.0, SampleConfig())
+    assert pipe.last_unet_calls == 50
+    assert (near - latents).abs().mean() < 0.25 * (far - latents).abs().mean()
+
+
+def test_v_prediction_model_runs_end_to_end(tmp_path, tiny_v_model, shapes):
+    dyod.invert(shapes, tiny_v_model, tmp_path / "run", dyod.InversionConfig(steps=2, batch_size=2), progress=False, device="cpu")
+    dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4), progress=False, device="cpu")
+    p = DyodPipeline.from_run(tmp_path / "run", device="cpu")
+    assert p.prior.prediction_type == "v_prediction"
+    images = p.sample(2, SampleConfig(t0=0.7, num_inference_steps=10), progress=False)
+    assert len(images) == 2 and all(torch.isfinite(pil_to_tensor([im])).all() for im in images)
