@@ -1,0 +1,99 @@
+"""The command line: the documented commands, their outputs, and clear errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from dyod.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_model, shapes):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["fit", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "3", "--batch-size", "2",
+               "--vae-epochs", "2", "--vae-latent-dim", "6", "--vae-batch-size", "4", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def test_fit_writes_a_complete_run_folder(cli_run, tiny_model):
+    run = json.loads((cli_run / "run.json").read_text())
+    assert run["model"] == str(tiny_model)
+    assert run["placeholder_token"] == "<dyod>" and run["num_vectors"] == 1
+    assert run["prior"]["resolution"] == 16 and run["data"]["resolution"] == 32
+    assert set(run["stages"]) == {"inversion", "vae"}
+    for name in ("learned_embeds.safetensors", "data.json", "dyod.log", "inversion/config.json", "inversion/log.jsonl",
+                 "vae/model.safetensors", "vae/config.json"):
+        assert (cli_run / name).exists(), name
+    assert list((cli_run / "vae" / "samples").glob("epoch-*.png"))
+
+
+def test_sample_records_start_and_unet_calls(cli_run, tmp_path):
+    out = tmp_path / "samples"
+    assert main(["sample", str(cli_run), "--t0", "0.7", "-n", "3", "--seed", "5", "--out", str(out),
+                 "--num-inference-steps", "10", "--device", "cpu"]) == 0
+    record = json.loads((out / "dyod_output.json").read_text())
+    assert record["denoising_steps"] == 7 and record["unet_calls_per_batch"] == 7
+    assert record["start_timestep"] == 601 and record["seeds"] == [5, 6, 7]
+    assert sorted(p.name for p in out.glob("seed-*.png")) == ["seed-000005.png", "seed-000006.png", "seed-000007.png"]
+    assert Image.open(out / "seed-000005.png").size == (32, 32)
+    assert (out / "grid.png").exists()
+
+
+def test_transform_interpolate_traverse(cli_run, shapes, tmp_path):
+    assert main(["transform", str(cli_run), str(shapes), "--t0", "0.6", "--out", str(tmp_path / "t"), "--grayscale",
+                 "--num-inference-steps", "5", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "t").glob("0*.png"))) == 12
+    assert main(["interpolate", str(cli_run), "--seeds", "3,7", "--steps", "4", "--out", str(tmp_path / "i"),
+                 "--num-inference-steps", "5", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "i").glob("frame-*.png"))) == 4
+    assert Image.open(tmp_path / "i" / "grid.png").size[0] > 4 * 32
+    assert main(["traverse", str(cli_run), "--dim", "2", "--range", "-3,3", "--steps", "5", "--out",
+                 str(tmp_path / "v"), "--num-inference-steps", "5", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "v" / "dyod_output.json").read_text())["values"] == [-3.0, -1.5, 0.0, 1.5, 3.0]
+
+
+def test_errors_exit_2_and_overwrite_nothing(cli_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"mine")
+    assert main(["sample", str(cli_run), "-n", "1", "--out", str(out)]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.png").read_bytes() == b"mine"
+    assert main(["sample", str(cli_run), "--t0", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "t0 must be a fraction of T in (0, 1]" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist; create one with `dyod fit" in capsys.readouterr().err
+    assert main(["sample", str(cli_run), "-n", "0", "--out", str(tmp_path / "z")]) == 2
+    assert main(["interpolate", str(cli_run), "--seeds", "3", "--out", str(tmp_path / "w")]) == 2
+    assert "exactly 2" in capsys.readouterr().err
+
+
+def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
+    assert main(["invert", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "could not load the diffusers model" in err and "does not exist" in err and "model_index.json" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["train-vae", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 2
+    assert "no image files found in" in capsys.readouterr().err
+
+
+def test_hub_id_offline_says_how_to_fix(tmp_path, shapes):
+    result = subprocess.run(
+        [sys.executable, "-m", "dyod", "invert", str(shapes), "--model", "someone/not-cached-model", "--out",
+         str(tmp_path / "r")], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+         "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert result.returncode == 2
+    assert "could not load the diffusers model 'someone/not-cached-model'" in result.stderr
+    assert "Hugging Face cache" in result.stderr
+
+
+def test_bad_flag_values_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["invert", "d", "--model", "m", "--out", "o", "--steps", "-3"])
+    assert e.value.code == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""The dataset loader: recursive search, EXIF orientation, odd formats, unreadable files, empty folders."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dyod.data import lanczos_resize_tensor, load_image, load_image_folder, pil_to_tensor, tensor_to_pil
+from dyod.errors import DyodError
+
+
+def test_recursive_search_and_skipped_files_are_reported(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "a" / "b" / "red.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "blue.jpg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("this is not an image")
+    data = Image.new("RGB", (20, 20)).tobytes()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(buf, format="PNG")
+    (tmp_path / "truncated.png").write_bytes(buf.getvalue()[:60])
+    (tmp_path / "notes.txt").write_bytes(data)  # not an image suffix: ignored, not "skipped"
+    folder = load_image_folder(tmp_path)
+    assert len(folder) == 2
+    assert sorted(p.name for p in folder.paths) == ["blue.jpg", "red.png"]
+    skipped = {s.path.split("/")[-1]: s.reason for s in folder.skipped}
+    assert set(skipped) == {"empty.png", "text.png", "truncated.png"}
+    assert all(reason for reason in skipped.values())
+    stats = folder.stats()
+    assert stats["num_skipped"] == 3 and stats["resolution"] == 20
+
+
+def test_empty_folder_and_unreadable_only_folder_are_clear_errors(tmp_path):
+    with pytest.raises(DyodError, match="no image files found in"):
+        load_image_folder(tmp_path)
+    (tmp_path / "bad.png").write_text("nope")
+    with pytest.raises(DyodError, match="none of the 1 image files .* could be read; first problem: .*bad.png"):
+        load_image_folder(tmp_path)
+    with pytest.raises(DyodError, match="does not exist"):
+        load_image_folder(tmp_path / "missing")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 255, 255))
+    im.paste((255, 0, 0), (0, 0, 10, 20))  # red strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    loaded = load_image(tmp_path / "rotated.jpg")
+    assert loaded.size == (20, 40)
+    top = np.asarray(loaded)[:8].mean(axis=(0, 1))
+    assert top[0] > 200 and top[1] < 80  # the red strip is now on top
+
+
+def test_modes_become_rgb_and_grayscale_on_request(tmp_path):
+    arr16 = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 200)
+    Image.fromarray(arr16).save(tmp_path / "deep.png")
+    rgba = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
+    rgba.save(tmp_path / "transparent.png")
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "palette.png", transparency=0)
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    deep = load_image(tmp_path / "deep.png")
+    assert deep.mode == "RGB" and np.asarray(deep).max() == 255 and np.asarray(deep).min() == 0
+    assert np.asarray(load_image(tmp_path / "transparent.png")).min() == 255  # transparent -> white
+    assert np.asarray(load_image(tmp_path / "palette.png")).min() == 255
+    cmyk = np.asarray(load_image(tmp_path / "cmyk.jpg")).mean(axis=(0, 1))
+    assert cmyk[0] > 200 and cmyk[1] < 60
+    gray = np.asarray(load_image(tmp_path / "cmyk.jpg", grayscale=True))
+    assert gray.shape == (16, 16, 3) and np.array_equal(gray[..., 0], gray[..., 1])
+
+
+def test_tensor_round_trip_and_lanczos_resize():
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    x = pil_to_tensor([im])
+    assert x.shape == (1, 3, 12, 12) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(np.asarray(tensor_to_pil(x)[0]), np.asarray(im))
+    # A smooth image (8-bit PIL clips Lanczos overshoot between its two passes; the float path does not).
+    yy, xx = np.mgrid[0:12, 0:12]
+    smooth = np.stack([xx * 15 + 40, yy * 15 + 40, (xx + yy) * 8 + 30], -1).astype(np.uint8)
+    im = Image.fromarray(smooth)
+    up = lanczos_resize_tensor(pil_to_tensor([im]), 24)
+    ref = pil_to_tensor([im.resize((24, 24), Image.Resampling.LANCZOS)])
+    assert up.shape == (1, 3, 24, 24)
+    assert (up - ref).abs().max() < 3 / 127.5  # the same filter, without 8-bit rounding
+    assert torch.equal(lanczos_resize_tensor(x, 12), x)

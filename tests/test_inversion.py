@@ -1,0 +1,151 @@
+"""Stage 1: textual inversion over the whole dataset (Eq. 7)."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+import dyod
+from dyod.data import load_image_folder, pil_to_tensor, resize_lanczos
+from dyod.embeddings import load_into, load_learned_embeds, placeholder_tokens
+from dyod.errors import DyodError
+from dyod.inversion import inversion_loss
+from dyod.prior import load_prior
+
+
+def fixed_batch_loss(model, data_dir, token, vectors, seed=0, n_draws=6):
+    """Eq. 7 on a fixed set of (image, t, ε) draws, with S* set to ``vectors``."""
+    prior = load_prior(model)
+    load_into(prior.tokenizer, prior.text_encoder, token, vectors)
+    images = load_image_folder(data_dir).images
+    x = pil_to_tensor([resize_lanczos(im, prior.resolution) for im in images])
+    with torch.no_grad():
+        latents = prior.vae.encode(x).latent_dist.mean * prior.scaling_factor
+        prompt = "a photo of " + " ".join(placeholder_tokens(token, vectors.shape[0]))
+        ids = prior.tokenizer([prompt] * len(x), padding="max_length", max_length=prior.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(n_draws):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(1000, (len(x),), generator=g)
+            losses.append(inversion_loss(prior, latents, noise, t, ids, prior.alphas_cumprod()).item())
+    return sum(losses) / len(losses)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, shapes):
+    out = tmp_path_factory.mktemp("inv") / "run"
+    config = dyod.InversionConfig(steps=60, batch_size=4, learning_rate=0.05, checkpoint_every=20, seed=1)
+    dyod.invert(shapes, tiny_model, out, config, progress=False, device="cpu")
+    return out, config
+
+
+def test_only_the_new_rows_change_and_the_loss_falls(trained, tiny_model, shapes):
+    out, config = trained
+    token, learned = load_learned_embeds(out / "learned_embeds.safetensors")
+    assert token == "<dyod>" and learned.shape == (1, 32)
+
+    # Every other row of a text encoder carrying S* is bit-identical to the original model's.
+    original = load_prior(tiny_model)
+    reference = original.text_encoder.get_input_embeddings().weight.clone()
+    load_into(original.tokenizer, original.text_encoder, token, learned)
+    weight = original.text_encoder.get_input_embeddings().weight
+    assert torch.equal(weight[: len(reference)], reference)
+    assert torch.equal(weight[len(reference):], learned)
+
+    # The initializer's embedding is where S* started; the fixed-draw loss must fall from there.
+    init_prior = load_prior(tiny_model)
+    init_ids = init_prior.tokenizer(config.initializer, add_special_tokens=False).input_ids
+    init = init_prior.text_encoder.get_input_embeddings().weight[init_ids].mean(0, keepdim=True).detach()
+    assert not torch.allclose(init, learned)
+    before = fixed_batch_loss(tiny_model, shapes, token, init)
+    after = fixed_batch_loss(tiny_model, shapes, token, learned)
+    assert after < before, (before, after)
+
+    log = [json.loads(line) for line in (out / "inversion" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 61))
+
+
+def test_saved_embedding_loads_in_diffusers(trained, tiny_model):
+    out, _ = trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<dyod>")
+    learned = load_file(str(out / "learned_embeds.safetensors"))["<dyod>"]
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], learned[0])
+    images = pipe("a photo of <dyod>", num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3)
+
+
+def test_multi_vector_token_loads_in_diffusers(tmp_path, tiny_model, shapes):
+    dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=2, batch_size=2, num_vectors=3,
+                placeholder_token="<shapes>"), progress=False, device="cpu")
+    state = load_file(str(tmp_path / "run" / "learned_embeds.safetensors"))
+    assert list(state) == ["<shapes>"] and state["<shapes>"].shape == (3, 32)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.load_textual_inversion(str(tmp_path / "run" / "learned_embeds.safetensors"))
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<shapes>", "<shapes>_1", "<shapes>_2"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], state["<shapes>"])
+
+
+def test_resume_continues_to_the_same_result(tmp_path, tiny_model, shapes):
+    config = dyod.InversionConfig(steps=8, batch_size=2, checkpoint_every=4, learning_rate=0.05)
+    dyod.invert(shapes, tiny_model, tmp_path / "full", config, progress=False, device="cpu")
+    half = dyod.InversionConfig(**{**config.__dict__, "steps": 4})
+    dyod.invert(shapes, tiny_model, tmp_path / "split", half, progress=False, device="cpu")
+    halfway = load_file(str(tmp_path / "split" / "learned_embeds.safetensors"))["<dyod>"]
+    dyod.invert(shapes, tiny_model, tmp_path / "split", config, resume=True, progress=False, device="cpu")
+    full = load_file(str(tmp_path / "full" / "learned_embeds.safetensors"))["<dyod>"]
+    split = load_file(str(tmp_path / "split" / "learned_embeds.safetensors"))["<dyod>"]
+    torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(split, halfway)  # --resume really trained the remaining steps
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(trained, tmp_path, tiny_model, shapes):
+    out, _ = trained
+    before = (out / "learned_embeds.safetensors").read_bytes()
+    with pytest.raises(DyodError, match="--resume .* or --overwrite"):
+        dyod.invert(shapes, tiny_model, out, dyod.InversionConfig(steps=1), progress=False, device="cpu")
+    assert (out / "learned_embeds.safetensors").read_bytes() == before
+    with pytest.raises(DyodError, match="nothing to resume"):
+        dyod.invert(shapes, tiny_model, tmp_path / "new", dyod.InversionConfig(steps=1), resume=True, progress=False)
+
+
+def test_run_made_for_another_model_is_refused(trained, tiny_v_model, shapes):
+    out, _ = trained
+    with pytest.raises(DyodError, match="was made for model"):
+        dyod.invert(shapes, tiny_v_model, out, dyod.InversionConfig(steps=1), overwrite=True, progress=False, device="cpu")
+
+
+def test_token_clash_and_width_mismatch_are_explained(tiny_model, tmp_path):
+    prior = load_prior(tiny_model)
+    with pytest.raises(DyodError, match="already exists in the tokenizer's vocabulary"):
+        load_into(prior.tokenizer, prior.text_encoder, "<|endoftext|>", torch.zeros(1, 32))
+    with pytest.raises(DyodError, match="768 wide but this text encoder's is 32 wide"):
+        load_into(prior.tokenizer, prior.text_encoder, "<new>", torch.zeros(1, 768))
+    pickle = tmp_path / "learned_embeds.bin"
+    pickle.write_bytes(b"not really")
+    with pytest.raises(DyodError, match="pickle"):
+        load_learned_embeds(pickle)
+    two = tmp_path / "two.safetensors"
+    save_file({"a": torch.zeros(1, 32), "b": torch.zeros(1, 32)}, str(two))
+    with pytest.raises(DyodError, match="exactly one token"):
+        load_learned_embeds(two)
+
+
+def test_large_latent_cache_is_memory_mapped_on_disk(tmp_path, tiny_model, shapes):
+    out = tmp_path / "run"
+    in_ram = dyod.InversionConfig(steps=3, batch_size=2, seed=3)
+    on_disk = dyod.InversionConfig(steps=3, batch_size=2, seed=3, latent_cache_max_ram_mb=0)
+    dyod.invert(shapes, tiny_model, tmp_path / "ram", in_ram, progress=False, device="cpu")
+    dyod.invert(shapes, tiny_model, out, on_disk, progress=False, device="cpu")
+    assert (out / "cache" / "latents_mean.npy").exists() and not (tmp_path / "ram" / "cache").exists()
+    a = load_file(str(tmp_path / "ram" / "learned_embeds.safetensors"))["<dyod>"]
+    b = load_file(str(out / "learned_embeds.safetensors"))["<dyod>"]
+    torch.testing.assert_close(a, b)
