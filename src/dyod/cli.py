@@ -229,6 +229,13 @@ def cmd_traverse(args) -> None:
                   _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dim=args.dim, values=values))
 
 
+def cmd_demo(args) -> None:
+    from .demo import DemoConfig, run_demo
+
+    report = run_demo(args.out, DemoConfig(), model=args.model, overwrite=args.overwrite)
+    print(f"demo report: {report}")
+
+
 # -- parser ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -292,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
     p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed of z and ε")
     p.set_defaults(func=cmd_traverse)
+    p = sub.add_parser("demo", help="the method end to end on bundled defaults, with a report")
+    p.add_argument("--out", default="demo-out", help="demo folder (default: demo-out)")
+    p.add_argument("--model", default=None, help="diffusers model to use instead of the bundled default")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
