@@ -1,12 +1,19 @@
-"""The main job at a tiny size: it completes and writes its report."""
+"""The main job at a tiny size, on the bundled reference prior: it completes and writes its report."""
+
+import json
 
 from dyod.demo import DemoConfig, run_demo
 
 
 def test_demo_smoke_writes_report(tmp_path):
-    config = DemoConfig(num_images=8, inversion_steps=2, vae_epochs=2, num_samples=2, t0s=(0.5, 1.0), num_inference_steps=4)
+    config = DemoConfig(num_images=12, inversion_steps=2, inversion_batch_size=2, vae_epochs=1, num_samples=4,
+                        t0s=(0.5, 1.0), num_inference_steps=4)
     report = run_demo(tmp_path / "demo", config, progress=False)
     text = report.read_text()
-    assert "| 0.50 | 2 |" in text and "| 1.00 | 4 |" in text  # round(t0·T) UNet calls
+    assert "| DYOD t0 = 0.5 | 2 | ×2.00 |" in text and "| prior + S* alone (t0 = 1) | 4 | ×1.00 |" in text
+    assert "KID × 100" in text and "VAE alone" in text
     for name in ("samples_t0_0.50.png", "samples_t0_1.00.png", "samples_vae_alone.png", "dataset.png"):
         assert (tmp_path / "demo" / name).exists()
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["VAE alone", "DYOD t0 = 0.5", "prior + S* alone (t0 = 1)"]
+    assert all(isinstance(r["kid_x100"], float) for r in rows)

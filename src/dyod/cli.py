@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -232,8 +233,53 @@ def cmd_traverse(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
-    report = run_demo(args.out, DemoConfig(), model=args.model, overwrite=args.overwrite)
+    config = DemoConfig() if args.num_samples is None else DemoConfig(num_samples=args.num_samples)
+    report = run_demo(args.out, config, model=args.model, overwrite=args.overwrite)
     print(f"demo report: {report}")
+
+
+def cmd_datasets_make(args) -> None:
+    from .world.datasets import make_dataset
+
+    out = make_dataset(args.name, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    print(f"dataset {args.name}: {out}")
+
+
+def cmd_datasets_list(args) -> None:
+    from .world.datasets import DATASETS
+
+    for spec in DATASETS.values():
+        print(f"{spec.name:14s} {spec.resolution}x{spec.resolution}  default n={spec.default_n:<5d} {spec.description}")
+
+
+def cmd_train_features(args) -> None:
+    from .world.features import FeatureTrainConfig, train_feature_net
+
+    card = train_feature_net(args.out, FeatureTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    print(json.dumps(card, indent=2))
+
+
+def cmd_pretrain(args) -> None:
+    from .world.prior_training import PretrainConfig, pretrain, write_model_card
+
+    config = config_from_args(args, PretrainConfig)
+    out = pretrain(args.out, config, resume=args.resume, device=args.device)
+    card = write_model_card(out)
+    print(f"reference prior: {out} (model card: {card})")
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import feature_extractor, folder_features, kid
+
+    extractor = feature_extractor(args.features, args.inception_weights, args.device or "cpu")
+    ref, ref_info = folder_features(args.ref, extractor)
+    samples, sample_info = folder_features(args.samples_dir, extractor)
+    result = kid(samples, ref, subset_size=args.subset_size, num_subsets=args.num_subsets, seed=args.seed)
+    print(f"{result}  [features: {args.features}; samples {args.samples_dir}, reference {args.ref}]")
+    if args.json:
+        write_json(args.json, {"kid_x100": result.mean_x100, "kid_x100_std": result.std_x100, "n_samples": result.n_x,
+                               "n_reference": result.n_y, "subset_size": result.subset_size,
+                               "num_subsets": result.num_subsets, "features": args.features})
 
 
 # -- parser ---------------------------------------------------------------------------------------------------------
@@ -299,9 +345,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
     p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed of z and ε")
     p.set_defaults(func=cmd_traverse)
+    p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")
+    p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder of generated images")
+    p.add_argument("--ref", required=True, help="the dataset folder to compare against")
+    p.add_argument("--features", choices=("emoji", "inception"), default="emoji",
+                   help="emoji: the bundled offline network (default); inception: FID InceptionV3 from a local file")
+    p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--subset-size", type=_ranged(int, "--subset-size", 2), default=None,
+                   help="KID subset size (default: min(1000, n_samples, n_reference))")
+    p.add_argument("--num-subsets", type=_ranged(int, "--num-subsets", 1), default=100, help="(default: 100)")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="subset seed (default: 0)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--device", default=None, help="device for the feature network (default: cpu)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("datasets", help="the bundled custom datasets (made from the emoji atlas)")
+    datasets = p.add_subparsers(dest="datasets_command", required=True)
+    q = datasets.add_parser("make", help="write a bundled dataset as PNG files")
+    q.add_argument("name", metavar="NAME", help="apple-orange, faces or fruit-stack (see `dyod datasets list`)")
+    q.add_argument("out", metavar="OUT", help="output folder")
+    q.add_argument("--n", type=_ranged(int, "--n", 1), default=None, help="number of images (default: the dataset's)")
+    q.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed (default: 0)")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    q.set_defaults(func=cmd_datasets_make)
+    datasets.add_parser("list", help="list the bundled datasets").set_defaults(func=cmd_datasets_list)
+
+    p = sub.add_parser("world", help="build the offline reference world's networks")
+    world = p.add_subparsers(dest="world_command", required=True)
+    q = world.add_parser("train-features", help="train the emoji feature network used by offline KID")
+    q.add_argument("--steps", type=_ranged(int, "--steps", 1), default=6000)
+    q.add_argument("--batch-size", type=_ranged(int, "--batch-size", 2), default=128)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None, help="folder (default: the package's assets)")
+    q.set_defaults(func=cmd_train_features)
+
+    p = sub.add_parser("reference", help="the reference prior: a miniature Stable Diffusion on the emoji world")
+    reference = p.add_subparsers(dest="reference_command", required=True)
+    q = reference.add_parser("pretrain", help="pre-train the reference prior (diffusers layout) on the scene corpus")
+    q.add_argument("--out", required=True, help="output folder (a diffusers model folder)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted pre-training in --out")
+    q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    from .world.prior_training import PretrainConfig
+
+    add_config_flags(q, PretrainConfig)
+    q.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("demo", help="the method end to end on bundled defaults, with a report")
     p.add_argument("--out", default="demo-out", help="demo folder (default: demo-out)")
-    p.add_argument("--model", default=None, help="diffusers model to use instead of the bundled default")
+    p.add_argument("--model", default="emoji-prior", help="diffusers model (default: the bundled reference prior)")
+    p.add_argument("--num-samples", type=_ranged(int, "--num-samples", 2), default=None, help="samples per sampler")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -107,6 +107,10 @@ class DyodPipeline:
         vae = self._require_vae()
         return vae.decode(z.to(next(vae.parameters()).device)).float()
 
+    def vae_samples(self, seeds: list[int], output_size: int | None = None) -> list[Image.Image]:
+        """The custom VAE alone, z from each seed (the paper's "VAE" baseline)."""
+        return self._to_output(self.vae_images(self.z(seeds)), output_size)
+
     # -- the reverse process from t0 ------------------------------------------------------------------------------
     @torch.no_grad()
     def denoise_from(

@@ -18,6 +18,24 @@ from .errors import DyodError
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+BUNDLED_PRIOR = "emoji-prior"  # --model name of the reference prior shipped inside the package
+
+
+def bundled_prior_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("dyod.world") / "assets" / "prior"))
+
+
+def resolve_model(model: str) -> str:
+    """``emoji-prior`` names the bundled reference prior; anything else is a folder or a hub id."""
+    if model == BUNDLED_PRIOR:
+        path = bundled_prior_path()
+        if not (path / "model_index.json").exists():
+            raise DyodError(f"the bundled reference prior is missing from {path}; reinstall dyod or run "
+                            "`dyod reference pretrain --out PRIOR` and pass --model PRIOR")
+        return str(path)
+    return model
 
 
 @dataclasses.dataclass
@@ -93,7 +111,8 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    model = str(model)
+    name = str(model)
+    model = resolve_model(name)
     local = Path(model)
     # A hub id is "org/name"; anything else path-like is a folder that must exist.
     looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
@@ -121,6 +140,6 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.eval()
-    prior = Prior(model, tokenizer, text_encoder, unet, vae, scheduler_config).to(device)
+    prior = Prior(name, tokenizer, text_encoder, unet, vae, scheduler_config).to(device)
     logger.info("loaded prior %s: %s", model, prior.describe())
     return prior

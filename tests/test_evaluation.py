@@ -1,0 +1,98 @@
+"""KID: invariants and agreement with torchmetrics."""
+
+import pytest
+import torch
+
+from dyod.errors import DyodError
+from dyod.evaluation import choose_subset_size, kid, squared_mmd
+
+
+def features(n, d=16, shift=0.0, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).double() + shift
+
+
+def test_kid_of_a_set_against_itself_is_about_zero_and_a_shift_is_clearly_positive():
+    x = features(300)
+    same = kid(x, features(300, seed=1), subset_size=100, num_subsets=50)
+    shifted = kid(x, features(300, shift=0.5, seed=1), subset_size=100, num_subsets=50)
+    assert abs(same.mean) < 3 * same.std + 1e-3
+    assert shifted.mean > 10 * max(same.std, abs(same.mean))
+    # MMD² of a set against itself with the unbiased estimator is not exactly 0, but its expectation is
+    assert abs(float(squared_mmd(x, x))) < 0.05
+
+
+def test_kid_agrees_with_torchmetrics():
+    torchmetrics = pytest.importorskip("torchmetrics.image.kid")
+    real, fake = features(120, d=8, seed=3), features(90, d=8, shift=0.3, seed=4)
+    metric = torchmetrics.KernelInceptionDistance(feature=torch.nn.Identity(), subsets=7, subset_size=50)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    torch.manual_seed(11)  # torchmetrics draws its subsets from the global generator; dyod from its own
+    expected_mean, expected_std = metric.compute()
+    ours = kid(real, fake, subset_size=50, num_subsets=7, seed=11)
+    assert ours.mean == pytest.approx(float(expected_mean), rel=1e-6)
+    assert ours.std == pytest.approx(float(expected_std), rel=1e-6)
+
+
+def test_subset_size_adapts_to_small_sets():
+    assert choose_subset_size(5000, 200) == 200
+    assert choose_subset_size(5000, 5000) == 1000
+    result = kid(features(50), features(30, seed=2), num_subsets=3)
+    assert result.subset_size == 30 and result.n_x == 50 and result.n_y == 30
+    with pytest.raises(DyodError, match="at least 2 samples"):
+        kid(features(1), features(10))
+
+
+def test_inception_features_from_a_local_state_dict_and_clear_errors(tmp_path):
+    from dyod.inception import FIDInceptionV3, InceptionFeatures
+    from dyod.evaluation import feature_extractor
+
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()
+    state = model.state_dict()
+    # the layer names of the FID weights file that torchmetrics / torch-fidelity / pytorch-fid use
+    for key in ("Conv2d_1a_3x3.conv.weight", "Mixed_5b.branch_pool.bn.running_var", "Mixed_6e.branch7x7dbl_5.conv.weight",
+                "Mixed_7c.branch3x3dbl_3b.bn.bias", "fc.weight"):
+        assert key in state
+    assert state["fc.weight"].shape == (1008, 2048)
+    path = tmp_path / "pt_inception.pth"
+    torch.save(state, path)
+    features = InceptionFeatures(path)
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+    out = features(x)
+    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    with torch.no_grad():
+        expected = model(torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(out.float(), expected)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(DyodError, match="refuses pickled code"):
+        InceptionFeatures(tmp_path / "evil.pth")
+    with pytest.raises(DyodError, match="Inception weights .* not found. dyod cannot download them"):
+        feature_extractor("inception", str(tmp_path / "missing.pth"))
+    torch.save({"fc.weight": state["fc.weight"]}, tmp_path / "partial.pth")
+    with pytest.raises(DyodError, match="lack"):
+        InceptionFeatures(tmp_path / "partial.pth")
+
+
+def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypatch):
+    import json
+
+    from dyod.cli import main
+    from dyod.world.datasets import make_dataset
+
+    monkeypatch.setenv("DYOD_CACHE", str(tmp_path / "cache"))
+    ref = make_dataset("apple-orange", tmp_path / "ref", n=30, seed=0, progress=False)
+    same = make_dataset("apple-orange", tmp_path / "same", n=30, seed=1, progress=False)
+    other = make_dataset("faces", tmp_path / "faces", n=30, seed=0, progress=False)
+    assert main(["eval", str(same), "--ref", str(ref), "--json", str(tmp_path / "same.json")]) == 0
+    assert "n = 30 vs 30" in capsys.readouterr().out
+    assert main(["eval", str(other), "--ref", str(ref), "--json", str(tmp_path / "other.json")]) == 0
+    same_kid = json.loads((tmp_path / "same.json").read_text())["kid_x100"]
+    other_kid = json.loads((tmp_path / "other.json").read_text())["kid_x100"]
+    assert other_kid > 5 * max(same_kid, 0.05)
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
