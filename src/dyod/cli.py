@@ -157,16 +157,66 @@ def cmd_train_vae(args) -> None:
 
 
 def cmd_fit(args) -> None:
+    if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
+        args.__dict__["DataConfig.holdout_fraction"] = 0.2
     cmd_invert(args)
     from .vae_training import train_vae
 
     vae_path = Path(args.out) / "vae" / "model.safetensors"
     if args.resume and vae_path.exists():
         print(f"custom VAE: {vae_path.parent} (already trained)")
-        return
-    path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
-                     overwrite=args.overwrite, device=args.device)
-    print(f"custom VAE: {path}")
+    else:
+        path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
+                         overwrite=args.overwrite, device=args.device)
+        print(f"custom VAE: {path}")
+    if args.choose_t0:
+        from .sweep import DEFAULT_T0S, choose_t0
+
+        t0, _ = choose_t0(args.out, DEFAULT_T0S, n=args.choose_t0_samples, out=Path(args.out) / "t0_sweep")
+        print(f"chosen t0: {t0:.2f} (stored in {Path(args.out) / 'run.json'}; `dyod sample` uses it by default)")
+
+
+def _t0_list(text: str) -> list[float]:
+    from .sampling import num_denoising_steps
+
+    values = _parse_csv(text, float, "--t0")
+    for v in values:
+        num_denoising_steps(v, 50)  # validates the range
+    return values
+
+
+def cmd_sweep(args) -> None:
+    from .sweep import sweep
+
+    out = _prepare_output(Path(args.out), args.overwrite)
+    config = config_from_args(args, SampleConfig)
+    rows = sweep(args.run, _t0_list(args.t0s), n=args.n, seed=args.seed, config=config, features=args.features,
+                 inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=_pipeline(args))
+    print((out / "sweep.md").read_text())
+    print(f"table, JSON, plot and sample grids in {out}")
+
+
+def cmd_tune(args) -> None:
+    from .sweep import choose_t0
+
+    out = _prepare_output(Path(args.out or Path(args.run) / "t0_sweep"), args.overwrite)
+    t0, rows = choose_t0(args.run, _t0_list(args.t0s), n=args.n, seed=args.seed, config=config_from_args(args, SampleConfig),
+                         out=out, pipe=_pipeline(args))
+    print((out / "sweep.md").read_text())
+    print(f"chosen t0: {t0:.2f}")
+
+
+def cmd_sweep_transform(args) -> None:
+    from .pipeline import load_input_images
+    from .sweep import sweep_transform
+
+    images, _, skipped = load_input_images(args.inputs)
+    for path, reason in skipped:
+        logger.warning("skipping input %s (%s)", path, reason)
+    out = _prepare_output(Path(args.out), args.overwrite)
+    sweep_transform(args.run, images, _t0_list(args.t0s), seed=args.seed, config=config_from_args(args, SampleConfig),
+                    baseline_prompt=args.baseline_prompt, out=out, pipe=_pipeline(args))
+    print((out / "sweep_transform.md").read_text())
 
 
 def _pipeline(args):
@@ -175,10 +225,23 @@ def _pipeline(args):
     return DyodPipeline.from_run(args.run, device=args.device)
 
 
+def _run_default_t0(args) -> dict:
+    """``dyod sample`` without --t0 uses the t0 chosen on held-out images (``--choose-t0``), if the run has one."""
+    if "SampleConfig.t0" in vars(args):
+        return {}
+    from .run import Run
+
+    chosen = Run.open(args.run).info.get("chosen_t0")
+    if chosen:
+        logger.info("using the run's chosen t0 = %.2f", chosen["t0"])
+        return {"t0": chosen["t0"]}
+    return {}
+
+
 def cmd_sample(args) -> None:
     if args.n < 1:
         raise DyodError(f"-n must be >= 1, got {args.n}")
-    config = config_from_args(args, SampleConfig)
+    config = config_from_args(args, SampleConfig, **_run_default_t0(args))
     from .sampling import num_denoising_steps
 
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything
@@ -307,17 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
             add_config_flags(p, VAEConfig, prefix="vae-")
         return p
 
-    training("fit", "stage 1 (dataset prompt) and stage 2 (custom VAE)", True, True).set_defaults(func=cmd_fit)
+    p = training("fit", "stage 1 (dataset prompt) and stage 2 (custom VAE)", True, True)
+    p.add_argument("--choose-t0", action="store_true",
+                   help="hold out 20%% of the images (--holdout-fraction), sweep t0 against them, store the best in the run")
+    p.add_argument("--choose-t0-samples", type=_ranged(int, "--choose-t0-samples", 2), default=100,
+                   help="samples per t0 for --choose-t0 (default: 100)")
+    p.set_defaults(func=cmd_fit)
     training("invert", "stage 1 alone: learn the dataset prompt S* (Eq. 7)", True, False).set_defaults(func=cmd_invert)
     training("train-vae", "stage 2 alone: train the custom VAE", False, True).set_defaults(func=cmd_train_vae)
 
-    def sampling(name: str, help_text: str):
+    def sampling(name: str, help_text: str, out_required: bool = True, skip: tuple[str, ...] = ()):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("run", metavar="RUN", help="run folder made by `dyod fit`")
-        p.add_argument("--out", required=True, help="output folder (PNG images, grid.png, dyod_output.json)")
+        p.add_argument("--out", required=out_required, default=None,
+                       help="output folder (PNG images, grids, JSON)" + ("" if out_required else " (default: RUN/t0_sweep)"))
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
         p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-        add_config_flags(p, SampleConfig)
+        add_config_flags(p, SampleConfig, skip=skip)
         return p
 
     p = sampling("sample", "distribution initialization (Eq. 9-10): custom VAE -> perturb to t0 -> DDIM with S*")
@@ -345,6 +414,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
     p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed of z and ε")
     p.set_defaults(func=cmd_traverse)
+    p = sampling("sweep", "the paper's Table 1: KID at each t0 against both baselines, with speed", skip=("t0",))
+    p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="comma-separated t0 values")
+    p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed")
+    p.add_argument("--features", choices=("emoji", "inception"), default="emoji", help="KID features")
+    p.add_argument("--inception-weights", default=None, help="path of the FID Inception weights")
+    p.add_argument("--ref", default=None, help="reference folder (default: the run's dataset)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sampling("tune", "choose t0 on the run's held-out images and store it as `dyod sample`'s default", out_required=False,
+                 skip=("t0",))
+    p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t0 values")
+    p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed")
+    p.set_defaults(func=cmd_tune)
+
+    p = sampling("sweep-transform", "Fig. 5 as numbers: KID of transformed inputs with and without S*", skip=("t0",))
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--t0", dest="t0s", default="0.4,0.5,0.6,0.7,0.8", help="comma-separated t' values")
+    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="noise seed")
+    p.add_argument("--baseline-prompt", default=None, help="prompt without S* (default: 'a photo of INITIALIZER')")
+    p.set_defaults(func=cmd_sweep_transform)
+
     p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")
     p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder of generated images")
     p.add_argument("--ref", required=True, help="the dataset folder to compare against")

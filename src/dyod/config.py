@@ -24,6 +24,7 @@ class DataConfig:
 
     grayscale: bool = field(False, "convert images to grayscale (kept as 3 channels for the model)")
     max_images: int = field(0, "use at most this many images (0: all)", min=0)
+    holdout_fraction: float = field(0.0, "fraction of images kept out of training, for choosing t0 (by file-name hash)", min=0.0)
 
 
 @dataclasses.dataclass(frozen=True)

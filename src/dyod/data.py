@@ -95,10 +95,31 @@ def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_images: int = 0) -> ImageFolder:
-    """Load every readable image under ``root``; unreadable files are skipped and listed with their reason."""
+def is_heldout(path: Path, root: Path, fraction: float) -> bool:
+    """A stable split: a file is held out when the hash of its path (relative to the data folder) is < fraction."""
+    import hashlib
+
+    if fraction <= 0:
+        return False
+    rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+    return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_images: int = 0,
+                      holdout_fraction: float = 0.0, split: str = "train") -> ImageFolder:
+    """Load every readable image under ``root``; unreadable files are skipped and listed with their reason.
+
+    With ``holdout_fraction`` > 0, ``split`` picks the training files ("train"), the held-out ones ("heldout"),
+    or both ("all")."""
     root = Path(root)
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise DyodError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
     files = find_image_files(root)
+    if holdout_fraction > 0 and split != "all":
+        files = [f for f in files if is_heldout(f, root, holdout_fraction) == (split == "heldout")]
+        if not files:
+            raise DyodError(f"the {split} split of {root} (held-out fraction {holdout_fraction}) is empty; "
+                            "use more images or another --holdout-fraction")
     if not files:
         raise DyodError(
             f"no image files found in {root} (searched recursively for {', '.join(IMAGE_SUFFIXES)}); "

@@ -189,7 +189,8 @@ def invert(
     if overwrite and not resume:
         checkpoint.unlink(missing_ok=True)
 
-    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images)
+    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
+                             holdout_fraction=data_config.holdout_fraction)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     prior = load_prior(model)
     run.bind_model(str(model), prior.describe())

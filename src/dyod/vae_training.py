@@ -49,7 +49,8 @@ def train_vae(
     folder = run.vae_path
     if (folder / "model.safetensors").exists() and not overwrite:
         raise DyodError(f"{folder} already holds a trained VAE; pass --overwrite to train a new one")
-    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images)
+    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
+                             holdout_fraction=data_config.holdout_fraction)
     resolution = vae_resolution(config, data.resolution)
     hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
     check_resolution(resolution, hidden_dims)

@@ -1,0 +1,213 @@
+"""The paper's Table 1 for a run: KID × 100 of DYOD samples at each t0 against the dataset, next to the two
+baselines (the custom VAE alone; the prior with S* alone, t0 = 1), with the measured speed. Also the same for
+image initialization (Fig. 5), and the automatic choice of t0 on held-out images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .config import SampleConfig, to_dict, write_json
+from .errors import DyodError
+from .images import make_grid, save_png
+from .run import Run
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_T0S = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclasses.dataclass
+class SweepRow:
+    label: str
+    t0: float | None  # None for the VAE alone
+    kid_x100: float
+    kid_x100_std: float
+    unet_calls: int
+    seconds_per_image: float
+    n: int
+    grid: str = ""
+
+
+def reference_images(run: Run, split: str = "all", ref_dir: str | os.PathLike | None = None):
+    """The dataset a run was fitted on (or ``ref_dir``); ``split="heldout"`` gives the images kept out of training."""
+    from .data import load_image_folder
+
+    data = run.info.get("data", {})
+    root = ref_dir or data.get("root")
+    if root is None:
+        raise DyodError(f"run {run.path} records no dataset folder; pass --ref DATA_DIR")
+    fraction = run.info.get("data_config", {}).get("holdout_fraction", 0.0) if ref_dir is None else 0.0
+    if split == "heldout" and not fraction:
+        raise DyodError(f"run {run.path} holds no images out; fit it with --holdout-fraction 0.2 (or use --choose-t0)")
+    return load_image_folder(root, holdout_fraction=fraction, split=split if fraction else "all").images
+
+
+def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int = 0,
+          config: SampleConfig = SampleConfig(), features: str = "emoji", inception_weights: str | None = None,
+          reference: str = "all", ref_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+          pipe=None, progress: bool = True) -> list[SweepRow]:
+    """Sample n images at each t0 (and the VAE alone), KID against the reference; write table, JSON, plot, grids."""
+    from .evaluation import feature_extractor, kid
+    from .pipeline import DyodPipeline
+
+    run = run if isinstance(run, Run) else Run.open(run)
+    t0s = sorted(set(float(t) for t in t0s))
+    if n < 2:
+        raise DyodError(f"-n must be >= 2 for KID, got {n}")
+    extractor = feature_extractor(features, inception_weights)
+    ref_features = extractor(reference_images(run, reference, ref_dir))
+    pipe = pipe or DyodPipeline.from_run(run)
+    seeds = list(range(seed, seed + n))
+    out = Path(out) if out else None
+    rows: list[SweepRow] = []
+
+    def record(label, t0, images, calls, seconds):
+        score = kid(extractor(images), ref_features, num_subsets=50, seed=seed)
+        grid = ""
+        if out is not None:
+            grid = f"samples_{label.replace(' ', '_').replace('=', '').replace('*', 's')}.png"
+            save_png(make_grid(images[:32], 8), out / grid)
+        rows.append(SweepRow(label, t0, score.mean_x100, score.std_x100, calls, seconds / len(images), len(images), grid))
+        logger.info("%s: KID×100 %.3f ± %.3f", label, score.mean_x100, score.std_x100)
+
+    t = time.time()
+    vae_images = pipe.vae_samples(seeds) if pipe.custom_vae is not None else None
+    if vae_images is not None:
+        record("VAE alone", None, vae_images, 0, time.time() - t)
+    for t0 in t0s:
+        if t0 < 1.0 and pipe.custom_vae is None:
+            continue
+        t = time.time()
+        images = pipe.sample(n, dataclasses.replace(config, t0=t0), seed=seed, progress=progress)
+        record(f"t0={t0:.2f}", t0, images, pipe.last_unet_calls, time.time() - t)
+    if out is not None:
+        write_sweep_outputs(rows, out, {"run": str(run.path), "n": n, "seed": seed, "features": features,
+                                        "reference": reference, "config": to_dict(config)})
+    return rows
+
+
+def best_row(rows: list[SweepRow]) -> SweepRow:
+    candidates = [r for r in rows if r.t0 is not None]
+    if not candidates:
+        raise DyodError("the sweep has no DYOD rows")
+    return min(candidates, key=lambda r: r.kid_x100)
+
+
+def markdown_table(rows: list[SweepRow], num_inference_steps: int) -> str:
+    """Shaped like the paper's Table 1: one column per t0, then the two baselines."""
+    dyod_rows = [r for r in rows if r.t0 is not None and r.t0 < 1.0]
+    alone = next((r for r in rows if r.t0 == 1.0), None)
+    vae = next((r for r in rows if r.t0 is None), None)
+    best = min(dyod_rows, key=lambda r: r.kid_x100) if dyod_rows else None
+    cols = [f"{r.t0:.1f}T" for r in dyod_rows] + (["prior + S* (t0 = T)"] if alone else []) + (["VAE"] if vae else [])
+    ordered = dyod_rows + ([alone] if alone else []) + ([vae] if vae else [])
+    base_seconds = alone.seconds_per_image if alone else None
+
+    def fmt_kid(r):
+        text = f"{r.kid_x100:.2f} ± {r.kid_x100_std:.2f}"
+        return f"**{text}**" if r is best else text
+
+    lines = [
+        "| | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+        "| KID × 100 | " + " | ".join(fmt_kid(r) for r in ordered) + " |",
+        "| UNet calls | " + " | ".join(str(r.unet_calls) for r in ordered) + " |",
+        "| speed, paper's T/t0 | " + " | ".join(f"×{num_inference_steps / r.unet_calls:.2f}" if r.unet_calls else "-" for r in ordered) + " |",
+        "| speed, measured | " + " | ".join(
+            f"×{base_seconds / r.seconds_per_image:.2f}" if base_seconds and r.t0 is not None else "-" for r in ordered) + " |",
+        "| s / image | " + " | ".join(f"{r.seconds_per_image:.3f}" for r in ordered) + " |",
+    ]
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[SweepRow], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = [r for r in rows if r.t0 is not None]
+    vae = next((r for r in rows if r.t0 is None), None)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.errorbar([r.t0 for r in curve], [r.kid_x100 for r in curve], yerr=[r.kid_x100_std for r in curve],
+                marker="o", label="DYOD (t0 = 1: prior + S* alone)")
+    if vae is not None:
+        ax.axhline(vae.kid_x100, color="gray", linestyle="--", label="VAE alone")
+    ax.set_xlabel("t0 (fraction of T)")
+    ax.set_ylabel("KID × 100 (lower is better)")
+    ax2 = ax.twinx()
+    base = next((r.seconds_per_image for r in curve if r.t0 == 1.0), None)
+    if base:
+        ax2.plot([r.t0 for r in curve], [base / r.seconds_per_image for r in curve], color="tab:orange", marker="s",
+                 alpha=0.7, label="measured speed-up")
+        ax2.set_ylabel("speed-up vs t0 = 1", color="tab:orange")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper center")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_outputs(rows: list[SweepRow], out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    steps = meta.get("config", {}).get("num_inference_steps", 50)
+    write_json(out / "sweep.json", {**meta, "rows": [dataclasses.asdict(r) for r in rows]})
+    (out / "sweep.md").write_text(markdown_table(rows, steps) + "\n")
+    plot_sweep(rows, out / "sweep.png", title=Path(meta.get("run", "")).name)
+
+
+def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int = 0,
+              config: SampleConfig = SampleConfig(), out: str | os.PathLike | None = None, progress: bool = True,
+              pipe=None) -> tuple[float, list[SweepRow]]:
+    """Sweep t0 against the run's held-out images; store the argmin as the run's default t0."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    rows = sweep(run, [t for t in t0s if t < 1.0] or t0s, n=n, seed=seed, config=config, reference="heldout",
+                 out=out, pipe=pipe, progress=progress)
+    best = best_row(rows)
+    run.update(chosen_t0={"t0": best.t0, "kid_x100": best.kid_x100, "n": n,
+                          "sweep": {f"{r.t0:.2f}": r.kid_x100 for r in rows if r.t0 is not None}})
+    logger.info("chosen t0 = %.2f (held-out KID×100 %.3f)", best.t0, best.kid_x100)
+    return best.t0, rows
+
+
+def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0.6, 0.7, 0.8), seed: int = 0,
+                    config: SampleConfig = SampleConfig(), baseline_prompt: str | None = None,
+                    out: str | os.PathLike | None = None, progress: bool = True, pipe=None) -> list[dict]:
+    """Fig. 5 as numbers: KID of transformed inputs against the dataset, with S* and with a plain prompt."""
+    from .evaluation import feature_extractor, kid
+    from .pipeline import DyodPipeline
+
+    run = run if isinstance(run, Run) else Run.open(run)
+    pipe = pipe or DyodPipeline.from_run(run)
+    extractor = feature_extractor("emoji")
+    ref_features = extractor(reference_images(run))
+    if baseline_prompt is None:
+        initializer = run.info.get("stages", {}).get("inversion", {}).get("config", {}).get("initializer", "object")
+        baseline_prompt = f"a photo of {initializer}"
+    results = []
+    out = Path(out) if out else None
+    for t0 in t0s:
+        for label, prompt in (("with S*", config.prompt), ("without S*", baseline_prompt)):
+            images = pipe.transform(inputs, dataclasses.replace(config, t0=t0, prompt=prompt), seed=seed, progress=progress)
+            score = kid(extractor(images), ref_features, num_subsets=50, seed=seed)
+            results.append({"t0": t0, "prompt": label, "prompt_text": prompt, "kid_x100": score.mean_x100,
+                            "kid_x100_std": score.std_x100, "n": len(images)})
+            if out is not None:
+                save_png(make_grid(images[:16], 8), out / f"transform_t0_{t0:.2f}_{'s' if label == 'with S*' else 'plain'}.png")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "sweep_transform.json", {"run": str(run.path), "rows": results})
+        lines = ["| t0 | " + " | ".join(f"{t:.1f}" for t in t0s) + " |", "|---" * (len(t0s) + 1) + "|"]
+        for label in ("with S*", "without S*"):
+            cells = [next(f"{r['kid_x100']:.2f} ± {r['kid_x100_std']:.2f}" for r in results if r["t0"] == t and r["prompt"] == label)
+                     for t in t0s]
+            lines.append(f"| KID × 100, {label} | " + " | ".join(cells) + " |")
+        (out / "sweep_transform.md").write_text("\n".join(lines) + "\n")
+    return results

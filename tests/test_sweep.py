@@ -1,0 +1,77 @@
+"""The t0 sweep (Table 1), automatic t0, and sweep-transform on the tiny fixture."""
+
+import json
+
+import pytest
+
+import dyod
+from dyod import SampleConfig
+from dyod.cli import main
+from dyod.errors import DyodError
+from dyod.sweep import choose_t0, markdown_table, sweep
+
+FAST = SampleConfig(num_inference_steps=10, guidance_scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory, tiny_model, shapes):
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    data = dyod.DataConfig(holdout_fraction=0.3)
+    dyod.invert(shapes, tiny_model, out, dyod.InversionConfig(steps=2, batch_size=2), data, progress=False, device="cpu")
+    dyod.train_vae(shapes, out, dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4), data, progress=False, device="cpu")
+    return out
+
+
+def test_holdout_split_is_stable_and_disjoint(shapes):
+    from dyod.data import load_image_folder
+
+    train = load_image_folder(shapes, holdout_fraction=0.3, split="train").paths
+    held = load_image_folder(shapes, holdout_fraction=0.3, split="heldout").paths
+    assert train and held and not set(train) & set(held)
+    assert sorted(train + held) == load_image_folder(shapes).paths
+    with pytest.raises(DyodError, match="holdout-fraction must be in"):
+        load_image_folder(shapes, holdout_fraction=1.0)
+
+
+def test_sweep_produces_a_complete_table(fitted_run, tmp_path):
+    rows = sweep(fitted_run, [0.3, 0.6, 1.0], n=4, config=FAST, out=tmp_path, progress=False)
+    assert [r.label for r in rows] == ["VAE alone", "t0=0.30", "t0=0.60", "t0=1.00"]
+    assert [r.unet_calls for r in rows] == [0, 3, 6, 10]
+    assert all(r.n == 4 and r.kid_x100 == r.kid_x100 for r in rows)  # numbers, not NaN
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.splitlines()[0] == "| | 0.3T | 0.6T | prior + S* (t0 = T) | VAE |"
+    for label in ("KID × 100", "UNet calls", "speed, paper's T/t0", "speed, measured", "s / image"):
+        assert f"| {label} |" in table
+    assert "×3.33" in table and "×1.00" in table
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(saved["rows"]) == 4 and (tmp_path / "sweep.png").stat().st_size > 1000
+    assert table.count("**") == 2  # the best DYOD t0 is marked
+    assert markdown_table(rows, 10) == table.strip()
+
+
+def test_chosen_t0_is_the_argmin_of_the_heldout_sweep_and_becomes_the_default(holdout_run, tmp_path, capsys):
+    t0, rows = choose_t0(holdout_run, [0.2, 0.5, 0.8], n=3, config=FAST, progress=False)
+    dyod_rows = [r for r in rows if r.t0 is not None]
+    assert t0 == min(dyod_rows, key=lambda r: r.kid_x100).t0
+    info = json.loads((holdout_run / "run.json").read_text())["chosen_t0"]
+    assert info["t0"] == t0 and set(info["sweep"]) == {"0.20", "0.50", "0.80"}
+    assert main(["sample", str(holdout_run), "-n", "1", "--out", str(tmp_path / "s"), "--num-inference-steps", "10",
+                 "--device", "cpu"]) == 0
+    record = json.loads((tmp_path / "s" / "dyod_output.json").read_text())
+    assert record["config"]["t0"] == t0 and record["denoising_steps"] == round(t0 * 10)
+
+
+def test_heldout_reference_needs_a_holdout(fitted_run):
+    with pytest.raises(DyodError, match="holds no images out"):
+        choose_t0(fitted_run, [0.5], n=2, config=FAST, progress=False)
+
+
+def test_sweep_transform_with_and_without_the_prompt(fitted_run, shapes, tmp_path):
+    from dyod.data import load_image_folder
+    from dyod.sweep import sweep_transform
+
+    inputs = load_image_folder(shapes, max_images=4).images
+    rows = sweep_transform(fitted_run, inputs, t0s=(0.5,), config=FAST, out=tmp_path, progress=False)
+    assert [(r["t0"], r["prompt"]) for r in rows] == [(0.5, "with S*"), (0.5, "without S*")]
+    assert rows[1]["prompt_text"] == "a photo of object"
+    assert "| KID × 100, with S* |" in (tmp_path / "sweep_transform.md").read_text()
