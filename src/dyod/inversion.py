@@ -158,6 +158,15 @@ def _load_checkpoint(path: Path, learned, optimizer, generator) -> tuple[int, li
     return int(meta["step"]), json.loads(meta.get("losses", "[]"))
 
 
+def _truncate_log(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def invert(
     data_dir: str | os.PathLike,
     model: str | os.PathLike,
@@ -218,18 +227,24 @@ def invert(
     optimizer = torch.optim.AdamW([embedding.learned], lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     start_step, losses = 0, []
+    log_file = folder / "log.jsonl"
     if resume:
         start_step, losses = _load_checkpoint(checkpoint, embedding.learned, optimizer, generator)
         if start_step >= config.steps:
-            logger.info("the dataset prompt in %s already finished %d of %d steps", run.path, start_step, config.steps)
+            logger.warning("--resume: the dataset prompt in %s already finished (%d of %d steps); nothing to do "
+                           "(raise --steps to train further)", run.path, start_step, config.steps)
+            if run.embeddings_path.exists():
+                return run.embeddings_path
         else:
             logger.info("resuming the dataset prompt at step %d of %d", start_step, config.steps)
+        _truncate_log(log_file, start_step)  # steps logged after the checkpoint will be redone
+    else:
+        log_file.unlink(missing_ok=True)
     text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
     alphas_cumprod = prior.alphas_cumprod()
     num_train_timesteps = len(alphas_cumprod)
 
     started = time.time()
-    log_file = folder / "log.jsonl"
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not progress or not accelerator.is_main_process, desc="dataset prompt")
     text_encoder.train()
     for step in bar:
@@ -253,6 +268,11 @@ def invert(
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(embedding.learned).all():
+                    raise DyodError(
+                        f"the learned embedding became non-finite at step {step}; the last checkpoint in {checkpoint} "
+                        "is intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
+                    )
                 step_loss += loss.item() / config.gradient_accumulation_steps
         losses.append(step_loss)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")

@@ -1,0 +1,125 @@
+"""Failure and recovery: SIGKILL and --resume, hostile image files (fuzzed), numerical faults."""
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import dyod
+from dyod.data import load_image_folder
+from dyod.errors import DyodError
+
+
+def _checkpoint_step(path):
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(f.metadata()["step"])
+    except Exception:  # noqa: BLE001 - not written yet
+        return 0
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, shapes):
+    args = ["--model", str(tiny_model), "--steps", "120", "--checkpoint-every", "10", "--batch-size", "2",
+            "--learning-rate", "0.02", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "dyod", "invert", str(shapes), "--out", str(tmp_path / "killed"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "inversion" / "checkpoint.safetensors"
+    target = random.Random(0).choice([30, 40, 50])
+    deadline = time.time() + 120
+    while _checkpoint_step(checkpoint) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(1).random() * 0.1)  # a random moment, possibly mid-write of the next checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _checkpoint_step(checkpoint)
+    assert 0 < killed_at < 120, "the run must be killed mid-way for this test to mean anything"
+    assert not (tmp_path / "killed" / "learned_embeds.safetensors").exists()
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    dyod.invert(shapes, tiny_model, tmp_path / "straight", dyod.InversionConfig(steps=120, checkpoint_every=10,
+                batch_size=2, learning_rate=0.02), progress=False, device="cpu")
+    a = load_file(str(tmp_path / "killed" / "learned_embeds.safetensors"))["<dyod>"]
+    b = load_file(str(tmp_path / "straight" / "learned_embeds.safetensors"))["<dyod>"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "inversion" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 121))  # the log has each step once
+
+    again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, tiny_model, shapes, monkeypatch):
+    import dyod.inversion as inversion
+
+    real = inversion.inversion_loss
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(inversion, "inversion_loss", failing)
+    with pytest.raises(DyodError, match="loss became nan at step 5.*checkpoint.*intact.*bf16"):
+        dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=10, checkpoint_every=2,
+                    batch_size=2), progress=False, device="cpu")
+    checkpoint = tmp_path / "run" / "inversion" / "checkpoint.safetensors"
+    assert _checkpoint_step(checkpoint) == 4
+    assert torch.isfinite(load_file(str(checkpoint))["learned"]).all()
+
+
+def _png_bytes(mode="RGB", size=(12, 9)):
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_odd_images_are_used_or_skipped_with_a_reason(tmp_path, monkeypatch):
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (300, 20), (0, 0, 0)).save(tmp_path / "wide.png")
+    Image.new("RGB", (200, 200), (9, 9, 9)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 now counts as a decompression bomb
+    folder = load_image_folder(tmp_path)
+    loaded = {p.name: im for p, im in zip(folder.paths, folder.images)}
+    assert set(loaded) == {"anim.gif", "tiny.png", "wide.png"}
+    assert np.asarray(loaded["anim.gif"])[0, 0].tolist() == [255, 0, 0]  # the first frame
+    assert [s.path.endswith("bomb.png") and "DecompressionBomb" in s.reason for s in folder.skipped] == [True]
+    from dyod.data import resize_lanczos
+
+    assert resize_lanczos(loaded["wide.png"], 16).size == (16, 16)
+    assert resize_lanczos(loaded["tiny.png"], 16).size == (16, 16)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+       suffix=st.sampled_from([".png", ".jpg", ".gif", ".webp"]))
+def test_fuzzed_files_never_stop_the_loader(tmp_path_factory, data, flips, suffix):
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "good.png").write_bytes(_png_bytes())
+    base = bytearray(_png_bytes() if suffix == ".png" else data)
+    for pos, value in flips:
+        if base:
+            base[pos % len(base)] = value
+    (folder / f"fuzzed{suffix}").write_bytes(bytes(base) + data[:50])
+    result = load_image_folder(folder)
+    names = [p.name for p in result.paths] + [s.path.rsplit("/", 1)[-1] for s in result.skipped]
+    assert sorted(names) == sorted(["good.png", f"fuzzed{suffix}"])
+    assert all(im.mode == "RGB" and im.width > 0 for im in result.images)
+    assert all(s.reason for s in result.skipped)
