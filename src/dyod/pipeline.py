@@ -62,6 +62,15 @@ class DyodPipeline:
         custom_vae = load_vae(run.vae_path, device) if (run.vae_path / "model.safetensors").exists() else None
         return cls(prior, token, num_vectors, custom_vae, run.data_resolution)
 
+    def optimize(self, channels_last: bool = True, compile_unet: bool = False) -> "DyodPipeline":
+        """GPU speed-ups that keep the numbers: channels-last UNet convolutions, optionally ``torch.compile``
+        (the denoising loop has fixed shapes, so it compiles once per batch size)."""
+        if channels_last:
+            self.prior.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.prior.unet = torch.compile(self.prior.unet)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.prior.unet.device

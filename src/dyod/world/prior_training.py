@@ -153,7 +153,7 @@ def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path
     ).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
-    state_path, start, losses = folder.parent / "vae_state.safetensors", 0, []
+    state_path, start, losses = folder.parent / "training" / "vae_state.safetensors", 0, []
     if resume and state_path.exists():
         start, extra = _load_state(state_path, {"vae": vae}, optimizer, generator)
         losses = extra.get("losses", [])
@@ -258,6 +258,7 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
         vae, vae_losses = train_autoencoder(images, config, out / "vae", device, progress, resume)
         timings["vae_s"] = round(time.time() - t, 1)
         write_json(work / "vae_losses.json", vae_losses)
+        write_json(work / "timings.json", timings)  # kept across a --resume of the UNet stage
     vae = AutoencoderKL.from_pretrained(out / "vae")
     means, stds = encode_corpus(vae, images, device, progress)
     scaling = vae.config.scaling_factor
@@ -272,9 +273,10 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
     optimizer = torch.optim.AdamW(params, lr=config.unet_learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed + 1)
     state_path, start, losses = work / "unet_state.safetensors", 0, []
+    unet_before = 0.0  # UNet seconds spent before a --resume
     if resume and state_path.exists():
         start, extra = _load_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, generator)
-        losses = extra.get("losses", [])
+        losses, unet_before = extra.get("losses", []), extra.get("unet_s", 0.0)
     alphas_cumprod = DDIMScheduler(**ddim_config()).alphas_cumprod.to(device)
     warmup = 200
     t_unet = time.time()
@@ -304,8 +306,8 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
             _save_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1, generator,
-                        {"losses": losses})
-    timings["unet_s"] = round(time.time() - t_unet, 1) + (timings.get("unet_s", 0) if start else 0)
+                        {"losses": losses, "unet_s": unet_before + time.time() - t_unet})
+    timings["unet_s"] = round(unet_before + time.time() - t_unet, 1)
     write_json(work / "unet_losses.json", losses)
 
     pipe = StableDiffusionPipeline(
@@ -423,6 +425,7 @@ def write_model_card(model: str | os.PathLike, device: str = "cpu") -> Path:
         f"| wall time | {total_s / 60:.1f} min (render {timings.get('render_s')} s, VAE {timings.get('vae_s')} s, UNet {timings.get('unet_s')} s) |",
         f"| weights | {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sizes.items() if v)} |",
         "",
+        *([f"Note: {timings['vae_note']}.", ""] if timings.get("vae_note") else []),
         "## Text following",
         "",
         f"For {scores['n_captions']} single-emoji captions (\"{SINGLE_EMOJI_PROMPT}\", half of them from the bundled",

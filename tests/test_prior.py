@@ -1,0 +1,45 @@
+"""The bundled reference prior and its pre-training command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dyod.errors import DyodError
+from dyod.prior import bundled_prior_path, load_prior
+
+
+def test_bundled_prior_loads_like_any_model_and_generates_deterministically():
+    prior = load_prior("emoji-prior")
+    assert prior.resolution == 64 and prior.vae_scale_factor == 4 and prior.prediction_type == "epsilon"
+    assert prior.model == "emoji-prior"
+    pipe = StableDiffusionPipeline.from_pretrained(bundled_prior_path(), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a large red apple in the center on a white background"
+    a = pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    b = pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert a.shape == (1, 64, 64, 3) and np.isfinite(a).all()
+    assert np.array_equal(a, b)
+    ids = pipe.tokenizer("a red apple and a tangerine on a white background").input_ids
+    assert pipe.tokenizer.unk_token_id not in ids[1:-1]  # the datasets' words are in the trained vocabulary
+    card = (bundled_prior_path() / "MODEL_CARD.md").read_text()
+    assert "Text following" in card and "top-1" in card
+
+
+def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    config = PretrainConfig(corpus_size=64, vae_steps=2, vae_batch_size=4, unet_steps=3, unet_batch_size=4,
+                            vocab_size=600, text_width=32, text_layers=1, vae_channels=(32, 32, 32),
+                            unet_channels=(32, 32, 32), checkpoint_every=2)
+    out = pretrain(tmp_path / "prior", config, progress=False, device="cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.scaling_factor > 0
+    assert json.loads((out / "training" / "timings.json").read_text())["device"] == "cpu"
+    with pytest.raises(DyodError, match="not empty; pass --resume"):
+        pretrain(tmp_path / "prior", config, progress=False, device="cpu")
+    assert pretrain(tmp_path / "prior", config, resume=True, progress=False, device="cpu") == out
