@@ -123,3 +123,25 @@ def test_fuzzed_files_never_stop_the_loader(tmp_path_factory, data, flips, suffi
     assert sorted(names) == sorted(["good.png", f"fuzzed{suffix}"])
     assert all(im.mode == "RGB" and im.width > 0 for im in result.images)
     assert all(s.reason for s in result.skipped)
+
+
+def test_half_precision_sampling_on_a_v_prediction_model_stays_finite(tmp_path, tiny_v_model, shapes):
+    from dyod import SampleConfig
+    from dyod.data import pil_to_tensor
+    from dyod.pipeline import DyodPipeline
+
+    dyod.invert(shapes, tiny_v_model, tmp_path / "run", dyod.InversionConfig(steps=2, batch_size=2), progress=False,
+                device="cpu")
+    dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4), progress=False,
+                   device="cpu")
+    pipe = DyodPipeline.from_run(tmp_path / "run", device="cpu", dtype=torch.float16)
+    assert pipe.prior.unet.dtype == torch.float16
+    from dyod.data import resize_lanczos
+
+    inputs = [resize_lanczos(im, pipe.prior.resolution) for im in load_image_folder(shapes, max_images=2).images]
+    for t0 in (0.6, 1.0):
+        init = pipe.encode(pil_to_tensor(inputs)) if t0 < 1 else None
+        latents = pipe.denoise_from(init, pipe.noise([0, 1]), t0, SampleConfig(num_inference_steps=3))
+        assert latents.dtype == torch.float32 and torch.isfinite(latents).all()  # the DDIM arithmetic stays in fp32
+    images = pipe.sample(1, SampleConfig(t0=0.6, num_inference_steps=3), progress=False)
+    assert all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for im in images)
