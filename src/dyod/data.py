@@ -47,7 +47,7 @@ class ImageFolder:
     def stats(self) -> dict:
         sizes = collections.Counter(f"{w}x{h}" for w, h in (im.size for im in self.images))
         return {
-            "root": str(self.root),
+            "root": str(self.root.resolve()),
             "num_images": len(self.images),
             "resolution": self.resolution,
             "sizes": dict(sizes.most_common(10)),
