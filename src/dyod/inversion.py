@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import load_training_state, save_training_state
 from .config import DataConfig, InversionConfig, from_dict, to_dict, write_json
 from .data import load_image_folder, pil_to_tensor, resize_lanczos
 from .embeddings import (
@@ -129,33 +129,15 @@ def draw_batch(cache: LatentCache, template_ids: torch.Tensor, batch_size: int, 
 
 
 def _save_checkpoint(path: Path, step: int, learned, optimizer, generator, config: InversionConfig, losses) -> None:
-    tensors = {"learned": learned.detach().float().cpu().contiguous(), "generator": generator.get_state()}
-    state = optimizer.state_dict()
-    for i, param_state in state["state"].items():
-        for key, value in param_state.items():
-            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    meta = {"step": str(step), "config": json.dumps(to_dict(config)), "losses": json.dumps(losses[-1000:])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    save_training_state(path, {"learned": learned.float()}, optimizer, generator, step,
+                        {"config": to_dict(config), "losses": losses[-1000:]})
 
 
 def _load_checkpoint(path: Path, learned, optimizer, generator) -> tuple[int, list]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+    step, tensors, meta = load_training_state(path, optimizer, generator, learned.device)
     with torch.no_grad():
         learned.copy_(tensors["learned"].to(learned.device))
-    generator.set_state(tensors["generator"])
-    state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state["state"].setdefault(int(i), {})[name] = value.to(learned.device) if value.ndim else value
-    optimizer.load_state_dict(state)
-    return int(meta["step"]), json.loads(meta.get("losses", "[]"))
+    return step, meta.get("losses", [])
 
 
 def _truncate_log(path: Path, last_step: int) -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_training_state, save_training_state
 from ..config import write_json
 from ..errors import DyodError
 from ..testing import bytes_to_unicode
@@ -113,32 +113,15 @@ def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def _save_state(path: Path, modules: dict, optimizer, step: int, generator: torch.Generator, extra: dict | None = None):
-    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
-    for i, st in optimizer.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tensors["generator"] = generator.get_state()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), **{k: json.dumps(v) for k, v in (extra or {}).items()}})
-    os.replace(tmp, path)
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    save_training_state(path, tensors, optimizer, generator, step, extra)
 
 
 def _load_state(path: Path, modules: dict, optimizer, generator: torch.Generator) -> tuple[int, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+    step, tensors, meta = load_training_state(path, optimizer, generator)
     for name, m in modules.items():
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    state = optimizer.state_dict()
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, k = key.split(".", 2)
-            state["state"].setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict(state)
-    generator.set_state(tensors["generator"])
-    return int(meta["step"]), {k: json.loads(v) for k, v in meta.items() if k != "step"}
+    return step, meta
 
 
 # -- 2. VAE -------------------------------------------------------------------------------------------------------------
