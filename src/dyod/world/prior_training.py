@@ -386,7 +386,8 @@ def write_model_card(model: str | os.PathLike, device: str = "cpu") -> Path:
     save_png(make_grid(tensor_to_pil(images[:48]), 8), work / "samples_single_emoji.png")
     atlas = EmojiAtlas.bundled()
     (work / "text_following.json").write_text(json.dumps(scores | {"emoji": [atlas.names[k] for k in chosen]}, indent=2))
-    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in model.iterdir() if p.is_dir()}
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in model.iterdir()
+             if p.is_dir() and p.name != "training"}
     total_s = timings.get("vae_s", 0) + timings.get("unet_s", 0) + timings.get("render_s", 0)
     lines = [
         "# dyod reference prior (emoji world)",
