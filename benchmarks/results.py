@@ -37,8 +37,10 @@ def main() -> None:
     parser.add_argument("--vae-epochs", type=int, default=40)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--model", default="emoji-prior")
+    parser.add_argument("--t0s", default=",".join(str(t) for t in DEFAULT_T0S), help="comma-separated t0 values")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    t0s = [float(t) for t in args.t0s.split(",")]
 
     started = time.time()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -56,7 +58,7 @@ def main() -> None:
                   progress=False)
         fit_s = time.time() - t
         t = time.time()
-        rows = sweep(run, DEFAULT_T0S, n=args.n_samples, seed=args.seed, config=config, out=results_dir / name,
+        rows = sweep(run, t0s, n=args.n_samples, seed=args.seed, config=config, out=results_dir / name,
                      progress=False)
         sweep_s = time.time() - t
         shutil.copy(data / "dataset.json", results_dir / name / "dataset.json")

@@ -65,7 +65,7 @@ class VAEConfig:
     latent_dim: int = field(128, "size of z", min=1)
     hidden_dims: tuple[int, ...] = field((32, 64, 128, 256, 512), "encoder channels, one stride-2 conv each")
     beta: float = field(1.0, "weight on the KL term (>1: beta-VAE, more disentangled)", min=0.0)
-    kld_weight: float = field(0.0, "extra KL scale; 0 uses PyTorch-VAE's batch/dataset ratio", min=0.0)
+    kld_weight: float = field(0.00025, "weight of the KL term (PyTorch-VAE's vanilla VAE config uses 0.00025)", min=0.0)
     epochs: int = field(100, "passes over the dataset", min=1)
     batch_size: int = field(64, "images per step", min=1)
     learning_rate: float = field(5e-3, "Adam learning rate", min=0.0)

@@ -2,7 +2,7 @@
 
 Conv encoder (stride-2 conv + BatchNorm + LeakyReLU per hidden width) to mu/log-variance, a mirrored transposed-conv
 decoder with a tanh output in [-1, 1]. Loss: MSE reconstruction + beta · kld_weight · KL, with PyTorch-VAE's
-kld_weight = batch size / dataset size by default."""
+kld_weight = 0.00025 by default."""
 
 from __future__ import annotations
 

@@ -68,8 +68,8 @@ def train_vae(
     generator = torch.Generator().manual_seed(config.seed)
     fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(config.seed + 1))
     batch_size = min(config.batch_size, n)
-    # PyTorch-VAE scales the KL by batch / dataset size (M_N); beta > 1 gives the beta-VAE.
-    kl_scale = config.beta * (config.kld_weight or batch_size / n)
+    # PyTorch-VAE weights the KL by kld_weight (0.00025 in its vanilla VAE config); beta > 1 gives the beta-VAE.
+    kl_scale = config.beta * config.kld_weight
 
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "log.jsonl"
