@@ -214,7 +214,6 @@ def bench_training(model: Path, shapes: Shapes, device, dtype, rows: list):
             rows.append({"stage": "dataset prompt", "method": method, "batch": batch,
                          "images_per_s": shapes.iters * batch / m["seconds"], "peak_gib": m["peak_gib"],
                          "unet_tflops_per_image_call": None, "mfu": None})
-            del prior, optimizer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -190,8 +190,8 @@ def cmd_sweep(args) -> None:
 
     out = _prepare_output(Path(args.out), args.overwrite)
     config = config_from_args(args, SampleConfig)
-    rows = sweep(args.run, _t0_list(args.t0s), n=args.n, seed=args.seed, config=config, features=args.features,
-                 inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=_pipeline(args))
+    sweep(args.run, _t0_list(args.t0s), n=args.n, seed=args.seed, config=config, features=args.features,
+          inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=_pipeline(args))
     print((out / "sweep.md").read_text())
     print(f"table, JSON, plot and sample grids in {out}")
 

@@ -98,7 +98,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         f"Dataset: `{config.dataset}`, {config.num_images} images at 64 px (`{data_dir}`). Model: `{model}`.",
         f"Run folder: `{run}`. Samples: {config.num_samples} per row, seeds {seeds[0]}–{seeds[-1]}, DDIM T = "
         f"{config.num_inference_steps}, guidance {config.guidance_scale}.",
-        f"KID × 100 against the dataset with the bundled emoji feature network (mean ± std over 50 subsets).",
+        "KID × 100 against the dataset with the bundled emoji feature network (mean ± std over 50 subsets).",
         "",
         "| sampler | UNet calls | speed-up (T/t0) | s / image | KID × 100 | samples |",
         "|---|---|---|---|---|---|",

@@ -6,7 +6,6 @@ over random subsets (the torchmetrics / torch-fidelity definition). dyod reports
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 

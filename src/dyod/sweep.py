@@ -5,7 +5,6 @@ image initialization (Fig. 5), and the automatic choice of t0 on held-out images
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time

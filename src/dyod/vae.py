@@ -6,7 +6,6 @@ kld_weight = 0.00025 by default."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

@@ -404,7 +404,7 @@ def write_model_card(model: str | os.PathLike, device: str = "cpu") -> Path:
         f"| text encoder | CLIPTextModel, width {config['text_width']}, {config['text_layers']} layers |",
         f"| UNet | UNet2DConditionModel, channels {config['unet_channels']}, ε-prediction, {config['unet_steps']} steps × batch {config['unet_batch_size']}, caption dropout {config['caption_dropout']} |",
         f"| VAE | AutoencoderKL, channels {config['vae_channels']}, {config['vae_steps']} steps × batch {config['vae_batch_size']} |",
-        f"| scheduler | DDIM config (scaled-linear betas 0.00085–0.012, 1000 steps, leading spacing) |",
+        "| scheduler | DDIM config (scaled-linear betas 0.00085–0.012, 1000 steps, leading spacing) |",
         f"| hardware | {timings.get('device')} ({timings.get('threads')} threads), {platform.processor() or platform.machine()} |",
         f"| wall time | {total_s / 60:.1f} min (render {timings.get('render_s')} s, VAE {timings.get('vae_s')} s, UNet {timings.get('unet_s')} s) |",
         f"| weights | {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sizes.items() if v)} |",
