@@ -5,13 +5,19 @@ initialized (UNet 860 M parameters, CLIP text model 768 wide × 12 layers, the S
 downloaded. Prints one table:
 
 1. sampling: dyod's distribution-initialized sampler at t0 = 0.7 on the 50-step schedule vs diffusers'
-   StableDiffusionImg2ImgPipeline (strength 0.7) and StableDiffusionPipeline (50 steps): images/s, peak memory,
-   model FLOP utilization (FLOPs counted with torch.utils.flop_counter);
-2. dataset-prompt training: dyod's step (cached latents, only the new rows trainable, frozen parts in half precision)
-   vs the diffusers textual-inversion example's (VAE encode every step, fp32 text encoder with a trainable table).
+   StableDiffusionImg2ImgPipeline (strength 0.7) and StableDiffusionPipeline (50 steps), guidance 7.5, same batch
+   and dtype: images/s, peak memory, model FLOP utilization (UNet FLOPs counted with torch.utils.flop_counter,
+   over the fp16 matrix-product rate measured in the same run); dyod eager and dyod with ``torch.compile``;
+2. dataset-prompt training: dyod's step (cached latents, only the new rows trainable, frozen UNet in half
+   precision) vs the diffusers textual-inversion example's (frozen fp16 UNet and VAE, VAE encoding every step, fp32
+   text encoder with the whole embedding table trainable, fp16 autocast) at batch 1, 4 and 8;
+3. the other stages' peak memory (encoding the dataset once) and the numerical faithfulness of the fast paths
+   against the fp32 path (relative L2 error of one UNet call and of the 35-step latents).
 
-    python benchmarks/sd15_speed.py              # on a GPU (fp16, 512 px, batch 8)
-    python benchmarks/sd15_speed.py --tiny       # toy shapes on the CPU: the same code paths (used by a test)
+Each method loads its own components and frees them before the next, so a peak is that method's alone.
+
+    python benchmarks/sd15_speed.py                      # on a GPU (fp16, 512 px, batch 8)
+    python benchmarks/sd15_speed.py --tiny               # toy shapes on the CPU: the same code paths (used by a test)
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
+import platform
 import tempfile
 import time
+import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +46,7 @@ class Shapes:
     batch: int
     train_batches: tuple[int, ...]
     iters: int
+    train_iters: int
 
 
 SD15 = Shapes(
@@ -45,7 +56,7 @@ SD15 = Shapes(
               max_position_embeddings=77),
     vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-    batch=8, train_batches=(1, 4, 8), iters=3,
+    batch=8, train_batches=(1, 4, 8), iters=3, train_iters=10,
 )
 TINY = Shapes(
     resolution=16,
@@ -55,11 +66,14 @@ TINY = Shapes(
     text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77),
     vae=dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16,
              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    batch=2, train_batches=(1, 2), iters=1,
+    batch=2, train_batches=(1, 2), iters=1, train_iters=1,
 )
+T0, STEPS, GUIDANCE = 0.7, 50, 7.5
+SAMPLING_CALLS = {"dyod": round(T0 * STEPS), "img2img": int(T0 * STEPS), "txt2img": STEPS}
 
 
-def build_model(folder: Path, shapes: Shapes) -> Path:
+def build_model(folder: Path, shapes: Shapes, device) -> Path:
+    """A randomly initialized SD-shaped model in diffusers layout (fp16 files on a GPU: half the bytes to load)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -68,15 +82,28 @@ def build_model(folder: Path, shapes: Shapes) -> Path:
     write_clip_tokenizer(folder / "tokenizer", model_max_length=77)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tokenizer), 1000), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shapes.text))
+    with torch.device(device):  # initializing 860 M parameters is much faster on the GPU
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tokenizer), 1000), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                            **shapes.text))
+        unet, vae = UNet2DConditionModel(**shapes.unet), AutoencoderKL(**shapes.vae)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**shapes.vae), text_encoder=text, tokenizer=tokenizer, unet=UNet2DConditionModel(**shapes.unet),
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                                 set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if torch.device(device).type == "cuda":
+        pipe.to(torch.float16)
     pipe.save_pretrained(folder)
+    del pipe, unet, vae, text
+    free()
     return folder
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def sync(device):
@@ -89,7 +116,6 @@ def measure(device):
     """Yields a dict that gets seconds and peak memory (GiB, CUDA only) of the block."""
     result = {}
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
@@ -99,25 +125,94 @@ def measure(device):
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def unet_flops(unet, latents, hidden) -> float:
+def matmul_tflops(device, dtype) -> float | None:
+    """The fp16 matrix-product rate of this device, measured now (the MFU denominator)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def count_flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(latents, torch.tensor(500, device=latents.device), encoder_hidden_states=hidden)
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
 
 
-def peak_tflops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("4090", 165.0)):
-        if key in name:
-            return value  # dense fp16/bf16 tensor-core TFLOP/s
-    return None
+class Bench:
+    """Collects rows; each method runs in isolation, and a failing variant becomes a row that says why."""
+
+    def __init__(self, shapes: Shapes, device, dtype, json_path: Path | None, deadline: float):
+        self.shapes, self.device, self.dtype = shapes, device, dtype
+        self.rows: list[dict] = []
+        self.notes: dict = {}
+        self.json_path = json_path
+        self.deadline = deadline
+        self.peak = matmul_tflops(device, dtype)
+
+    def add(self, **row):
+        row.setdefault("error", None)
+        self.rows.append(row)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        print("row:", json.dumps(shown), flush=True)
+        self.save()
+
+    def save(self):
+        if self.json_path:
+            self.json_path.write_text(json.dumps({"notes": self.notes, "rows": self.rows}, indent=2))
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    def run(self, stage: str, method: str, batch: int, setup, iters: int, warmup: int = 1,
+            flops_per_iter: float | None = None, optional: bool = False):
+        """``setup()`` -> (callable, after); time ``iters`` calls after ``warmup`` (the first compiles), then call
+        ``after()`` (untimed extras) if given."""
+        if optional and self.time_left() < 60:
+            self.add(stage=stage, method=method, batch=batch, images_per_s=None, peak_gib=None, mfu=None,
+                     error="skipped: out of time")
+            return None
+        fn = after = None
+        try:
+            start = time.time()
+            fn, after = setup()
+            for _ in range(warmup):
+                fn()
+            sync(self.device)
+            warm_s = time.time() - start
+            with measure(self.device) as m:
+                for _ in range(iters):
+                    out = fn()
+            images_per_s = iters * batch / m["seconds"]
+            mfu = (flops_per_iter * iters / m["seconds"] / 1e12 / self.peak) if flops_per_iter and self.peak else None
+            self.add(stage=stage, method=method, batch=batch, images_per_s=images_per_s, peak_gib=m["peak_gib"],
+                     mfu=mfu, seconds_per_iter=m["seconds"] / iters, setup_and_warmup_s=warm_s)
+            if after is not None:
+                after()
+                self.save()
+            return out
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest of the table
+            traceback.print_exc()
+            self.add(stage=stage, method=method, batch=batch, images_per_s=None, peak_gib=None, mfu=None,
+                     error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            return None
+        finally:
+            del fn, after
+            free()
 
 
-def bench_sampling(model: Path, shapes: Shapes, device, dtype, rows: list):
+# -- sampling ---------------------------------------------------------------------------------------------------------
+def bench_sampling(bench: Bench, model: Path, compile_modes: list[str]):
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     from dyod import SampleConfig
@@ -125,132 +220,333 @@ def bench_sampling(model: Path, shapes: Shapes, device, dtype, rows: list):
     from dyod.prior import load_prior
     from dyod.vae import VanillaVAE
 
+    shapes, device, dtype = bench.shapes, bench.device, bench.dtype
     b = shapes.batch
     prompt = ["a photo of an object"] * b
-    txt2img = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                      requires_safety_checker=False).to(device)
-    txt2img.scheduler = DDIMScheduler.from_config(txt2img.scheduler.config)
-    txt2img.set_progress_bar_config(disable=True)
-    img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)
-    img2img.set_progress_bar_config(disable=True)
     init = torch.rand(b, 3, shapes.resolution, shapes.resolution, generator=torch.Generator().manual_seed(0))
-
-    prior = load_prior(model, device=device, dtype=dtype)
-    dyod = DyodPipeline(prior, None, custom_vae=VanillaVAE(64, 32).to(device).eval(), output_resolution=64)
-    dyod.optimize(compile_unet=device.type == "cuda")
-    config = SampleConfig(t0=0.7, num_inference_steps=50, guidance_scale=7.5, batch_size=b, prompt="a photo of an object")
-
+    config = SampleConfig(t0=T0, num_inference_steps=STEPS, guidance_scale=GUIDANCE, batch_size=b,
+                          prompt="a photo of an object")
     h = shapes.resolution // 8 if shapes is SD15 else shapes.resolution // 2
-    hidden = torch.zeros(2 * b, 77, shapes.unet["cross_attention_dim"], device=device, dtype=dtype)
-    flops_per_call = unet_flops(prior.unet, torch.zeros(2 * b, 4, h, h, device=device, dtype=dtype), hidden)
-    peak = peak_tflops(device)
+    latents_in = torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(1))
+    noise_in = torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(2))
 
-    def run_dyod():
-        return dyod.sample(b, config, seed=0, progress=False)
+    def diffusers_pipe(cls):
+        pipe = cls.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
-    def run_img2img():
-        return img2img(prompt, image=init, strength=0.7, num_inference_steps=50, guidance_scale=7.5, output_type="pt")
+    # FLOPs of one guided UNet call (batch 2b), counted once on an eager UNet.
+    def count():
+        pipe = diffusers_pipe(StableDiffusionPipeline)
+        x = torch.randn(2 * b, 4, h, h, device=device, dtype=dtype)
+        ctx = torch.randn(2 * b, 77, shapes.unet["cross_attention_dim"], device=device, dtype=dtype)
+        with torch.no_grad():
+            flops = count_flops(partial(pipe.unet, x, torch.tensor(500, device=device), encoder_hidden_states=ctx))
+        del pipe
+        free()
+        return flops
 
-    def run_txt2img():
-        return txt2img(prompt, num_inference_steps=50, guidance_scale=7.5, output_type="pt")
+    unet_call = count()
+    bench.notes["unet_tflop_per_image_forward"] = unet_call / (2 * b) / 1e12
 
-    for name, fn, calls in (("dyod t0=0.7", run_dyod, 35), ("diffusers img2img 0.7", run_img2img, 35),
-                            ("diffusers txt2img 50", run_txt2img, 50)):
-        fn()  # warm-up (and compilation)
-        with measure(device) as m:
-            for _ in range(shapes.iters):
-                fn()
-        images_per_s = shapes.iters * b / m["seconds"]
-        achieved = flops_per_call * calls * shapes.iters / m["seconds"] / 1e12
-        rows.append({"stage": "sampling", "method": name, "batch": b, "images_per_s": images_per_s,
-                     "peak_gib": m["peak_gib"], "unet_tflops_per_image_call": flops_per_call / (2 * b) / 1e12,
-                     "mfu": achieved / peak if peak else None})
+    def peer(cls, kwargs):
+        def setup():
+            pipe = diffusers_pipe(cls)
+            return (lambda: pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt",
+                                 **kwargs)), None
+        return setup
+
+    bench.run("sampling", f"diffusers txt2img {STEPS} steps", b, peer(StableDiffusionPipeline, {}), shapes.iters,
+              flops_per_iter=unet_call * SAMPLING_CALLS["txt2img"])
+    bench.run("sampling", f"diffusers img2img strength {T0}", b,
+              peer(StableDiffusionImg2ImgPipeline, {"image": init, "strength": T0}), shapes.iters,
+              flops_per_iter=unet_call * SAMPLING_CALLS["img2img"])
+
+    def dyod_pipe(compile_mode, optimized=True, pipe_dtype=dtype):
+        prior = load_prior(model, device=device, dtype=pipe_dtype)
+        pipe = DyodPipeline(prior, None, custom_vae=VanillaVAE(64, 32).to(device).eval(), output_resolution=64)
+        if optimized:
+            pipe.optimize(compile=compile_mode)
+        return pipe
+
+    latents = {}
+
+    def dyod_setup(compile_mode):
+        def setup():
+            pipe = dyod_pipe(compile_mode)
+
+            def after():
+                # The same fixed x' and ε through the reverse process alone: where the time goes, and the latents
+                # for the faithfulness check against fp32.
+                with measure(device) as m:
+                    for _ in range(shapes.iters):
+                        latents[compile_mode] = pipe.denoise_from(latents_in, noise_in, T0, config).float().cpu()
+                bench.rows[-1]["reverse_process_s_per_iter"] = m["seconds"] / shapes.iters
+
+            # timed: the whole sampler, z -> custom VAE -> Lanczos up -> encode -> DDIM from t0 -> decode -> down
+            return (lambda: pipe.sample(b, config, seed=0, progress=False)), after
+        return setup
+
+    for mode in ["none", *compile_modes]:
+        name = "dyod t0=0.7" + ("" if mode == "none" else f" + torch.compile({mode})")
+        warmup = 1 if mode == "none" else 3  # compile, then CUDA-graph warm-up and recording
+        bench.run("sampling", name, b, dyod_setup(mode), shapes.iters, warmup=warmup,
+                  flops_per_iter=unet_call * SAMPLING_CALLS["dyod"], optional=mode != "none")
+
+    faithfulness(bench, model, dyod_pipe, latents, latents_in, noise_in, config, h)
 
 
-def bench_training(model: Path, shapes: Shapes, device, dtype, rows: list):
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - ref).norm() / ref.norm())
+
+
+def faithfulness(bench: Bench, model, dyod_pipe, latents, latents_in, noise_in, config, h):
+    """fp16 / compiled paths vs the fp32 eager path: one UNet call, and the whole 35-step reverse process."""
+    if bench.time_left() < 60:
+        bench.notes["faithfulness"] = "skipped: out of time"
+        return
+    device, b = bench.device, bench.shapes.batch
+    try:
+        ref_pipe = dyod_pipe("none", optimized=False, pipe_dtype=torch.float32)
+        prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+        x = torch.randn(2 * b, 4, h, h, generator=torch.Generator().manual_seed(3)).to(device)
+        ctx = torch.randn(2 * b, 77, bench.shapes.unet["cross_attention_dim"], generator=torch.Generator().manual_seed(4)).to(device)
+        t = torch.tensor(500, device=device)
+        with torch.no_grad():
+            ref_call = ref_pipe.prior.unet(x, t, encoder_hidden_states=ctx).sample.float().cpu()
+        ref_latents = ref_pipe.denoise_from(latents_in, noise_in, T0, config).float().cpu()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
+        del ref_pipe
+        free()
+        fast = dyod_pipe("none")
+        with torch.no_grad():
+            fast_call = fast.prior.unet(x.to(bench.dtype), t, encoder_hidden_states=ctx.to(bench.dtype)).sample.float().cpu()
+        del fast
+        free()
+        precision = str(bench.dtype).removeprefix("torch.")
+        result = {f"one UNet call, dyod {precision} optimized vs fp32": rel_err(fast_call, ref_call)}
+        for key, value in latents.items():
+            label = "eager" if key == "none" else f"torch.compile({key})"
+            result[f"{round(T0 * STEPS)}-step latents, dyod {precision} {label} vs fp32"] = rel_err(value, ref_latents)
+        bench.notes["faithfulness_relative_l2"] = result
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        bench.notes["faithfulness_relative_l2"] = f"failed: {type(e).__name__}: {e}"
+    bench.save()
+
+
+# -- dataset prompt training ---------------------------------------------------------------------------------------
+def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] = (), train_compile_mode: str = "none",
+                   compiled_only: bool = False):
+    """Eager rows at every batch size (and checkpointing at the largest); ``compiled_only``: the compiled rows."""
+    from diffusers import DDPMScheduler
+
     from dyod.embeddings import add_placeholder_tokens, install_placeholder
-    from dyod.inversion import inversion_loss
+    from dyod.inversion import inversion_loss, resolve_mixed_precision
+    from dyod.performance import new_accelerator, optimize_for_training
     from dyod.prior import load_prior
 
-    for batch in shapes.train_batches:
-        for method in ("dyod", "diffusers example"):
-            prior = load_prior(model, device=device)
-            prior.unet.to(dtype)
-            ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
-            input_ids = prior.tokenizer(["a photo of <s>"] * batch, padding="max_length", max_length=77,
-                                        return_tensors="pt").input_ids.to(device)
+    shapes, device = bench.shapes, bench.device
+    cpu = device.type == "cpu"
+    half = torch.float16 if not cpu else torch.float32
+    res = shapes.resolution
+
+    def common(batch):
+        prior = load_prior(model, device=device)  # fp32 as stored; each method casts what it keeps frozen
+        ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
+        input_ids = prior.tokenizer(["a photo of <s>"] * batch, padding="max_length", max_length=77,
+                                    return_tensors="pt").input_ids.to(device)
+        pixels = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+        return prior, ids, input_ids, pixels
+
+    def dyod_setup(batch, gradient_checkpointing=False, compile_mode="none", flops=None):
+        def setup():
+            accelerator = new_accelerator(mixed_precision=resolve_mixed_precision("auto", "cpu" if cpu else None), cpu=cpu)
+            weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+            prior, ids, input_ids, pixels = common(batch)
+            with torch.no_grad():  # the cache: the frozen VAE encodes the dataset once, then leaves the GPU
+                cached = prior.vae.encode(pixels).latent_dist.mean.float() * prior.scaling_factor
+            prior.vae.to("cpu")
+            emb = install_placeholder(prior.text_encoder, ids[0], torch.zeros(1, prior.embedding_dim))
+            prior.unet.to(device, weight_dtype)
+            optimize_for_training(prior, gradient_checkpointing=gradient_checkpointing, compile_mode=compile_mode)
+            optimizer = torch.optim.AdamW([emb.learned], lr=5e-3)
+            text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
+            text_encoder.train()
             alphas = prior.alphas_cumprod()
-            pixels = torch.rand(batch, 3, shapes.resolution, shapes.resolution, device=device) * 2 - 1
-            if method == "dyod":
-                emb = install_placeholder(prior.text_encoder, ids[0], torch.zeros(1, prior.embedding_dim))
-                params = [emb.learned]
-                prior.vae.to(dtype)
-                with torch.no_grad():
-                    cached = prior.vae.encode(pixels.to(dtype)).latent_dist.mean.float() * prior.scaling_factor
-            else:
-                prior.text_encoder.get_input_embeddings().requires_grad_(True)  # the example trains the whole table
-                params = list(prior.text_encoder.get_input_embeddings().parameters())
-                prior.vae.to(dtype)
-            optimizer = torch.optim.AdamW(params, lr=1e-4)
 
             def step():
-                if method == "dyod":
-                    latents = cached
-                else:
-                    with torch.no_grad():
-                        latents = prior.vae.encode(pixels.to(dtype)).latent_dist.sample().float() * prior.scaling_factor
-                noise = torch.randn_like(latents)
+                noise = torch.randn_like(cached)
                 t = torch.randint(1000, (batch,), device=device)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = inversion_loss(prior, latents, noise, t, input_ids, alphas)
-                loss.backward()
+                with accelerator.autocast():
+                    loss = inversion_loss(prior, cached, noise, t, input_ids, alphas)
+                accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                return loss
 
-            step()
-            with measure(device) as m:
-                for _ in range(shapes.iters):
-                    step()
-            rows.append({"stage": "dataset prompt", "method": method, "batch": batch,
-                         "images_per_s": shapes.iters * batch / m["seconds"], "peak_gib": m["peak_gib"],
-                         "unet_tflops_per_image_call": None, "mfu": None})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            if flops is not None:
+                flops.append(count_flops(step))
+            return step, None
+        return setup
+
+    def peer_setup(batch, flops=None):
+        """diffusers/examples/textual_inversion/textual_inversion.py, one step, as it does it."""
+        def setup():
+            accelerator = new_accelerator(mixed_precision="fp16" if not cpu else "no", cpu=cpu)
+            prior, ids, input_ids, pixels = common(batch)
+            prior.unet.to(device, half)
+            prior.vae.to(device, half)
+            text_encoder = prior.text_encoder
+            text_encoder.get_input_embeddings().requires_grad_(True)  # the example trains the whole table
+            orig = text_encoder.get_input_embeddings().weight.data.clone()
+            optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-3)
+            text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+            text_encoder.train()
+            scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+            keep = torch.ones(len(prior.tokenizer), dtype=torch.bool)
+            keep[ids[0]] = False
+
+            def step():
+                latents = prior.vae.encode(pixels.to(half)).latent_dist.sample().detach() * prior.scaling_factor
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
+                noisy = scheduler.add_noise(latents, noise, t)
+                hidden = text_encoder(input_ids)[0].to(dtype=half)
+                pred = prior.unet(noisy, t, hidden).sample
+                loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():  # only the placeholder row may change
+                    accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[keep] = orig[keep]
+                return loss
+
+            if flops is not None:
+                flops.append(count_flops(step))
+            return step, None
+        return setup
+
+    if compiled_only:
+        for batch in compile_batches:
+            bench.run("dataset prompt", f"dyod + torch.compile({train_compile_mode})", batch,
+                      dyod_setup(batch, compile_mode=train_compile_mode), shapes.train_iters, warmup=3, optional=True)
+        return
+    for batch in shapes.train_batches:
+        peer_flops, dyod_flops = [], []
+        bench.run("dataset prompt", "diffusers example", batch, peer_setup(batch, peer_flops), shapes.train_iters, warmup=2)
+        bench.run("dataset prompt", "dyod", batch, dyod_setup(batch, flops=dyod_flops), shapes.train_iters, warmup=2)
+        for row, flops in ((bench.rows[-2], peer_flops), (bench.rows[-1], dyod_flops)):
+            if flops and row["images_per_s"] and bench.peak:
+                row["mfu"] = flops[0] * row["images_per_s"] / batch / 1e12 / bench.peak
+        if batch == max(shapes.train_batches):
+            bench.run("dataset prompt", "dyod + gradient checkpointing", batch, dyod_setup(batch, gradient_checkpointing=True),
+                      shapes.train_iters, warmup=2, optional=True)
 
 
+def bench_encoding(bench: Bench, model: Path):
+    """Stage 1's one-off pass: the frozen VAE encodes the dataset once, in fp32, 8 images at a time."""
+    from dyod.prior import load_prior
+
+    shapes, device = bench.shapes, bench.device
+    b = shapes.batch
+
+    def setup():
+        prior = load_prior(model, device=device)
+        pixels = torch.rand(b, 3, shapes.resolution, shapes.resolution, device=device) * 2 - 1
+
+        @torch.no_grad()
+        def encode():
+            return prior.vae.encode(pixels).latent_dist.mean
+        return encode, None
+
+    bench.run("encode dataset (once)", "dyod, fp32 VAE", b, setup, shapes.iters)
+
+
+# -- report -------------------------------------------------------------------------------------------------------------
 def table(rows: list) -> str:
-    lines = ["| stage | method | batch | images/s | ratio | peak GiB | MFU |", "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | method | batch | images/s | vs peer | s per batch (reverse process) | peak GiB | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
     peers = {}
     for r in rows:
-        if r["method"].startswith("diffusers"):
-            peers.setdefault((r["stage"], r["batch"]), r["images_per_s"])
+        if r["method"].startswith("diffusers") and r["images_per_s"]:
+            key = (r["stage"], r["batch"])
+            # sampling: the peer dyod replaces is img2img at the same strength
+            if key not in peers or "img2img" in r["method"]:
+                peers[key] = r["images_per_s"]
     for r in rows:
+        if r["images_per_s"] is None:
+            lines.append(f"| {r['stage']} | {r['method']} | {r['batch']} | {r['error']} | | | | |")
+            continue
         peer = peers.get((r["stage"], r["batch"]))
         ratio = f"×{r['images_per_s'] / peer:.2f}" if peer else "-"
         mfu = f"{100 * r['mfu']:.0f} %" if r["mfu"] else "-"
-        lines.append(f"| {r['stage']} | {r['method']} | {r['batch']} | {r['images_per_s']:.2f} | {ratio} | "
-                     f"{r['peak_gib']:.2f} | {mfu} |")
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] == r["peak_gib"] else "-"
+        seconds = f"{r['seconds_per_iter']:.3f}"
+        if r.get("reverse_process_s_per_iter"):
+            seconds += f" ({r['reverse_process_s_per_iter']:.3f})"
+        lines.append(f"| {r['stage']} | {r['method']} | {r['batch']} | {r['images_per_s']:.2f} | {ratio} | {seconds} | "
+                     f"{peak} | {mfu} |")
     return "\n".join(lines)
+
+
+def header(device, dtype, tiny: bool, peak) -> str:
+    import diffusers
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    peak_text = f", fp16 matrix product measured at {peak:.0f} TFLOP/s (the MFU denominator)" if peak else ""
+    return (f"device: {name}, {dtype}, {'tiny shapes' if tiny else 'SD-1.5 shapes, 512 px'}{peak_text}\n"
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy shapes on the CPU (the same code paths)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON")
+    parser.add_argument("--json", default=None, help="also write the rows and notes as JSON (after every row)")
+    parser.add_argument("--compile", default="reduce-overhead",
+                        help="comma-separated torch.compile modes to try for dyod sampling ('' for none; default "
+                             "reduce-overhead; not in --tiny)")
+    parser.add_argument("--train-compile", default="default", help="torch.compile mode for the training row ('none' to skip)")
+    parser.add_argument("--train-compile-batches", default="8",
+                        help="batch sizes that get a compiled training row (default 8; --tiny uses its largest)")
+    parser.add_argument("--budget-s", type=float, default=330, help="skip optional variants past this many seconds")
+    parser.add_argument("--sections", default="sampling,training,encoding")
+    parser.add_argument("--compile-on-cpu", action="store_true", help="--tiny: also run the compiled variants (slow)")
     args = parser.parse_args(argv)
+    start = time.time()
     shapes = TINY if args.tiny else SD15
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    rows: list = []
+    compile_on = not args.tiny or args.compile_on_cpu
+    compile_modes = [m for m in args.compile.split(",") if m and m != "none"] if compile_on else []
+    train_compile = args.train_compile if compile_on else "none"
+    compile_batches = tuple(int(x) for x in args.train_compile_batches.split(",") if x) if train_compile != "none" else ()
+    if args.tiny and compile_batches:
+        compile_batches = (max(shapes.train_batches),)
+    bench = Bench(shapes, device, dtype, Path(args.json) if args.json else None, start + args.budget_s)
+    sections = args.sections.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "sd15-shaped", shapes)
-        bench_sampling(model, shapes, device, dtype, rows)
-        bench_training(model, shapes, device, dtype, rows)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    text = f"device: {name}, dtype {dtype}, {'tiny shapes' if args.tiny else 'SD-1.5 shapes, 512 px'}\n\n{table(rows)}"
+        model = build_model(Path(tmp) / "sd15-shaped", shapes, device)
+        bench.notes["model_build_s"] = time.time() - start
+        if "sampling" in sections:
+            bench_sampling(bench, model, compile_modes)
+        if "training" in sections:
+            bench_training(bench, model)
+        if "encoding" in sections:
+            bench_encoding(bench, model)
+        if "training" in sections and compile_batches:  # last: the longest compile, skipped first when time is short
+            bench_training(bench, model, compile_batches, train_compile, compiled_only=True)
+    bench.notes["wall_s"] = time.time() - start
+    bench.save()
+    text = f"{header(device, dtype, args.tiny, bench.peak)}\n\n{table(bench.rows)}\n\nnotes: {json.dumps(bench.notes, indent=1)}"
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return text
 
 

@@ -10,7 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .config import DataConfig, InversionConfig, SampleConfig, VAEConfig, from_dict, to_dict, write_json
+from .config import (
+    COMPILE_MODES,
+    PRECISIONS,
+    DataConfig,
+    InversionConfig,
+    SampleConfig,
+    VAEConfig,
+    from_dict,
+    to_dict,
+    write_json,
+)
 from .errors import DyodError
 
 logger = logging.getLogger("dyod")
@@ -220,9 +230,16 @@ def cmd_sweep_transform(args) -> None:
 
 
 def _pipeline(args):
-    from .pipeline import DyodPipeline
+    import torch
 
-    return DyodPipeline.from_run(args.run, device=args.device)
+    from .performance import resolve_precision
+    from .pipeline import DyodPipeline, default_device
+
+    device = args.device or default_device()
+    pipe = DyodPipeline.from_run(args.run, device=device, dtype=resolve_precision(args.precision, device))
+    if torch.device(device).type == "cuda" or args.compile != "none":
+        pipe.optimize(compile=args.compile)
+    return pipe
 
 
 def _run_default_t0(args) -> dict:
@@ -386,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder (PNG images, grids, JSON)" + ("" if out_required else " (default: RUN/t0_sweep)"))
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
         p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+        p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="weights of the frozen prior (default auto: fp16 on CUDA, fp32 on the CPU)")
+        p.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                       help="torch.compile the UNet (GPU; reduce-overhead adds CUDA graphs; compiles once per batch size)")
         add_config_flags(p, SampleConfig, skip=skip)
         return p
 

@@ -11,6 +11,9 @@ from typing import Any, TypeVar
 
 C = TypeVar("C")
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the frozen prior when sampling
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def field(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
@@ -50,7 +53,15 @@ class InversionConfig:
     gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step", min=1)
     learning_rate: float = field(5e-3, "AdamW learning rate for the new embedding rows", min=0.0)
     weight_decay: float = field(0.0, "AdamW weight decay on the new rows", min=0.0)
-    mixed_precision: str = field("no", "no | fp16 | bf16 (through Accelerate)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = field(
+        "auto", "auto | no | fp16 | bf16, through Accelerate (auto: bf16 or fp16 on CUDA, no on the CPU)",
+        choices=("auto", "no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = field(False, "recompute UNet activations in the backward pass: less GPU memory, slower")
+    compile_unet: str = field(
+        "none", "torch.compile the frozen UNet: none | default | max-autotune-no-cudagraphs (GPU; compiles once)",
+        choices=("none", "default", "max-autotune-no-cudagraphs"),
+    )
     checkpoint_every: int = field(500, "write a resumable checkpoint every N steps (0: only at the end)", min=0)
     sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")
     latent_cache_max_ram_mb: int = field(1024, "above this size the latent cache lives on disk (memmap)", min=0)

@@ -28,21 +28,32 @@ class GuidedDenoiser:
         self.uncond = uncond
         self.guidance_scale = guidance_scale
         self.calls = 0  # UNet forward passes (a guided step counts once: it is one batched call)
+        self._context: torch.Tensor | None = None
+        self._context_batch = 0
 
     @property
     def do_guidance(self) -> bool:
         return self.guidance_scale > 1.0 and self.uncond is not None
 
+    def context(self, batch: int) -> torch.Tensor:
+        """The text condition for a batch of ``batch`` images: [uncond; cond] with guidance, else cond.
+
+        Built once per batch size and reused at every step (one fixed tensor, which CUDA graphs also want)."""
+        if self._context is None or self._context_batch != batch:
+            dtype = self.unet.dtype
+            cond = self.cond.expand(batch, -1, -1) if self.cond.shape[0] == 1 else self.cond
+            if self.do_guidance:
+                uncond = self.uncond.expand(batch, -1, -1) if self.uncond.shape[0] == 1 else self.uncond
+                cond = torch.cat([uncond, cond])
+            self._context, self._context_batch = cond.to(dtype).contiguous(), batch
+        return self._context
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        batch = x.shape[0]
         dtype = self.unet.dtype
-        cond = self.cond.expand(batch, -1, -1) if self.cond.shape[0] == 1 else self.cond
+        context = self.context(x.shape[0])
         if not self.do_guidance:
-            return self.unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
-        uncond = self.uncond.expand(batch, -1, -1) if self.uncond.shape[0] == 1 else self.uncond
-        out = self.unet(
-            torch.cat([x, x]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)
-        ).sample.float()
+            return self.unet(x.to(dtype), t, encoder_hidden_states=context).sample.float()
+        out = self.unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context).sample.float()
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)

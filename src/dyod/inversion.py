@@ -32,6 +32,7 @@ from .embeddings import (
     uninstall_placeholder,
 )
 from .errors import DyodError
+from .performance import new_accelerator, optimize_for_training
 from .prior import Prior, load_prior
 from .run import Run
 
@@ -149,6 +150,15 @@ def _truncate_log(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def resolve_mixed_precision(mixed_precision: str, device: str | None = None) -> str:
+    """``auto`` trains in bf16 on a CUDA GPU that has it (fp16 on older ones) and in fp32 on the CPU."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device == "cpu" or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def invert(
     data_dir: str | os.PathLike,
     model: str | os.PathLike,
@@ -161,10 +171,8 @@ def invert(
     device: str | None = None,
 ) -> Path:
     """Learn S* for the dataset in ``data_dir`` and write ``out/learned_embeds.safetensors``; return its path."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+    accelerator = new_accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, device),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=device == "cpu",
     )
@@ -204,7 +212,9 @@ def invert(
         prompts, padding="max_length", max_length=prior.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
 
-    prior.unet.to(accelerator.device) if weight_dtype == torch.float32 else prior.unet.to(accelerator.device, weight_dtype)
+    # The frozen UNet in the training precision; the text encoder stays fp32 (its new rows train) under autocast.
+    prior.unet.to(accelerator.device, weight_dtype)
+    optimize_for_training(prior, gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet)
     prior.text_encoder.to(accelerator.device)
     optimizer = torch.optim.AdamW([embedding.learned], lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)

@@ -62,13 +62,16 @@ class DyodPipeline:
         custom_vae = load_vae(run.vae_path, device) if (run.vae_path / "model.safetensors").exists() else None
         return cls(prior, token, num_vectors, custom_vae, run.data_resolution)
 
-    def optimize(self, channels_last: bool = True, compile_unet: bool = False) -> "DyodPipeline":
-        """GPU speed-ups that keep the numbers: channels-last UNet convolutions, optionally ``torch.compile``
-        (the denoising loop has fixed shapes, so it compiles once per batch size)."""
-        if channels_last:
-            self.prior.unet.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.prior.unet = torch.compile(self.prior.unet)
+    def optimize(self, channels_last: bool = True, fuse_projections: bool = True,
+                 compile: str | None = None) -> "DyodPipeline":
+        """GPU speed-ups that keep the numbers up to rounding (``performance.optimize_for_sampling``): channels-last
+        convolutions, fused q/k/v projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet in a
+        mode ("default", "reduce-overhead" for CUDA graphs, "max-autotune"). The denoising loop has fixed shapes,
+        so it compiles once per batch size."""
+        from .performance import optimize_for_sampling
+
+        optimize_for_sampling(self.prior, channels_last=channels_last, fuse_projections=fuse_projections,
+                              compile_mode=compile)
         return self
 
     @property
@@ -131,7 +134,9 @@ class DyodPipeline:
         model = self.denoiser(config)
         noise = noise.to(self.device, torch.float32)
         init = None if init_latents is None else init_latents.to(self.device, torch.float32)
-        x = start_latents(init, noise, schedule, t0)
+        # One memory format whatever x' came from (the autoencoder may be channels-last): a compiled UNet then
+        # sees the same strides every call and compiles once.
+        x = start_latents(init, noise, schedule, t0).contiguous()
         out = sample_ddim(model, x, timesteps, schedule, progress=progress)
         self.last_unet_calls = model.calls
         return out

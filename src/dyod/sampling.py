@@ -131,7 +131,7 @@ def start_latents(x_prime: torch.Tensor | None, noise: torch.Tensor, schedule: S
     if x_prime is None:
         raise DyodError("t0 < 1 needs an initialization x' (a custom-VAE sample or an input image)")
     t_start = int(schedule.start(t0)[0])
-    return q_sample(x_prime, noise, schedule.alpha_cumprod(t_start).to(noise.device))
+    return q_sample(x_prime, noise, schedule.alpha_cumprod(t_start))
 
 
 @torch.no_grad()
@@ -144,13 +144,16 @@ def sample_ddim(
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Run the deterministic reverse process p_phi(x_{0:t0-1} | x_{t0}, c*) over ``timesteps`` (descending)."""
+    # The ᾱ values stay 0-d CPU tensors (CUDA kernels take them as scalars, as in diffusers) and the timesteps move
+    # to the device once: nothing in the loop waits for the GPU, so the host can queue the next step's kernels.
+    timesteps_on_device = timesteps.to(x.device)
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="DDIM", leave=False)):
-        alpha_cumprod = schedule.alpha_cumprod(t).to(x.device)
-        model_output = model(x, torch.tensor(t, device=x.device))
+        alpha_cumprod = schedule.alpha_cumprod(t)
+        model_output = model(x, timesteps_on_device[i])
         x0, eps = predict_x0_and_eps(model_output.to(x.dtype), x, alpha_cumprod, schedule.prediction_type)
         if schedule.clip_sample_range is not None:
             x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
-        x = ddim_step(x0, eps, schedule.alpha_cumprod(schedule.previous_timestep(t)).to(x.device))
+        x = ddim_step(x0, eps, schedule.alpha_cumprod(schedule.previous_timestep(t)))
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x

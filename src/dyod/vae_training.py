@@ -42,9 +42,9 @@ def train_vae(
     device: str | None = None,
 ) -> Path:
     """Train the vanilla VAE on ``data_dir`` and save it to ``out/vae``; return that folder."""
-    from accelerate import Accelerator
+    from .performance import new_accelerator
 
-    accelerator = Accelerator(cpu=device == "cpu")
+    accelerator = new_accelerator(mixed_precision="no", cpu=device == "cpu")
     run = Run.open_or_create(out)
     folder = run.vae_path
     if (folder / "model.safetensors").exists() and not overwrite:
