@@ -342,8 +342,8 @@ def faithfulness(bench: Bench, model, dyod_pipe, latents, latents_in, noise_in, 
 
 # -- dataset prompt training ---------------------------------------------------------------------------------------
 def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] = (), train_compile_mode: str = "none",
-                   compiled_only: bool = False):
-    """Eager rows at every batch size (and checkpointing at the largest); ``compiled_only``: the compiled rows."""
+                   part: str = "eager"):
+    """``part``: "eager" rows at every batch size, "compiled" rows, or the "checkpointing" row at the largest."""
     from diffusers import DDPMScheduler
 
     from dyod.embeddings import add_placeholder_tokens, install_placeholder
@@ -432,7 +432,12 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
             return step, None
         return setup
 
-    if compiled_only:
+    if part == "checkpointing":
+        batch = max(shapes.train_batches)
+        bench.run("dataset prompt", "dyod + gradient checkpointing", batch, dyod_setup(batch, gradient_checkpointing=True),
+                  shapes.train_iters, warmup=2, optional=True)
+        return
+    if part == "compiled":
         for batch in compile_batches:
             bench.run("dataset prompt", f"dyod + torch.compile({train_compile_mode})", batch,
                       dyod_setup(batch, compile_mode=train_compile_mode), shapes.train_iters, warmup=3, optional=True)
@@ -444,9 +449,6 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
         for row, flops in ((bench.rows[-2], peer_flops), (bench.rows[-1], dyod_flops)):
             if flops and row["images_per_s"] and bench.peak:
                 row["mfu"] = flops[0] * row["images_per_s"] / batch / 1e12 / bench.peak
-        if batch == max(shapes.train_batches):
-            bench.run("dataset prompt", "dyod + gradient checkpointing", batch, dyod_setup(batch, gradient_checkpointing=True),
-                      shapes.train_iters, warmup=2, optional=True)
 
 
 def bench_encoding(bench: Bench, model: Path):
@@ -513,7 +515,8 @@ def main(argv=None) -> str:
     parser.add_argument("--compile", default="reduce-overhead",
                         help="comma-separated torch.compile modes to try for dyod sampling ('' for none; default "
                              "reduce-overhead; not in --tiny)")
-    parser.add_argument("--train-compile", default="default", help="torch.compile mode for the training row ('none' to skip)")
+    parser.add_argument("--train-compile", default="reduce-overhead",
+                        help="torch.compile mode for the training row (default reduce-overhead; 'none' to skip)")
     parser.add_argument("--train-compile-batches", default="8",
                         help="batch sizes that get a compiled training row (default 8; --tiny uses its largest)")
     parser.add_argument("--budget-s", type=float, default=330, help="skip optional variants past this many seconds")
@@ -539,10 +542,12 @@ def main(argv=None) -> str:
             bench_sampling(bench, model, compile_modes)
         if "training" in sections:
             bench_training(bench, model)
+            if compile_batches:
+                bench_training(bench, model, compile_batches, train_compile, part="compiled")
         if "encoding" in sections:
             bench_encoding(bench, model)
-        if "training" in sections and compile_batches:  # last: the longest compile, skipped first when time is short
-            bench_training(bench, model, compile_batches, train_compile, compiled_only=True)
+        if "training" in sections:  # optional, last: skipped first when time is short
+            bench_training(bench, model, part="checkpointing")
     bench.notes["wall_s"] = time.time() - start
     bench.save()
     text = f"{header(device, dtype, args.tiny, bench.peak)}\n\n{table(bench.rows)}\n\nnotes: {json.dumps(bench.notes, indent=1)}"

@@ -20,8 +20,8 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         ("sampling", "dyod t0=0.7", "2"),
         ("dataset prompt", "diffusers example", "1"), ("dataset prompt", "dyod", "1"),
         ("dataset prompt", "diffusers example", "2"), ("dataset prompt", "dyod", "2"),
-        ("dataset prompt", "dyod + gradient checkpointing", "2"),
         ("encode dataset (once)", "dyod, fp32 VAE", "2"),
+        ("dataset prompt", "dyod + gradient checkpointing", "2"),
     ]
     for c in cells:  # every row measured; sampling and training rows carry a ratio against their diffusers peer
         assert float(c[3]) > 0

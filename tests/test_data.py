@@ -88,3 +88,16 @@ def test_tensor_round_trip_and_lanczos_resize():
     assert up.shape == (1, 3, 24, 24)
     assert (up - ref).abs().max() < 3 / 127.5  # the same filter, without 8-bit rounding
     assert torch.equal(lanczos_resize_tensor(x, 12), x)
+
+
+@pytest.mark.parametrize("size,out", [(12, 24), (64, 512), (512, 64), (30, 17), (17, 30)])
+def test_lanczos_resize_is_pil_float_resize(size, out):
+    """The matrix form computes exactly what PIL's "F"-mode Lanczos computes, up and down (with anti-aliasing)."""
+    x = torch.from_numpy(np.random.default_rng(size).standard_normal((2, 3, size, size)).astype(np.float32))
+    ours = lanczos_resize_tensor(x, out)
+    ref = torch.stack([
+        torch.stack([torch.from_numpy(np.array(Image.fromarray(c.numpy(), "F").resize((out, out), Image.Resampling.LANCZOS)))
+                     for c in image])
+        for image in x
+    ])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)

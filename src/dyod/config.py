@@ -59,8 +59,8 @@ class InversionConfig:
     )
     gradient_checkpointing: bool = field(False, "recompute UNet activations in the backward pass: less GPU memory, slower")
     compile_unet: str = field(
-        "none", "torch.compile the frozen UNet: none | default | max-autotune-no-cudagraphs (GPU; compiles once)",
-        choices=("none", "default", "max-autotune-no-cudagraphs"),
+        "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs) (GPU; compiles once)",
+        choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
     )
     checkpoint_every: int = field(500, "write a resumable checkpoint every N steps (0: only at the end)", min=0)
     sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")

@@ -172,15 +172,30 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in x]
 
 
+def lanczos_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """[out_size, in_size] float64 resampling matrix of PIL's Lanczos filter (``precompute_coeffs`` in PIL's
+    Resample.c): a = 3 taps widened by the scale when shrinking (anti-aliasing), each row normalized to sum 1."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = 3.0 * filter_scale
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        x = (torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) / filter_scale
+        w = torch.where((x >= -3) & (x < 3), torch.sinc(x) * torch.sinc(x / 3), torch.zeros_like(x))
+        weights[i, lo:hi] = w / w.sum() if w.sum() != 0 else w
+    return weights
+
+
 def lanczos_resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Lanczos resize of a [B, C, H, W] float tensor, per channel in PIL's float mode (no 8-bit rounding)."""
+    """Lanczos resize of a [B, C, H, W] float tensor on its own device, as PIL resizes a float ("F") image:
+    the horizontal pass, rounded to float32, then the vertical pass, each a product with ``lanczos_weights``."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    out = []
-    for image in x.detach().float().cpu():
-        channels = [
-            np.asarray(Image.fromarray(c.numpy(), "F").resize((size, size), Image.Resampling.LANCZOS))
-            for c in image
-        ]
-        out.append(torch.from_numpy(np.stack(channels)))
-    return torch.stack(out).to(device=x.device, dtype=x.dtype)
+    dtype = x.dtype
+    wx = lanczos_weights(x.shape[-1], size).to(x.device)
+    wy = lanczos_weights(x.shape[-2], size).to(x.device)
+    rows = (x.double() @ wx.T).float()  # [B, C, H, size]
+    return (wy @ rows.double()).float().to(dtype)  # [B, C, size, size]

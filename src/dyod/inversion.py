@@ -110,8 +110,12 @@ def inversion_loss(prior: Prior, latents, noise, timesteps, input_ids, alphas_cu
     """Eq. 7 for one batch: the diffusion loss with the text condition c(v)."""
     ab = alphas_cumprod.to(latents.device)[timesteps].float()
     noisy = ab.sqrt().view(-1, 1, 1, 1) * latents + (1 - ab).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 4
-    hidden = prior.text_encoder(input_ids)[0]
-    pred = prior.unet(noisy.to(prior.unet.dtype), timesteps, encoder_hidden_states=hidden.to(prior.unet.dtype)).sample
+    hidden = prior.text_encoder(input_ids)[0]  # under autocast when training in mixed precision
+    dtype = prior.unet.dtype
+    # The frozen UNet runs in its own precision (half when training mixed): autocast would redo its casts at every
+    # op and run its norms in fp32, for more memory and time and no benefit to the gradient reaching S*.
+    with torch.autocast(latents.device.type, enabled=False):
+        pred = prior.unet(noisy.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype)).sample
     target = diffusion_loss_target(latents, noise, ab, prior.prediction_type)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 

@@ -142,8 +142,8 @@ class DyodPipeline:
         return out
 
     def _to_output(self, images: torch.Tensor, size: int | None) -> list[Image.Image]:
-        size = size or self.output_resolution
-        return [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.LANCZOS) for im in tensor_to_pil(images)]
+        """Lanczos to the output size where the images are (in float), then 8-bit PIL images."""
+        return tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
 
     def _batched(self, n: int, config: SampleConfig, progress: bool, fn) -> list[Image.Image]:
         out = []
