@@ -226,7 +226,7 @@ def bench_sampling(bench: Bench, model: Path, compile_modes: list[str]):
     init = torch.rand(b, 3, shapes.resolution, shapes.resolution, generator=torch.Generator().manual_seed(0))
     config = SampleConfig(t0=T0, num_inference_steps=STEPS, guidance_scale=GUIDANCE, batch_size=b,
                           prompt="a photo of an object")
-    h = shapes.resolution // 8 if shapes is SD15 else shapes.resolution // 2
+    h = shapes.resolution // 2 ** (len(shapes.vae["block_out_channels"]) - 1)  # latent side
     latents_in = torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(1))
     noise_in = torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(2))
 
@@ -521,10 +521,13 @@ def main(argv=None) -> str:
                         help="batch sizes that get a compiled training row (default 8; --tiny uses its largest)")
     parser.add_argument("--budget-s", type=float, default=330, help="skip optional variants past this many seconds")
     parser.add_argument("--sections", default="sampling,training,encoding")
+    parser.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 1,4,8)")
     parser.add_argument("--compile-on-cpu", action="store_true", help="--tiny: also run the compiled variants (slow)")
     args = parser.parse_args(argv)
     start = time.time()
     shapes = TINY if args.tiny else SD15
+    if args.train_batches:
+        shapes = dataclasses.replace(shapes, train_batches=tuple(int(x) for x in args.train_batches.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     compile_on = not args.tiny or args.compile_on_cpu

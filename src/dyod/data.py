@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -172,6 +173,7 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in x]
 
 
+@functools.lru_cache(maxsize=32)
 def lanczos_weights(in_size: int, out_size: int) -> torch.Tensor:
     """[out_size, in_size] float64 resampling matrix of PIL's Lanczos filter (``precompute_coeffs`` in PIL's
     Resample.c): a = 3 taps widened by the scale when shrinking (anti-aliasing), each row normalized to sum 1."""
@@ -195,7 +197,7 @@ def lanczos_resize_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     dtype = x.dtype
-    wx = lanczos_weights(x.shape[-1], size).to(x.device)
+    wx = lanczos_weights(x.shape[-1], size).to(x.device)  # built once per size pair (a Python loop over rows)
     wy = lanczos_weights(x.shape[-2], size).to(x.device)
     rows = (x.double() @ wx.T).float()  # [B, C, H, size]
     return (wy @ rows.double()).float().to(dtype)  # [B, C, size, size]
