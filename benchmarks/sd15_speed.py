@@ -347,8 +347,8 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
     from diffusers import DDPMScheduler
 
     from dyod.embeddings import add_placeholder_tokens, install_placeholder
-    from dyod.inversion import inversion_loss, resolve_mixed_precision
-    from dyod.performance import new_accelerator, optimize_for_training
+    from dyod.inversion import inversion_loss
+    from dyod.performance import new_accelerator, optimize_for_training, resolve_mixed_precision
     from dyod.prior import load_prior
 
     shapes, device = bench.shapes, bench.device

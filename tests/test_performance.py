@@ -11,6 +11,7 @@ from dyod.performance import (
     check_compile_mode,
     new_accelerator,
     optimize_for_training,
+    resolve_mixed_precision,
     resolve_precision,
 )
 from dyod.pipeline import DyodPipeline
@@ -23,6 +24,8 @@ def test_precision_and_compile_mode_are_checked():
     assert resolve_precision("bf16", "cpu") == torch.bfloat16
     with pytest.raises(DyodError, match="--precision must be one of"):
         resolve_precision("fp8", "cpu")
+    assert resolve_mixed_precision("auto", "cpu") == "no"  # training on the CPU stays fp32
+    assert resolve_mixed_precision("fp16", "cpu") == "fp16"  # an explicit choice is kept
     assert check_compile_mode("none") is None
     assert check_compile_mode("reduce-overhead") == "reduce-overhead"
     with pytest.raises(DyodError, match="--compile must be one of"):

@@ -32,7 +32,7 @@ from .embeddings import (
     uninstall_placeholder,
 )
 from .errors import DyodError
-from .performance import new_accelerator, optimize_for_training
+from .performance import new_accelerator, optimize_for_training, resolve_mixed_precision
 from .prior import Prior, load_prior
 from .run import Run
 
@@ -152,15 +152,6 @@ def _truncate_log(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
-
-
-def resolve_mixed_precision(mixed_precision: str, device: str | None = None) -> str:
-    """``auto`` trains in bf16 on a CUDA GPU that has it (fp16 on older ones) and in fp32 on the CPU."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    if device == "cpu" or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def invert(

@@ -15,6 +15,7 @@ from .errors import DyodError
 
 logger = logging.getLogger(__name__)
 
+
 def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype:
     """``auto``: fp16 on CUDA (what Stable Diffusion is run in), fp32 elsewhere (CPU half convolutions are slow)."""
     if precision not in PRECISIONS:
@@ -22,6 +23,15 @@ def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype
     if precision == "auto":
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def resolve_mixed_precision(mixed_precision: str, device: str | None = None) -> str:
+    """Training's ``auto``: bf16 on a CUDA GPU that has it (fp16 on older ones), fp32 ("no") on the CPU."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device == "cpu" or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def check_compile_mode(mode: str | None) -> str | None:
