@@ -209,7 +209,8 @@ def invert(
 
     # The frozen UNet in the training precision; the text encoder stays fp32 (its new rows train) under autocast.
     prior.unet.to(accelerator.device, weight_dtype)
-    optimize_for_training(prior, gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet)
+    optimize_for_training(prior, channels_last=accelerator.device.type == "cuda",  # CPU convolutions: as they were
+                          gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet)
     prior.text_encoder.to(accelerator.device)
     optimizer = torch.optim.AdamW([embedding.learned], lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
