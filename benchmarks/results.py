@@ -84,6 +84,10 @@ def main() -> None:
     t0s = [float(t) for t in args.t0s.split(",")]
 
     started = time.time()
+    try:  # the commit whose code runs (taken now: the tree may move on while this runs)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
     shutil.rmtree(args.work, ignore_errors=True)
     results_dir = args.out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -124,10 +128,6 @@ def main() -> None:
             grids, "",
         ]
     wall = time.time() - started
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     head = [
         "# Results: DYOD on the bundled datasets with the bundled reference prior", "",
         f"Measured {time.strftime('%Y-%m-%d')} at commit {commit} on {platform.machine()}, {os.cpu_count()} CPUs, "
