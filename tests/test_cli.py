@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -41,6 +42,19 @@ def test_sample_records_start_and_unet_calls(cli_run, tmp_path):
     assert sorted(p.name for p in out.glob("seed-*.png")) == ["seed-000005.png", "seed-000006.png", "seed-000007.png"]
     assert Image.open(out / "seed-000005.png").size == (32, 32)
     assert (out / "grid.png").exists()
+
+
+def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_path):
+    """--precision bf16 on the CPU: the same images as fp32 up to bf16 rounding (a few 8-bit levels at most)."""
+    images = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["sample", str(cli_run), "--t0", "0.5", "-n", "2", "--out", str(out), "--num-inference-steps", "6",
+                     "--device", "cpu", "--precision", precision]) == 0
+        images[precision] = [np.asarray(Image.open(f), dtype=np.int16) for f in sorted(out.glob("seed-*.png"))]
+    diffs = [np.abs(a - b).mean() for a, b in zip(images["fp32"], images["bf16"])]
+    assert len(diffs) == 2 and all(d < 8 for d in diffs)
+    assert any(d > 0 for d in diffs)  # the flag took effect: bf16 rounds differently
 
 
 def test_transform_interpolate_traverse(cli_run, shapes, tmp_path):
