@@ -66,7 +66,7 @@ def diagnose(run: Path, best_t0: float, n: int, seed: int, config: SampleConfig)
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"))
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--t0s", default=",".join(str(t) for t in DEFAULT_T0S), help="comma-separated t0 values")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diagnosis", action="store_true", help="skip the per-dataset diagnosis rows")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     t0s = [float(t) for t in args.t0s.split(",")]
 
     started = time.time()
@@ -132,7 +132,7 @@ def main() -> None:
         "# Results: DYOD on the bundled datasets with the bundled reference prior", "",
         f"Measured {time.strftime('%Y-%m-%d')} at commit {commit} on {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU. Total wall time {wall / 60:.1f} min.", "",
-        "Command: `" + " ".join([".venv/bin/python", "benchmarks/results.py", *sys.argv[1:]]) + "`", "",
+        "Command: `" + " ".join([".venv/bin/python", "benchmarks/results.py", *(sys.argv[1:] if argv is None else argv)]) + "`", "",
         f"Setup: prior `{args.model}` (see its MODEL_CARD.md); dataset prompt {args.inversion_steps} steps × batch 8; "
         f"custom VAE {args.vae_epochs} epochs, z of 32; DDIM T = 50, guidance {args.guidance_scale}, prompt \"a photo of S*\"; "
         f"{args.n_samples} samples per column, seeds {args.seed}–{args.seed + args.n_samples - 1}; KID × 100 with the "

@@ -1,4 +1,4 @@
-"""The SD-1.5 speed benchmark runs its code paths at toy shapes on the CPU, so it cannot rot."""
+"""The benchmark scripts run their code paths at toy settings on the CPU, so they cannot rot."""
 
 import importlib.util
 import json
@@ -6,12 +6,17 @@ import sys
 from pathlib import Path
 
 
-def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sd15_speed.py"
-    spec = importlib.util.spec_from_file_location("sd15_speed", path)
+def load_script(name: str):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
+    module = load_script("sd15_speed")
     text = module.main(["--tiny", "--json", str(tmp_path / "rows.json")])
     lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
@@ -32,3 +37,22 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     notes = json.loads((tmp_path / "rows.json").read_text())["notes"]
     errors = notes["faithfulness_relative_l2"]
     assert errors and all(0 <= e < 1e-4 for e in errors.values())
+
+
+def test_results_page_script_runs_small(tmp_path):
+    """benchmarks/results.py end to end at toy settings: the summary, Table 1, the diagnosis, and the hand-written
+    findings carried into the page."""
+    module = load_script("results")
+    out = tmp_path / "docs"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "findings.md").write_text("## Findings\n\nwritten by hand\n")
+    module.main(["--datasets", "faces", "--n-images", "24", "--n-samples", "6", "--inversion-steps", "2",
+                 "--vae-epochs", "1", "--t0s", "0.5,1.0", "--out", str(out), "--work", str(tmp_path / "work")])
+    page = (out / "RESULTS.md").read_text()
+    assert "| faces | 0.5 |" in page  # the summary row: the only DYOD t0 is the best one
+    assert "## Findings\n\nwritten by hand" in page
+    assert "prior + S* (t0 = T)" in page and "the floor of any t0" in page
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert [row["dataset"] for row in summary] == ["faces"]
+    assert len(summary[0]["diagnosis"]) == 5  # floor, VAE through the autoencoder, two guidance scales, no S*
+    assert all(d["kid_x100"] == d["kid_x100"] for d in summary[0]["diagnosis"])  # no NaN
