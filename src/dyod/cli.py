@@ -230,16 +230,9 @@ def cmd_sweep_transform(args) -> None:
 
 
 def _pipeline(args):
-    import torch
+    from .pipeline import DyodPipeline
 
-    from .performance import resolve_precision
-    from .pipeline import DyodPipeline, default_device
-
-    device = args.device or default_device()
-    pipe = DyodPipeline.from_run(args.run, device=device, dtype=resolve_precision(args.precision, device))
-    if torch.device(device).type == "cuda" or args.compile != "none":
-        pipe.optimize(compile=args.compile)
-    return pipe
+    return DyodPipeline.for_sampling(args.run, device=args.device, precision=args.precision, compile=args.compile)
 
 
 def _run_default_t0(args) -> dict:

@@ -68,7 +68,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     features = EmojiFeatures.bundled()
     data_images = load_image_folder(data_dir).images
     data_features = features(data_images)
-    pipe = DyodPipeline.from_run(run)
+    pipe = DyodPipeline.for_sampling(run)
     seeds = list(range(config.seed, config.seed + config.num_samples))
 
     rows = []

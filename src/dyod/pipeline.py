@@ -62,6 +62,20 @@ class DyodPipeline:
         custom_vae = load_vae(run.vae_path, device) if (run.vae_path / "model.safetensors").exists() else None
         return cls(prior, token, num_vectors, custom_vae, run.data_resolution)
 
+    @classmethod
+    def for_sampling(cls, run: str | os.PathLike | Run, device: str | None = None, precision: str = "auto",
+                     compile: str | None = None) -> "DyodPipeline":
+        """``from_run`` with the sampling defaults of the command line: the prior in ``precision`` (auto: fp16 on
+        CUDA, fp32 on the CPU) and, on CUDA or when ``compile`` is given, ``optimize()``."""
+        from .performance import check_compile_mode, resolve_precision
+
+        device = device or default_device()
+        pipe = cls.from_run(run, device=device, dtype=resolve_precision(precision, device))
+        compile = check_compile_mode(compile)
+        if torch.device(device).type == "cuda" or compile is not None:
+            pipe.optimize(compile=compile)
+        return pipe
+
     def optimize(self, channels_last: bool = True, fuse_projections: bool = True,
                  compile: str | None = None) -> "DyodPipeline":
         """GPU speed-ups that keep the numbers up to rounding (``performance.optimize_for_sampling``): channels-last

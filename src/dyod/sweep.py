@@ -60,7 +60,7 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
         raise DyodError(f"-n must be >= 2 for KID, got {n}")
     extractor = feature_extractor(features, inception_weights)
     ref_features = extractor(reference_images(run, reference, ref_dir))
-    pipe = pipe or DyodPipeline.from_run(run)
+    pipe = pipe or DyodPipeline.for_sampling(run)
     seeds = list(range(seed, seed + n))
     out = Path(out) if out else None
     rows: list[SweepRow] = []
@@ -184,7 +184,7 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
     from .pipeline import DyodPipeline
 
     run = run if isinstance(run, Run) else Run.open(run)
-    pipe = pipe or DyodPipeline.from_run(run)
+    pipe = pipe or DyodPipeline.for_sampling(run)
     extractor = feature_extractor("emoji")
     ref_features = extractor(reference_images(run))
     if baseline_prompt is None:
