@@ -341,95 +341,131 @@ def faithfulness(bench: Bench, model, dyod_pipe, latents, latents_in, noise_in, 
 
 
 # -- dataset prompt training ---------------------------------------------------------------------------------------
-def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] = (), train_compile_mode: str = "none",
-                   part: str = "eager"):
-    """``part``: "eager" rows at every batch size, "compiled" rows, or the "checkpointing" row at the largest."""
+def _training_parts(model: Path, batch: int, device, half: torch.dtype):
+    """Frozen parts in half precision as both methods keep them (and as stored: quicker to load), the text encoder
+    fp32 as both train it, a placeholder token, prompts and a batch of images."""
+    from dyod.embeddings import add_placeholder_tokens
+    from dyod.prior import load_prior
+
+    prior = load_prior(model, device=device, dtype=half)
+    prior.text_encoder.float()
+    ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
+    input_ids = prior.tokenizer(["a photo of <s>"] * batch, padding="max_length", max_length=77,
+                                return_tensors="pt").input_ids.to(device)
+    res = prior.resolution
+    pixels = torch.rand(batch, 3, res, res, device=device, generator=torch.Generator(device).manual_seed(0)) * 2 - 1
+    return prior, ids, input_ids, pixels
+
+
+def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed_precision: str,
+                       gradient_checkpointing: str = "none", compile_mode: str = "none", store_text_linears: bool = True):
+    """dyod's dataset-prompt step as ``dyod invert`` sets it up: latents cached (the VAE leaves the device), only the
+    new row trainable, the frozen UNet in the training precision outside autocast, the text encoder's frozen linear
+    layers in the autocast precision (``store_text_linears=False``: in fp32, as before). Returns ``step() -> loss``
+    with ``step.on_device`` (the modules left on the device) and ``step.optimizer``."""
+    from dyod.embeddings import install_placeholder
+    from dyod.inversion import inversion_loss
+    from dyod.performance import new_accelerator, optimize_for_training
+
+    accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    prior, ids, input_ids, pixels = _training_parts(model, batch, device, half)
+    with torch.no_grad():  # the cache: the frozen VAE encodes the dataset once, then leaves the device
+        cached = prior.vae.float().encode(pixels).latent_dist.mean.float() * prior.scaling_factor
+    prior.vae.to("cpu")
+    del pixels
+    emb = install_placeholder(prior.text_encoder, ids[0], torch.zeros(1, prior.embedding_dim))
+    prior.unet.to(device, weight_dtype)
+    optimize_for_training(prior, channels_last=device.type == "cuda", gradient_checkpointing=gradient_checkpointing,
+                          compile_mode=compile_mode, autocast_dtype=weight_dtype if store_text_linears else None)
+    optimizer = torch.optim.AdamW([emb.learned], lr=5e-3)
+    text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
+    text_encoder.train()
+    alphas = prior.alphas_cumprod()
+
+    def step():
+        noise = torch.randn_like(cached)
+        t = torch.randint(1000, (batch,), device=device)
+        with accelerator.autocast():
+            loss = inversion_loss(prior, cached, noise, t, input_ids, alphas)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    step.on_device, step.optimizer = (prior.unet, prior.text_encoder), optimizer
+    return step
+
+
+def peer_training_step(model: Path, batch: int, device, half: torch.dtype, mixed_precision: str):
+    """diffusers/examples/textual_inversion/textual_inversion.py, one step, as it does it: frozen half UNet and VAE,
+    the VAE encoding every step, the fp32 text encoder with the whole table trainable and restored after each step."""
     from diffusers import DDPMScheduler
 
-    from dyod.embeddings import add_placeholder_tokens, install_placeholder
-    from dyod.inversion import inversion_loss
-    from dyod.performance import new_accelerator, optimize_for_training, resolve_mixed_precision
-    from dyod.prior import load_prior
+    from dyod.performance import new_accelerator
+
+    accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    prior, ids, input_ids, pixels = _training_parts(model, batch, device, half)
+    prior.unet.to(device, half)
+    prior.vae.to(device, half)
+    text_encoder = prior.text_encoder
+    text_encoder.get_input_embeddings().requires_grad_(True)  # the example trains the whole table
+    orig = text_encoder.get_input_embeddings().weight.data.clone()
+    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-3)
+    text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+    text_encoder.train()
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    keep = torch.ones(len(prior.tokenizer), dtype=torch.bool)
+    keep[ids[0]] = False
+
+    def step():
+        latents = prior.vae.encode(pixels.to(half)).latent_dist.sample().detach() * prior.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        hidden = text_encoder(input_ids)[0].to(dtype=half)
+        pred = prior.unet(noisy, t, hidden).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # only the placeholder row may change
+            accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[keep] = orig[keep]
+        return loss
+
+    step.on_device, step.optimizer = (prior.unet, prior.vae, prior.text_encoder), optimizer
+    step.extra_bytes = orig.numel() * orig.element_size()  # the copy of the table it restores from
+    return step
+
+
+def checkpointing_label(levels: str) -> str:
+    return "all blocks" if levels == "all" else f"{levels} finest level{'s' if levels != '1' else ''}"
+
+
+def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] = (), train_compile_mode: str = "none",
+                   part: str = "eager", checkpointing: tuple[str, ...] = ("2",),
+                   compile_checkpointing: tuple[str, ...] = ("none",)):
+    """``part``: "eager" rows at every batch size, "compiled" rows (one per ``compile_checkpointing`` setting), or the
+    "checkpointing" rows (one per ``checkpointing`` setting) at the largest batch."""
+    from dyod.performance import resolve_mixed_precision
 
     shapes, device = bench.shapes, bench.device
     cpu = device.type == "cpu"
     half = torch.float16 if not cpu else torch.float32
-    res = shapes.resolution
+    dyod_precision = resolve_mixed_precision("auto", "cpu" if cpu else None)  # bf16 on GPUs that have it
+    peer_precision = "fp16" if not cpu else "no"
 
-    def common(batch):
-        # Frozen parts in half precision as both methods keep them (and as stored: quicker to load); the text
-        # encoder fp32 as both train it.
-        prior = load_prior(model, device=device, dtype=half)
-        prior.text_encoder.float()
-        ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
-        input_ids = prior.tokenizer(["a photo of <s>"] * batch, padding="max_length", max_length=77,
-                                    return_tensors="pt").input_ids.to(device)
-        pixels = torch.rand(batch, 3, res, res, device=device) * 2 - 1
-        return prior, ids, input_ids, pixels
-
-    def dyod_setup(batch, gradient_checkpointing=False, compile_mode="none", flops=None):
+    def dyod_setup(batch, flops=None, **options):
         def setup():
-            accelerator = new_accelerator(mixed_precision=resolve_mixed_precision("auto", "cpu" if cpu else None), cpu=cpu)
-            weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-            prior, ids, input_ids, pixels = common(batch)
-            with torch.no_grad():  # the cache: the frozen VAE encodes the dataset once, then leaves the GPU
-                cached = prior.vae.float().encode(pixels).latent_dist.mean.float() * prior.scaling_factor
-            prior.vae.to("cpu")
-            emb = install_placeholder(prior.text_encoder, ids[0], torch.zeros(1, prior.embedding_dim))
-            prior.unet.to(device, weight_dtype)
-            optimize_for_training(prior, gradient_checkpointing=gradient_checkpointing, compile_mode=compile_mode)
-            optimizer = torch.optim.AdamW([emb.learned], lr=5e-3)
-            text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
-            text_encoder.train()
-            alphas = prior.alphas_cumprod()
-
-            def step():
-                noise = torch.randn_like(cached)
-                t = torch.randint(1000, (batch,), device=device)
-                with accelerator.autocast():
-                    loss = inversion_loss(prior, cached, noise, t, input_ids, alphas)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss
-
+            step = dyod_training_step(model, batch, device, half, dyod_precision, **options)
             if flops is not None:
                 flops.append(count_flops(step))
             return step, None
         return setup
 
     def peer_setup(batch, flops=None):
-        """diffusers/examples/textual_inversion/textual_inversion.py, one step, as it does it."""
         def setup():
-            accelerator = new_accelerator(mixed_precision="fp16" if not cpu else "no", cpu=cpu)
-            prior, ids, input_ids, pixels = common(batch)
-            prior.unet.to(device, half)
-            prior.vae.to(device, half)
-            text_encoder = prior.text_encoder
-            text_encoder.get_input_embeddings().requires_grad_(True)  # the example trains the whole table
-            orig = text_encoder.get_input_embeddings().weight.data.clone()
-            optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-3)
-            text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
-            text_encoder.train()
-            scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-            keep = torch.ones(len(prior.tokenizer), dtype=torch.bool)
-            keep[ids[0]] = False
-
-            def step():
-                latents = prior.vae.encode(pixels.to(half)).latent_dist.sample().detach() * prior.scaling_factor
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
-                noisy = scheduler.add_noise(latents, noise, t)
-                hidden = text_encoder(input_ids)[0].to(dtype=half)
-                pred = prior.unet(noisy, t, hidden).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-                with torch.no_grad():  # only the placeholder row may change
-                    accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[keep] = orig[keep]
-                return loss
-
+            step = peer_training_step(model, batch, device, half, peer_precision)
             if flops is not None:
                 flops.append(count_flops(step))
             return step, None
@@ -437,18 +473,22 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
 
     if part == "checkpointing":
         batch = max(shapes.train_batches)
-        bench.run("dataset prompt", "dyod + gradient checkpointing", batch, dyod_setup(batch, gradient_checkpointing=True),
-                  shapes.train_iters, warmup=2, optional=True)
+        for levels in checkpointing:
+            bench.run("dataset prompt", f"dyod + checkpointing {checkpointing_label(levels)}", batch,
+                      dyod_setup(batch, gradient_checkpointing=levels), shapes.train_iters, warmup=2, optional=True)
         return
     if part == "compiled":
         for batch in compile_batches:
-            bench.run("dataset prompt", f"dyod + torch.compile({train_compile_mode})", batch,
-                      dyod_setup(batch, compile_mode=train_compile_mode), shapes.train_iters, warmup=3, optional=True)
+            for levels in compile_checkpointing:
+                extra = "" if levels == "none" else f" + checkpointing {checkpointing_label(levels)}"
+                bench.run("dataset prompt", f"dyod + torch.compile({train_compile_mode}){extra}", batch,
+                          dyod_setup(batch, compile_mode=train_compile_mode, gradient_checkpointing=levels),
+                          shapes.train_iters, warmup=3, optional=True)
         return
     for batch in shapes.train_batches:
         peer_flops, dyod_flops = [], []
         bench.run("dataset prompt", "diffusers example", batch, peer_setup(batch, peer_flops), shapes.train_iters, warmup=2)
-        bench.run("dataset prompt", "dyod", batch, dyod_setup(batch, flops=dyod_flops), shapes.train_iters, warmup=2)
+        bench.run("dataset prompt", "dyod", batch, dyod_setup(batch, dyod_flops), shapes.train_iters, warmup=2)
         for row, flops in ((bench.rows[-2], peer_flops), (bench.rows[-1], dyod_flops)):
             if flops and row["images_per_s"] and bench.peak:
                 row["mfu"] = flops[0] * row["images_per_s"] / batch / 1e12 / bench.peak
@@ -523,6 +563,11 @@ def main(argv=None) -> str:
                         help="torch.compile mode for the training row (default reduce-overhead; 'none' to skip)")
     parser.add_argument("--train-compile-batches", default="8",
                         help="batch sizes that get a compiled training row (default 8; --tiny uses its largest)")
+    parser.add_argument("--train-checkpointing", default="1,2,all",
+                        help="gradient-checkpointing settings that get a training row at the largest batch (default "
+                             "1,2,all: the finest level, the two finest, every block; '' for none)")
+    parser.add_argument("--train-compile-checkpointing", default="none,2",
+                        help="gradient-checkpointing settings of the compiled training rows (default none,2)")
     parser.add_argument("--budget-s", type=float, default=330, help="skip optional variants past this many seconds")
     parser.add_argument("--sections", default="sampling,training,encoding")
     parser.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 1,4,8)")
@@ -547,14 +592,16 @@ def main(argv=None) -> str:
         bench.notes["model_build_s"] = time.time() - start
         if "sampling" in sections:
             bench_sampling(bench, model, compile_modes)
+        checkpointing = tuple(x for x in args.train_checkpointing.split(",") if x)
         if "training" in sections:
             bench_training(bench, model)
+            if checkpointing:  # quick (no compilation), so before the compiled rows
+                bench_training(bench, model, part="checkpointing", checkpointing=checkpointing)
             if compile_batches:
-                bench_training(bench, model, compile_batches, train_compile, part="compiled")
+                bench_training(bench, model, compile_batches, train_compile, part="compiled",
+                               compile_checkpointing=tuple(x for x in args.train_compile_checkpointing.split(",") if x))
         if "encoding" in sections:
             bench_encoding(bench, model)
-        if "training" in sections:  # optional, last: skipped first when time is short
-            bench_training(bench, model, part="checkpointing")
     bench.notes["wall_s"] = time.time() - start
     bench.save()
     text = f"{header(device, dtype, args.tiny, bench.peak)}\n\n{table(bench.rows)}\n\nnotes: {json.dumps(bench.notes, indent=1)}"

@@ -111,3 +111,11 @@ def test_bad_flag_values_exit_2(capsys):
         main(["invert", "d", "--model", "m", "--out", "o", "--steps", "-3"])
     assert e.value.code == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_bad_gradient_checkpointing_names_the_flag(tmp_path, shapes, tiny_model, capsys):
+    out = tmp_path / "r"
+    assert main(["invert", str(shapes), "--model", str(tiny_model), "--out", str(out),
+                 "--gradient-checkpointing", "half"]) == 2
+    assert "--gradient-checkpointing must be none, all or a number of resolution levels" in capsys.readouterr().err
+    assert not (out / "inversion").exists()  # refused before any work

@@ -3,16 +3,20 @@
 import pytest
 import torch
 
-from dyod import SampleConfig
+from dyod import InversionConfig, SampleConfig
+from dyod.config import from_dict
 from dyod.embeddings import add_placeholder_tokens, install_placeholder
 from dyod.errors import DyodError
 from dyod.inversion import inversion_loss
 from dyod.performance import (
     check_compile_mode,
+    enable_checkpointing,
     new_accelerator,
     optimize_for_training,
+    parse_checkpoint_levels,
     resolve_mixed_precision,
     resolve_precision,
+    store_linears_in,
 )
 from dyod.pipeline import DyodPipeline
 from dyod.prior import load_prior
@@ -32,12 +36,19 @@ def test_precision_and_compile_mode_are_checked():
         check_compile_mode("fastest")
 
 
-def test_optimized_sampling_computes_the_same_latents(fitted_run):
+@pytest.mark.parametrize("compile_mode", [None, "default"])
+def test_optimized_sampling_computes_the_same_latents(fitted_run, compile_mode):
+    # compiled: the UNet, encoder and decoder each trace as one graph (fullgraph; aot_eager keeps the CPU CI quick)
+    torch._dynamo.reset()
     config = SampleConfig(t0=0.6, num_inference_steps=10, guidance_scale=7.5)
     init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     plain = DyodPipeline.from_run(fitted_run, device="cpu")
-    fast = DyodPipeline.from_run(fitted_run, device="cpu").optimize()  # channels-last, fused q/k/v
+    fast = DyodPipeline.from_run(fitted_run, device="cpu").optimize(  # channels-last, fused q/k/v
+        compile=compile_mode, compile_backend="aot_eager")
+    if compile_mode:
+        assert all(type(m).__name__ == "OptimizedModule"
+                   for m in (fast.prior.unet, fast.prior.vae.encoder, fast.prior.vae.decoder))
     assert fast.prior.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert any(type(p).__name__ == "FusedAttnProcessor2_0" for p in fast.prior.unet.attn_processors.values())
     expected = plain.denoise_from(init, noise, config.t0, config)
@@ -50,25 +61,83 @@ def test_optimized_sampling_computes_the_same_latents(fitted_run):
         assert diff <= 1  # at most one level of 8-bit rounding
 
 
-def test_gradient_checkpointing_gives_the_same_embedding_gradient(tiny_model):
-    def grad(checkpointing: bool) -> torch.Tensor:
-        prior = load_prior(tiny_model)
-        ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
-        emb = install_placeholder(prior.text_encoder, ids[0], torch.ones(1, prior.embedding_dim) * 0.1)
-        optimize_for_training(prior, gradient_checkpointing=checkpointing)
-        g = torch.Generator().manual_seed(0)
-        latents = torch.randn(3, 4, 8, 8, generator=g)
-        noise = torch.randn(3, 4, 8, 8, generator=g)
-        input_ids = prior.tokenizer(["a photo of <s>"] * 3, padding="max_length", max_length=prior.tokenizer.model_max_length,
-                                    return_tensors="pt").input_ids
+def _embedding_gradient(model, autocast_dtype=None, store_text_linears=False, **optimize) -> torch.Tensor:
+    """The gradient reaching S* from one dataset-prompt loss (under CPU autocast to ``autocast_dtype`` if given), with
+    the frozen prior set up by ``optimize_for_training``."""
+    prior = load_prior(model)
+    ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
+    emb = install_placeholder(prior.text_encoder, ids[0], torch.ones(1, prior.embedding_dim) * 0.1)
+    optimize_for_training(prior, autocast_dtype=autocast_dtype if store_text_linears else None, **optimize)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    noise = torch.randn(3, 4, 8, 8, generator=g)
+    input_ids = prior.tokenizer(["a photo of <s>"] * 3, padding="max_length", max_length=prior.tokenizer.model_max_length,
+                                return_tensors="pt").input_ids
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = inversion_loss(prior, latents, noise, torch.tensor([10, 500, 990]), input_ids, prior.alphas_cumprod())
-        loss.backward()
-        assert all(p.grad is None for p in prior.unet.parameters())  # the UNet stays frozen
-        return emb.learned.grad.clone()
+    loss.backward()
+    assert all(p.grad is None for p in prior.unet.parameters())  # the UNet stays frozen
+    assert all(p.grad is None for n, p in prior.text_encoder.named_parameters() if "learned" not in n)
+    return emb.learned.grad.clone()
 
-    plain, checkpointed = grad(False), grad(True)
+
+@pytest.mark.parametrize("levels", ["1", "all"])
+def test_gradient_checkpointing_gives_the_same_embedding_gradient(tiny_model, levels):
+    plain, checkpointed = _embedding_gradient(tiny_model), _embedding_gradient(tiny_model, gradient_checkpointing=levels)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("levels", ["none", "1"])
+def test_training_step_compiles_as_one_graph(tiny_model, levels):
+    # fullgraph=True: a graph break (which would cost the CUDA graphs of reduce-overhead their point) is an error.
+    # aot_eager traces forward and backward as inductor would, without generating kernels (CPU CI stays quick).
+    torch._dynamo.reset()
+    plain = _embedding_gradient(tiny_model, gradient_checkpointing=levels)
+    compiled = _embedding_gradient(tiny_model, gradient_checkpointing=levels, compile_mode="default",
+                                   compile_backend="aot_eager")
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_levels_pick_the_finest_resolution_blocks(tiny_model):
+    unet = load_prior(tiny_model).unet  # two levels: down_blocks[0] / up_blocks[1] at 8x8, the others at 4x4
+
+    def flagged(block):
+        return {m.gradient_checkpointing for m in block.modules() if hasattr(m, "gradient_checkpointing")}
+
+    assert enable_checkpointing(unet, 0) == 0 and flagged(unet) == {False}
+    assert enable_checkpointing(unet, 1) == 2
+    assert flagged(unet.down_blocks[0]) == flagged(unet.up_blocks[1]) == {True}
+    assert flagged(unet.down_blocks[1]) == flagged(unet.up_blocks[0]) == flagged(unet.mid_block) == {False}
+    every = enable_checkpointing(unet, None)
+    assert flagged(unet) == {True} and enable_checkpointing(unet, 5) == every  # more levels than the UNet has: all
+    assert parse_checkpoint_levels("none") == parse_checkpoint_levels(False) == 0
+    assert parse_checkpoint_levels("all") is None and parse_checkpoint_levels("2") == 2
+    with pytest.raises(DyodError, match="--gradient-checkpointing must be none, all or a number"):
+        parse_checkpoint_levels("some")
+
+
+def test_gradient_checkpointing_setting_reads_old_and_new_spellings():
+    assert InversionConfig().gradient_checkpointing == "none"
+    assert from_dict(InversionConfig, {"gradient_checkpointing": True}).gradient_checkpointing == "all"  # older runs
+    assert from_dict(InversionConfig, {"gradient_checkpointing": False}).gradient_checkpointing == "none"
+    assert InversionConfig(gradient_checkpointing="True").gradient_checkpointing == "all"
+    assert InversionConfig(gradient_checkpointing="2").gradient_checkpointing == "2"
+    with pytest.raises(ValueError, match="--gradient-checkpointing must be"):
+        InversionConfig(gradient_checkpointing="half")
+
+
+def test_text_encoder_linears_stored_in_the_autocast_dtype_give_the_same_gradient(tiny_model):
+    # Autocast computes every linear layer in bf16 anyway: storing the frozen ones in bf16 changes no number.
+    reference = _embedding_gradient(tiny_model, autocast_dtype=torch.bfloat16, channels_last=False)
+    prior = load_prior(tiny_model)
+    assert store_linears_in(prior.text_encoder, torch.bfloat16) == 2 * 6  # q, k, v, out, fc1, fc2 per layer
+    norms = [m for m in prior.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # norms and embeddings stay fp32
+    assert prior.text_encoder.get_input_embeddings().weight.dtype == torch.float32
+    stored = _embedding_gradient(tiny_model, autocast_dtype=torch.bfloat16, store_text_linears=True, channels_last=False)
+    assert reference.abs().sum() > 0
+    torch.testing.assert_close(stored, reference, rtol=0, atol=0)
 
 
 def test_each_training_stage_gets_its_own_accelerator_settings():

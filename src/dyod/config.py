@@ -57,7 +57,9 @@ class InversionConfig:
         "auto", "auto | no | fp16 | bf16, through Accelerate (auto: bf16 or fp16 on CUDA, no on the CPU)",
         choices=("auto", "no", "fp16", "bf16"),
     )
-    gradient_checkpointing: bool = field(False, "recompute UNet activations in the backward pass: less GPU memory, slower")
+    gradient_checkpointing: str = field(
+        "none", "recompute UNet activations in the backward pass instead of keeping them: none | all | N (the blocks at "
+        "the N finest resolutions, which hold most of the memory): less GPU memory, more compute")
     compile_unet: str = field(
         "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs) (GPU; compiles once)",
         choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -66,6 +68,15 @@ class InversionConfig:
     sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")
     latent_cache_max_ram_mb: int = field(1024, "above this size the latent cache lives on disk (memmap)", min=0)
     seed: int = field(0, "training seed")
+
+    def __post_init__(self):
+        # One spelling per meaning; true/false (and runs written before the levels existed, which store a bool) still read.
+        value = str(self.gradient_checkpointing).strip().lower()
+        value = {"true": "all", "yes": "all", "on": "all", "false": "none", "no": "none", "off": "none", "0": "none"}.get(value, value)
+        if not (value in ("none", "all") or value.isdigit()):
+            raise ValueError(f"--gradient-checkpointing must be none, all or a number of resolution levels (1, 2, ...), "
+                             f"got {self.gradient_checkpointing!r}")
+        object.__setattr__(self, "gradient_checkpointing", value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,10 +207,12 @@ def invert(
         prompts, padding="max_length", max_length=prior.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
 
-    # The frozen UNet in the training precision; the text encoder stays fp32 (its new rows train) under autocast.
+    # The frozen UNet in the training precision. The text encoder runs under autocast: its new rows train in fp32, its
+    # frozen linear layers are stored in the autocast precision they compute in, norms and embeddings stay fp32.
     prior.unet.to(accelerator.device, weight_dtype)
     optimize_for_training(prior, channels_last=accelerator.device.type == "cuda",  # CPU convolutions: as they were
-                          gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet)
+                          gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet,
+                          autocast_dtype=weight_dtype)
     prior.text_encoder.to(accelerator.device)
     optimizer = torch.optim.AdamW([embedding.learned], lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)

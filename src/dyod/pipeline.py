@@ -77,15 +77,15 @@ class DyodPipeline:
         return pipe
 
     def optimize(self, channels_last: bool = True, fuse_projections: bool = True,
-                 compile: str | None = None) -> "DyodPipeline":
+                 compile: str | None = None, compile_backend: str = "inductor") -> "DyodPipeline":
         """GPU speed-ups that keep the numbers up to rounding (``performance.optimize_for_sampling``): channels-last
-        convolutions, fused q/k/v projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet in a
-        mode ("default", "reduce-overhead" for CUDA graphs, "max-autotune"). The denoising loop has fixed shapes,
-        so it compiles once per batch size."""
+        convolutions, fused q/k/v projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet and
+        the autoencoder in a mode ("default", "reduce-overhead" for CUDA graphs, "max-autotune"). The denoising loop
+        has fixed shapes, so it compiles once per batch size."""
         from .performance import optimize_for_sampling
 
         optimize_for_sampling(self.prior, channels_last=channels_last, fuse_projections=fuse_projections,
-                              compile_mode=compile)
+                              compile_mode=compile, compile_backend=compile_backend)
         return self
 
     @property
