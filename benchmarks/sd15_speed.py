@@ -358,42 +358,30 @@ def _training_parts(model: Path, batch: int, device, half: torch.dtype):
 
 
 def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed_precision: str,
-                       gradient_checkpointing: str = "none", compile_mode: str = "none", store_text_linears: bool = True):
-    """dyod's dataset-prompt step as ``dyod invert`` sets it up: latents cached (the VAE leaves the device), only the
-    new row trainable, the frozen UNet in the training precision outside autocast, the text encoder's frozen linear
-    layers in the autocast precision (``store_text_linears=False``: in fp32, as before). Returns ``step() -> loss``
-    with ``step.on_device`` (the modules left on the device) and ``step.optimizer``."""
-    from dyod.embeddings import install_placeholder
-    from dyod.inversion import inversion_loss
-    from dyod.performance import new_accelerator, optimize_for_training
+                       gradient_checkpointing: str = "none", compile_mode: str = "none"):
+    """dyod's dataset-prompt step, the one ``dyod invert`` runs (``dyod.inversion.PromptTrainer``): the batch drawn
+    from the latent cache on the CPU and copied without waiting, only the new row trainable, the frozen UNet in the
+    training precision outside autocast, the text encoder's frozen linear layers in the autocast precision. Returns
+    ``step() -> loss`` with ``step.on_device`` (the modules left on the device) and ``step.optimizer``."""
+    from dyod import InversionConfig
+    from dyod.inversion import LatentCache, PromptTrainer
+    from dyod.performance import new_accelerator
 
     accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    prior, ids, input_ids, pixels = _training_parts(model, batch, device, half)
+    prior, _, _, pixels = _training_parts(model, batch, device, half)
     with torch.no_grad():  # the cache: the frozen VAE encodes the dataset once, then leaves the device
-        cached = prior.vae.float().encode(pixels).latent_dist.mean.float() * prior.scaling_factor
+        posterior = prior.vae.float().encode(pixels).latent_dist
+        cache = LatentCache(posterior.mean.float().cpu(), posterior.std.float().cpu())
     prior.vae.to("cpu")
-    del pixels
-    emb = install_placeholder(prior.text_encoder, ids[0], torch.zeros(1, prior.embedding_dim))
-    prior.unet.to(device, weight_dtype)
-    optimize_for_training(prior, channels_last=device.type == "cuda", gradient_checkpointing=gradient_checkpointing,
-                          compile_mode=compile_mode, autocast_dtype=weight_dtype if store_text_linears else None)
-    optimizer = torch.optim.AdamW([emb.learned], lr=5e-3)
-    text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
-    text_encoder.train()
-    alphas = prior.alphas_cumprod()
+    del pixels, posterior
+    config = InversionConfig(batch_size=batch, templates=("a photo of {}",), mixed_precision=mixed_precision,
+                             gradient_checkpointing=gradient_checkpointing, compile_unet=compile_mode)
+    trainer = PromptTrainer(prior, cache, config, accelerator)
 
     def step():
-        noise = torch.randn_like(cached)
-        t = torch.randint(1000, (batch,), device=device)
-        with accelerator.autocast():
-            loss = inversion_loss(prior, cached, noise, t, input_ids, alphas)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return trainer.step()
 
-    step.on_device, step.optimizer = (prior.unet, prior.text_encoder), optimizer
+    step.on_device, step.optimizer = (prior.unet, prior.text_encoder), trainer.optimizer
     return step
 
 

@@ -12,8 +12,8 @@ reset after a warm-up step; large allocations are memory-mapped, so they go back
 
 What it leaves out: the CUDA context (not in ``torch.cuda.max_memory_allocated`` either), the caching allocator's
 rounding and cuDNN's workspaces. On the H100 (docs/PERFORMANCE.md) the old dyod step measured 8.31 GiB at batch 8 and
-the peer 8.24; their rows here (``dyod (text encoder in fp32)`` and ``diffusers example``) show how close the projection
-comes.
+the peer 8.24; the peer's row and the old step's (docs/results/training_memory_cpu.md, measured before the text
+encoder's linear layers were stored in bf16) show how close the projection comes.
 
     python benchmarks/training_memory.py              # SD-1.5 shapes, 512 px; about 10 minutes on 2 CPU cores
     python benchmarks/training_memory.py --tiny       # toy shapes (the same code; used by a test)
@@ -41,7 +41,6 @@ import sd15_speed  # noqa: E402  (the same step builders and model shapes)
 # name -> (builder, options); the first is the peer every ratio is against
 METHODS = {
     "diffusers example": ("peer", {}),
-    "dyod (text encoder in fp32)": ("dyod", {"store_text_linears": False}),  # the step before its linears were stored in bf16
     "dyod": ("dyod", {}),
     "dyod + checkpointing 1 finest level": ("dyod", {"gradient_checkpointing": "1"}),
     "dyod + checkpointing 2 finest levels": ("dyod", {"gradient_checkpointing": "2"}),

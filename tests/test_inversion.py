@@ -149,3 +149,38 @@ def test_large_latent_cache_is_memory_mapped_on_disk(tmp_path, tiny_model, shape
     a = load_file(str(tmp_path / "ram" / "learned_embeds.safetensors"))["<dyod>"]
     b = load_file(str(out / "learned_embeds.safetensors"))["<dyod>"]
     torch.testing.assert_close(a, b)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, monkeypatch):
+    """PromptTrainer.step never turns a tensor into a Python value: on a GPU each such read waits for the queued work
+    to finish, and the host could not prepare the next step while the GPU runs this one."""
+    from dyod.inversion import LatentCache, PromptTrainer
+    from dyod.performance import new_accelerator
+
+    prior = load_prior(tiny_model)
+    x = pil_to_tensor([resize_lanczos(im, prior.resolution) for im in load_image_folder(shapes).images[:4]])
+    with torch.no_grad():
+        posterior = prior.vae.encode(x).latent_dist
+    cache = LatentCache(posterior.mean, posterior.std)
+    config = dyod.InversionConfig(batch_size=2, gradient_accumulation_steps=2)
+    trainer = PromptTrainer(prior, cache, config, new_accelerator(cpu=True, gradient_accumulation_steps=2))
+    losses = [trainer.step()]  # AdamW's state exists from here on
+    before = trainer.embedding.learned.detach().clone()
+    # AdamW's step counter is a CPU tensor even when training on a GPU (reading it waits for nothing)
+    cpu_by_design = {id(state["step"]) for state in trainer.optimizer.state.values()}
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if id(self) not in cpu_by_design:
+                raise AssertionError(f"Tensor.{name}: a device-to-host read inside the training step")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    losses += [trainer.step() for _ in range(2)]
+    monkeypatch.undo()
+    assert all(loss.ndim == 0 and torch.isfinite(loss) for loss in losses)
+    assert not torch.equal(trainer.embedding.learned, before)  # the steps did train S*

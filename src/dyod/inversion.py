@@ -108,7 +108,7 @@ def diffusion_loss_target(latents, noise, alphas_cumprod_t, prediction_type: str
 
 def inversion_loss(prior: Prior, latents, noise, timesteps, input_ids, alphas_cumprod) -> torch.Tensor:
     """Eq. 7 for one batch: the diffusion loss with the text condition c(v)."""
-    ab = alphas_cumprod.to(latents.device)[timesteps].float()
+    ab = alphas_cumprod.to(latents.device)[timesteps].float()  # a no-op when already on the device (PromptTrainer)
     noisy = ab.sqrt().view(-1, 1, 1, 1) * latents + (1 - ab).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 4
     hidden = prior.text_encoder(input_ids)[0]  # under autocast when training in mixed precision
     dtype = prior.unet.dtype
@@ -133,18 +133,6 @@ def draw_batch(cache: LatentCache, template_ids: torch.Tensor, batch_size: int, 
     return latents, noise, timesteps, input_ids
 
 
-def _save_checkpoint(path: Path, step: int, learned, optimizer, generator, config: InversionConfig, losses) -> None:
-    save_training_state(path, {"learned": learned.float()}, optimizer, generator, step,
-                        {"config": to_dict(config), "losses": losses[-1000:]})
-
-
-def _load_checkpoint(path: Path, learned, optimizer, generator) -> tuple[int, list]:
-    step, tensors, meta = load_training_state(path, optimizer, generator, learned.device)
-    with torch.no_grad():
-        learned.copy_(tensors["learned"].to(learned.device))
-    return step, meta.get("losses", [])
-
-
 def _truncate_log(path: Path, last_step: int) -> None:
     if not path.exists():
         return
@@ -152,6 +140,84 @@ def _truncate_log(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch to the accelerator without waiting for it: from pinned memory (PyTorch caches the pinned blocks) the
+    copy is asynchronous; from ordinary memory CUDA may first wait for the stream to drain."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+SYNC_EVERY = 25  # steps between reads of the loss (each read waits for the GPU to finish what it was given)
+
+
+class PromptTrainer:
+    """The dataset-prompt optimization of Eq. 7 set up on the accelerator: S* installed in the text encoder, the frozen
+    UNet in the training precision (``optimize_for_training``), AdamW on the new rows, a CPU generator that draws
+    every batch (so a run resumes exactly and does not depend on the device).
+
+    ``step()`` runs one optimizer step (with gradient accumulation) and returns its loss as a tensor on the device,
+    without waiting for the GPU: nothing in it reads a value back, and the batch is copied without synchronizing,
+    so the host prepares the next step while the GPU runs this one. The caller checks the losses every few steps."""
+
+    def __init__(self, prior: Prior, cache: LatentCache, config: InversionConfig, accelerator):
+        self.prior, self.cache, self.config, self.accelerator = prior, cache, config, accelerator
+        device = accelerator.device
+        token, k = config.placeholder_token, config.num_vectors
+        init = initializer_embedding(prior.tokenizer, prior.text_encoder, config.initializer)
+        ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, token, k)
+        self.embedding = install_placeholder(prior.text_encoder, ids[0], init[None].repeat(k, 1))
+        prompts = [expand_prompt(t, token, k) for t in config.templates]
+        self.template_ids = prior.tokenizer(
+            prompts, padding="max_length", max_length=prior.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        # The frozen UNet in the training precision. The text encoder runs under autocast: its new rows train in fp32,
+        # its frozen linear layers are stored in the autocast precision they compute in, norms and embeddings stay fp32.
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        prior.unet.to(device, weight_dtype)
+        optimize_for_training(prior, channels_last=device.type == "cuda",  # CPU convolutions: as they were
+                              gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet,
+                              autocast_dtype=weight_dtype)
+        prior.text_encoder.to(device)
+        self.optimizer = torch.optim.AdamW([self.embedding.learned], lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+        self.text_encoder, self.optimizer = accelerator.prepare(prior.text_encoder, self.optimizer)
+        self.text_encoder.train()
+        self.alphas_cumprod = prior.alphas_cumprod().to(device)  # once: a copy per step would wait for the GPU
+
+    def load(self, path: Path) -> tuple[int, list]:
+        """Restore the vectors, AdamW's moments and the generator from a checkpoint; return (step, recent losses)."""
+        learned = self.embedding.learned
+        step, tensors, meta = load_training_state(path, self.optimizer, self.generator, learned.device)
+        with torch.no_grad():
+            learned.copy_(tensors["learned"].to(learned.device))
+        return step, meta.get("losses", [])
+
+    def save(self, path: Path, step: int, losses: list) -> None:
+        save_training_state(path, {"learned": self.embedding.learned.float()}, self.optimizer, self.generator, step,
+                            {"config": to_dict(self.config), "losses": losses[-1000:]})
+
+    def step(self) -> torch.Tensor:
+        config, accelerator, device = self.config, self.accelerator, self.accelerator.device
+        total = torch.zeros((), device=device)
+        for _ in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(self.text_encoder):
+                latents, noise, timesteps, input_ids = draw_batch(
+                    self.cache, self.template_ids, config.batch_size, len(self.alphas_cumprod), self.generator,
+                    config.sample_latents, self.prior.scaling_factor,
+                )
+                batch = [_to_device(x, device) for x in (latents, noise, timesteps, input_ids)]
+                with accelerator.autocast():
+                    loss = inversion_loss(self.prior, *batch, self.alphas_cumprod)
+                accelerator.backward(loss)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                total += loss.detach() / config.gradient_accumulation_steps
+        return total
 
 
 def invert(
@@ -185,7 +251,6 @@ def invert(
 
     data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
                              holdout_fraction=data_config.holdout_fraction)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     prior = load_prior(model)
     run.bind_model(str(model), prior.describe())
     run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
@@ -199,27 +264,11 @@ def invert(
     del data
 
     token, k = config.placeholder_token, config.num_vectors
-    init = initializer_embedding(prior.tokenizer, prior.text_encoder, config.initializer)
-    ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, token, k)
-    embedding = install_placeholder(prior.text_encoder, ids[0], init[None].repeat(k, 1))
-    prompts = [expand_prompt(t, token, k) for t in config.templates]
-    template_ids = prior.tokenizer(
-        prompts, padding="max_length", max_length=prior.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-    # The frozen UNet in the training precision. The text encoder runs under autocast: its new rows train in fp32, its
-    # frozen linear layers are stored in the autocast precision they compute in, norms and embeddings stay fp32.
-    prior.unet.to(accelerator.device, weight_dtype)
-    optimize_for_training(prior, channels_last=accelerator.device.type == "cuda",  # CPU convolutions: as they were
-                          gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet,
-                          autocast_dtype=weight_dtype)
-    prior.text_encoder.to(accelerator.device)
-    optimizer = torch.optim.AdamW([embedding.learned], lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    trainer = PromptTrainer(prior, cache, config, accelerator)
     start_step, losses = 0, []
     log_file = folder / "log.jsonl"
     if resume:
-        start_step, losses = _load_checkpoint(checkpoint, embedding.learned, optimizer, generator)
+        start_step, losses = trainer.load(checkpoint)
         if start_step >= config.steps:
             logger.warning("--resume: the dataset prompt in %s already finished (%d of %d steps); nothing to do "
                            "(raise --steps to train further)", run.path, start_step, config.steps)
@@ -230,49 +279,40 @@ def invert(
         _truncate_log(log_file, start_step)  # steps logged after the checkpoint will be redone
     else:
         log_file.unlink(missing_ok=True)
-    text_encoder, optimizer = accelerator.prepare(prior.text_encoder, optimizer)
-    alphas_cumprod = prior.alphas_cumprod()
-    num_train_timesteps = len(alphas_cumprod)
 
     started = time.time()
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not progress or not accelerator.is_main_process, desc="dataset prompt")
-    text_encoder.train()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               disable=not progress or not accelerator.is_main_process, desc="dataset prompt")
+    pending: list[torch.Tensor] = []  # losses of steps not yet read back: reading one waits for the GPU
     for step in bar:
-        step_loss = 0.0
-        for _ in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(text_encoder):
-                latents, noise, timesteps, input_ids = draw_batch(
-                    cache, template_ids, config.batch_size, num_train_timesteps, generator,
-                    config.sample_latents, prior.scaling_factor,
-                )
-                dev = accelerator.device
-                with accelerator.autocast():
-                    loss = inversion_loss(
-                        prior, latents.to(dev), noise.to(dev), timesteps.to(dev), input_ids.to(dev), alphas_cumprod
-                    )
-                if not torch.isfinite(loss):
-                    raise DyodError(
-                        f"the loss became {loss.item()} at step {step}; the last checkpoint in {checkpoint} is intact. "
-                        "Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
-                    )
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(embedding.learned).all():
-                    raise DyodError(
-                        f"the learned embedding became non-finite at step {step}; the last checkpoint in {checkpoint} "
-                        "is intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
-                    )
-                step_loss += loss.item() / config.gradient_accumulation_steps
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        pending.append(trainer.step())
         done = step + 1
+        save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
+        if not (save or len(pending) == SYNC_EVERY):
+            continue
+        first = done - len(pending)
+        values = torch.stack(pending).tolist()
+        pending.clear()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise DyodError(
+                f"the loss became {values[bad]} at step {first + bad}; the last checkpoint in {checkpoint} is intact. "
+                "Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
+            )
+        if not torch.isfinite(trainer.embedding.learned).all():
+            raise DyodError(
+                f"the learned embedding became non-finite between steps {first} and {done}; the last checkpoint in "
+                f"{checkpoint} is intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
+            )
+        losses.extend(values)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if accelerator.is_main_process:
             with open(log_file, "a") as f:
-                f.write(json.dumps({"step": done, "loss": step_loss}) + "\n")
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-                _save_checkpoint(checkpoint, done, embedding.learned, optimizer, generator, config, losses)
+                f.writelines(json.dumps({"step": first + i + 1, "loss": v}) + "\n" for i, v in enumerate(values))
+            if save:
+                trainer.save(checkpoint, done, losses)
 
+    text_encoder = trainer.text_encoder
     vectors = accelerator.unwrap_model(text_encoder).get_input_embeddings().learned.detach()
     uninstall_placeholder(accelerator.unwrap_model(text_encoder))
     if accelerator.is_main_process:
