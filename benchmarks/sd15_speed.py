@@ -212,7 +212,21 @@ class Bench:
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------------
-def bench_sampling(bench: Bench, model: Path, compile_modes: list[str]):
+@contextlib.contextmanager
+def attention_backend(name: str | None):
+    """``cudnn``: PyTorch's cuDNN attention first (then flash, memory-efficient, math) for every SDPA call inside."""
+    if name is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != order]
+    with sdpa_kernel([order, *rest], set_priority=True):
+        yield
+
+
+def bench_sampling(bench: Bench, model: Path, compile_modes: list[str], attention_variant: str | None = None):
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     from dyod import SampleConfig
@@ -263,36 +277,47 @@ def bench_sampling(bench: Bench, model: Path, compile_modes: list[str]):
               peer(StableDiffusionImg2ImgPipeline, {"image": init, "strength": T0}), shapes.iters,
               flops_per_iter=unet_call * SAMPLING_CALLS["img2img"])
 
-    def dyod_pipe(compile_mode, optimized=True, pipe_dtype=dtype):
+    def dyod_pipe(compile_mode, optimized=True, pipe_dtype=dtype, channels_last=None):
         prior = load_prior(model, device=device, dtype=pipe_dtype)
         pipe = DyodPipeline(prior, None, custom_vae=VanillaVAE(64, 32).to(device).eval(), output_resolution=64)
         if optimized:
-            pipe.optimize(compile=compile_mode)
+            pipe.optimize(compile=compile_mode, channels_last=channels_last)
         return pipe
 
     latents = {}
 
-    def dyod_setup(compile_mode):
+    def dyod_setup(compile_mode, attention=None, channels_last=None):
         def setup():
-            pipe = dyod_pipe(compile_mode)
+            pipe = dyod_pipe(compile_mode, channels_last=channels_last)
+            key = compile_mode + (f"+{attention}" if attention else "") + ("+channels-last" if channels_last else "")
+
+            def run(fn):
+                with attention_backend(attention):
+                    return fn()
 
             def after():
                 # The same fixed x' and ε through the reverse process alone: where the time goes, and the latents
                 # for the faithfulness check against fp32.
                 with measure(device) as m:
                     for _ in range(shapes.iters):
-                        latents[compile_mode] = pipe.denoise_from(latents_in, noise_in, T0, config).float().cpu()
+                        latents[key] = run(lambda: pipe.denoise_from(latents_in, noise_in, T0, config)).float().cpu()
                 bench.rows[-1]["reverse_process_s_per_iter"] = m["seconds"] / shapes.iters
 
             # timed: the whole sampler, z -> custom VAE -> Lanczos up -> encode -> DDIM from t0 -> decode -> down
-            return (lambda: pipe.sample(b, config, seed=0, progress=False)), after
+            return (lambda: run(lambda: pipe.sample(b, config, seed=0, progress=False))), after
         return setup
 
-    for mode in ["none", *compile_modes]:
+    variants = [("none", None, None), ("none", None, True)]  # eager as dyod runs it, and with the old channels-last
+    variants += [(mode, None, None) for mode in compile_modes]
+    if attention_variant and compile_modes:
+        variants.append((compile_modes[0], attention_variant, None))
+    for mode, attention, channels_last in variants:
         name = "dyod t0=0.7" + ("" if mode == "none" else f" + torch.compile({mode})")
+        name += f" + {attention} attention" if attention else ""
+        name += " + channels-last (eager)" if channels_last else ""
         warmup = 1 if mode == "none" else 3  # compile, then CUDA-graph warm-up and recording
-        bench.run("sampling", name, b, dyod_setup(mode), shapes.iters, warmup=warmup,
-                  flops_per_iter=unet_call * SAMPLING_CALLS["dyod"], optional=mode != "none")
+        bench.run("sampling", name, b, dyod_setup(mode, attention, channels_last), shapes.iters, warmup=warmup,
+                  flops_per_iter=unet_call * SAMPLING_CALLS["dyod"], optional=mode != "none" or channels_last)
 
     faithfulness(bench, model, dyod_pipe, latents, latents_in, noise_in, config, h)
 
@@ -331,7 +356,9 @@ def faithfulness(bench: Bench, model, dyod_pipe, latents, latents_in, noise_in, 
         precision = str(bench.dtype).removeprefix("torch.")
         result = {f"one UNet call, dyod {precision} optimized vs fp32": rel_err(fast_call, ref_call)}
         for key, value in latents.items():
-            label = "eager" if key == "none" else f"torch.compile({key})"
+            mode, *extras = key.split("+")
+            label = " + ".join(["eager" if mode == "none" else f"torch.compile({mode})",
+                                *(e if e == "channels-last" else f"{e} attention" for e in extras)])
             result[f"{round(T0 * STEPS)}-step latents, dyod {precision} {label} vs fp32"] = rel_err(value, ref_latents)
         bench.notes["faithfulness_relative_l2"] = result
     except Exception as e:  # noqa: BLE001
@@ -358,7 +385,7 @@ def _training_parts(model: Path, batch: int, device, half: torch.dtype):
 
 
 def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed_precision: str,
-                       gradient_checkpointing: str = "none", compile_mode: str = "none"):
+                       gradient_checkpointing: str = "none", compile_mode: str = "none", channels_last: bool = False):
     """dyod's dataset-prompt step, the one ``dyod invert`` runs (``dyod.inversion.PromptTrainer``): the batch drawn
     from the latent cache on the CPU and copied without waiting, only the new row trainable, the frozen UNet in the
     training precision outside autocast, the text encoder's frozen linear layers in the autocast precision. Returns
@@ -377,6 +404,8 @@ def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
     config = InversionConfig(batch_size=batch, templates=("a photo of {}",), mixed_precision=mixed_precision,
                              gradient_checkpointing=gradient_checkpointing, compile_unet=compile_mode)
     trainer = PromptTrainer(prior, cache, config, accelerator)
+    if channels_last and compile_mode == "none":  # the eager layout dyod used before (see performance.use_channels_last)
+        prior.unet.to(memory_format=torch.channels_last)
 
     def step():
         return trainer.step()
@@ -461,6 +490,8 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
 
     if part == "checkpointing":
         batch = max(shapes.train_batches)
+        bench.run("dataset prompt", "dyod + channels-last (eager)", batch, dyod_setup(batch, channels_last=True),
+                  shapes.train_iters, warmup=2, optional=True)
         for levels in checkpointing:
             bench.run("dataset prompt", f"dyod + checkpointing {checkpointing_label(levels)}", batch,
                       dyod_setup(batch, gradient_checkpointing=levels), shapes.train_iters, warmup=2, optional=True)
@@ -547,6 +578,8 @@ def main(argv=None) -> str:
     parser.add_argument("--compile", default="reduce-overhead",
                         help="comma-separated torch.compile modes to try for dyod sampling ('' for none; default "
                              "reduce-overhead; not in --tiny)")
+    parser.add_argument("--attention", default="cudnn", choices=("cudnn", "flash", "none"),
+                        help="an extra compiled sampling row with this SDPA backend first (default cudnn; not in --tiny)")
     parser.add_argument("--train-compile", default="reduce-overhead",
                         help="torch.compile mode for the training row (default reduce-overhead; 'none' to skip)")
     parser.add_argument("--train-compile-batches", default="8",
@@ -579,7 +612,7 @@ def main(argv=None) -> str:
         model = build_model(Path(tmp) / "sd15-shaped", shapes, device)
         bench.notes["model_build_s"] = time.time() - start
         if "sampling" in sections:
-            bench_sampling(bench, model, compile_modes)
+            bench_sampling(bench, model, compile_modes, None if args.attention == "none" else args.attention)
         checkpointing = tuple(x for x in args.train_checkpointing.split(",") if x)
         if "training" in sections:
             bench_training(bench, model)

@@ -22,9 +22,10 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
     assert [tuple(c[:3]) for c in cells] == [
         ("sampling", "diffusers txt2img 50 steps", "2"), ("sampling", "diffusers img2img strength 0.7", "2"),
-        ("sampling", "dyod t0=0.7", "2"),
+        ("sampling", "dyod t0=0.7", "2"), ("sampling", "dyod t0=0.7 + channels-last (eager)", "2"),
         ("dataset prompt", "diffusers example", "1"), ("dataset prompt", "dyod", "1"),
         ("dataset prompt", "diffusers example", "2"), ("dataset prompt", "dyod", "2"),
+        ("dataset prompt", "dyod + channels-last (eager)", "2"),
         ("dataset prompt", "dyod + checkpointing 1 finest level", "2"),
         ("dataset prompt", "dyod + checkpointing 2 finest levels", "2"),
         ("dataset prompt", "dyod + checkpointing all blocks", "2"),

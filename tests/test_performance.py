@@ -17,6 +17,7 @@ from dyod.performance import (
     resolve_mixed_precision,
     resolve_precision,
     store_linears_in,
+    use_channels_last,
 )
 from dyod.pipeline import DyodPipeline
 from dyod.prior import load_prior
@@ -45,7 +46,7 @@ def test_optimized_sampling_computes_the_same_latents(fitted_run, compile_mode):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     plain = DyodPipeline.from_run(fitted_run, device="cpu")
     fast = DyodPipeline.from_run(fitted_run, device="cpu").optimize(  # channels-last, fused q/k/v
-        compile=compile_mode, compile_backend="aot_eager")
+        channels_last=True, compile=compile_mode, compile_backend="aot_eager")
     if compile_mode:
         assert all(type(m).__name__ == "OptimizedModule"
                    for m in (fast.prior.unet, fast.prior.vae.encoder, fast.prior.vae.decoder))
@@ -59,6 +60,13 @@ def test_optimized_sampling_computes_the_same_latents(fitted_run, compile_mode):
     for x, y in zip(a, b):
         diff = (torch.tensor(list(x.getdata())) - torch.tensor(list(y.getdata()))).abs().max()
         assert diff <= 1  # at most one level of 8-bit rounding
+
+
+def test_channels_last_by_default_only_when_compiling():
+    # eager CUDA group norm converts channels-last inputs to NCHW (and the convolutions convert back)
+    assert use_channels_last(None, None) is False and use_channels_last(None, "none") is False
+    assert use_channels_last(None, "reduce-overhead") is True
+    assert use_channels_last(True, None) is True and use_channels_last(False, "default") is False
 
 
 def _embedding_gradient(model, autocast_dtype=None, store_text_linears=False, **optimize) -> torch.Tensor:
@@ -129,13 +137,13 @@ def test_gradient_checkpointing_setting_reads_old_and_new_spellings():
 
 def test_text_encoder_linears_stored_in_the_autocast_dtype_give_the_same_gradient(tiny_model):
     # Autocast computes every linear layer in bf16 anyway: storing the frozen ones in bf16 changes no number.
-    reference = _embedding_gradient(tiny_model, autocast_dtype=torch.bfloat16, channels_last=False)
+    reference = _embedding_gradient(tiny_model, autocast_dtype=torch.bfloat16)
     prior = load_prior(tiny_model)
     assert store_linears_in(prior.text_encoder, torch.bfloat16) == 2 * 6  # q, k, v, out, fc1, fc2 per layer
     norms = [m for m in prior.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # norms and embeddings stay fp32
     assert prior.text_encoder.get_input_embeddings().weight.dtype == torch.float32
-    stored = _embedding_gradient(tiny_model, autocast_dtype=torch.bfloat16, store_text_linears=True, channels_last=False)
+    stored = _embedding_gradient(tiny_model, autocast_dtype=torch.bfloat16, store_text_linears=True)
     assert reference.abs().sum() > 0
     torch.testing.assert_close(stored, reference, rtol=0, atol=0)
 

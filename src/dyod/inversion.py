@@ -178,8 +178,7 @@ class PromptTrainer:
         # its frozen linear layers are stored in the autocast precision they compute in, norms and embeddings stay fp32.
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         prior.unet.to(device, weight_dtype)
-        optimize_for_training(prior, channels_last=device.type == "cuda",  # CPU convolutions: as they were
-                              gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet,
+        optimize_for_training(prior, gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet,
                               autocast_dtype=weight_dtype)
         prior.text_encoder.to(device)
         self.optimizer = torch.optim.AdamW([self.embedding.learned], lr=config.learning_rate,

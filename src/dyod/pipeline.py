@@ -76,12 +76,13 @@ class DyodPipeline:
             pipe.optimize(compile=compile)
         return pipe
 
-    def optimize(self, channels_last: bool = True, fuse_projections: bool = True,
+    def optimize(self, channels_last: bool | None = None, fuse_projections: bool = True,
                  compile: str | None = None, compile_backend: str = "inductor") -> "DyodPipeline":
-        """GPU speed-ups that keep the numbers up to rounding (``performance.optimize_for_sampling``): channels-last
-        convolutions, fused q/k/v projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet and
-        the autoencoder in a mode ("default", "reduce-overhead" for CUDA graphs, "max-autotune"). The denoising loop
-        has fixed shapes, so it compiles once per batch size."""
+        """GPU speed-ups that keep the numbers up to rounding (``performance.optimize_for_sampling``): fused q/k/v
+        projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet and the autoencoder in a mode
+        ("default", "reduce-overhead" for CUDA graphs, "max-autotune"), with channels-last convolutions (``None``:
+        only when compiling, see ``performance.use_channels_last``). The denoising loop has fixed shapes, so it
+        compiles once per batch size."""
         from .performance import optimize_for_sampling
 
         optimize_for_sampling(self.prior, channels_last=channels_last, fuse_projections=fuse_projections,
