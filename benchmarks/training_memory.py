@@ -45,7 +45,12 @@ METHODS = {
     "dyod + checkpointing 1 finest level": ("dyod", {"gradient_checkpointing": "1"}),
     "dyod + checkpointing 2 finest levels": ("dyod", {"gradient_checkpointing": "2"}),
     "dyod + checkpointing all blocks": ("dyod", {"gradient_checkpointing": "all"}),
+    # not by default: inductor compiles the step on the CPU for minutes, and its CPU kernels are not the GPU's
+    "dyod + torch.compile(default)": ("dyod", {"compile_mode": "default"}),
+    "dyod + torch.compile(default) + checkpointing 2 finest levels": (
+        "dyod", {"compile_mode": "default", "gradient_checkpointing": "2"}),
 }
+DEFAULT_METHODS = [m for m in METHODS if "compile" not in m]
 SMALL = sd15_speed.Shapes(  # tiny widths at a real latent size: activations dominate, as at full scale
     resolution=128,
     unet=dict(sample_size=64, cross_attention_dim=32, block_out_channels=(32, 64), layers_per_block=1,
@@ -103,6 +108,80 @@ def worker(model: Path, method: str, batch: int) -> dict:
             "step_s": seconds}
 
 
+def saved_for_backward(loss: torch.Tensor, exclude: set[int]) -> dict[str, int]:
+    """Bytes the autograd graph behind ``loss`` keeps for the backward pass, by the operation that keeps them (each
+    storage counted once, the frozen weights in ``exclude`` left out)."""
+    seen_nodes, seen_storages, by_op = set(), set(exclude), {}
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                values = getattr(node, attr)
+            except RuntimeError:  # freed or not accessible
+                continue
+            for value in values if isinstance(values, (tuple, list)) else (values,):
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen_storages:
+                    seen_storages.add(value.untyped_storage().data_ptr())
+                    key = type(node).__name__.removesuffix("Backward0") + "." + attr.removeprefix("_saved_")
+                    by_op[key] = by_op.get(key, 0) + value.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+
+
+def breakdown(shapes: sd15_speed.Shapes) -> str:
+    """What one eager bf16 step of the frozen UNet keeps for the gradient reaching the text condition, by operation,
+    at a quarter of the latent area (one image); and the forward FLOPs of each resolution level (on the meta device:
+    no arithmetic), which is what checkpointing that level recomputes."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**shapes.unet).to(torch.bfloat16).requires_grad_(False)
+    side = shapes.unet["sample_size"] // 2
+    context = torch.randn(1, 77, shapes.unet["cross_attention_dim"], dtype=torch.bfloat16, requires_grad=True)
+    out = unet(torch.randn(1, 4, side, side, dtype=torch.bfloat16), torch.tensor([500]), encoder_hidden_states=context)
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    by_op = saved_for_backward(out.sample.float().pow(2).mean(), weights)
+    total = sum(by_op.values())
+    lines = [f"kept for the backward pass, one image, {side} x {side} latents, bf16: {total / 2**20:.1f} MiB "
+             f"(x {(shapes.unet['sample_size'] // side) ** 2} at {shapes.unet['sample_size']} x "
+             f"{shapes.unet['sample_size']}: {total * 4 / 2**20:.0f} MiB)", "",
+             "| operation . saved tensor | MiB | share |", "|---|---|---|"]
+    lines += [f"| {op} | {n / 2**20:.1f} | {100 * n / total:.1f} % |" for op, n in by_op.items() if n / total >= 0.001]
+
+    with torch.device("meta"):
+        meta_unet = UNet2DConditionModel(**shapes.unet).requires_grad_(False)  # frozen: input gradients only
+        size = shapes.unet["sample_size"]
+        x = torch.randn(1, 4, size, size)
+        ctx = torch.randn(1, 77, shapes.unet["cross_attention_dim"], requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            pred = meta_unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample
+        with FlopCounterMode(display=False) as backward_counter:  # input gradients only: the weights are frozen
+            pred.sum().backward()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    whole = counts["UNet2DConditionModel"]
+    backward = backward_counter.get_total_flops()
+    n = len(meta_unet.down_blocks)
+    lines += ["", f"forward FLOPs by resolution level, {size} x {size} latents ({whole / 1e12:.3f} TFLOP per image; the "
+              f"backward pass to the text condition {backward / 1e12:.3f}, x{backward / whole:.2f}; checkpointing a "
+              "level adds its share of the forward to the step):", "",
+              "| level | blocks | share of the forward FLOPs | added to a step |", "|---|---|---|---|"]
+    for level in range(n):
+        names = [f"UNet2DConditionModel.down_blocks.{level}", f"UNet2DConditionModel.up_blocks.{n - 1 - level}"]
+        share = sum(counts.get(name, 0) for name in names) / whole
+        lines.append(f"| {level + 1} ({size >> level} x {size >> level}) | down_blocks[{level}], up_blocks[{n - 1 - level}] "
+                     f"| {100 * share:.1f} % | +{100 * share * whole / (whole + backward):.1f} % |")
+    middle = counts.get("UNet2DConditionModel.mid_block", 0) / whole
+    lines.append(f"| middle | mid_block | {100 * middle:.1f} % | +{100 * middle * whole / (whole + backward):.1f} % |")
+    return "\n".join(lines)
+
+
 def measure(model: Path, method: str, batch: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, __file__, "--worker", method, str(batch), "--model", str(model)]
@@ -139,7 +218,7 @@ def table(summary: list[dict], batches: tuple[int, int], unit: float, unit_name:
     lines = [f"| method | weights + optimizer on device ({unit_name}) | step peak at batch {b1} | at batch {b2} | "
              f"per image | projected peak at batch {target} ({unit_name}) | vs peer | CPU s per step (batch {b2}) |",
              "|---|---|---|---|---|---|---|---|"]
-    peer = summary[0].get("projected_bytes")
+    peer = summary[0].get("projected_bytes") if summary and summary[0]["method"] == "diffusers example" else None
     for s in summary:
         if "error" in s:
             lines.append(f"| {s['method']} | {s['error']} | | | | | | |")
@@ -156,7 +235,11 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny widths at a 64 × 64 latent (seconds, for the test)")
     parser.add_argument("--batches", default="1,2", help="the two batch sizes measured (default 1,2)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all but the compiled one)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: what an eager step keeps for its backward pass, by operation, and the share of "
+                             "the UNet's forward FLOPs in each resolution level (quick: one step at 32 x 32 latents)")
     parser.add_argument("--json", default=None, help="also write the rows and the summary as JSON")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -164,6 +247,10 @@ def main(argv=None) -> str:
     if args.worker:
         print(json.dumps(worker(Path(args.model), args.worker[0], int(args.worker[1]))))
         return ""
+    if args.breakdown:
+        text = breakdown(SMALL if args.tiny else sd15_speed.SD15)
+        print(text)
+        return text
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("training_memory.py reads peak memory from Linux's /proc; run it on Linux")
     batches = tuple(int(x) for x in args.batches.split(","))
