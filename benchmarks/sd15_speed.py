@@ -120,6 +120,7 @@ def measure(device):
     sync(device)
     start = time.perf_counter()
     yield result
+    result["host_seconds"] = time.perf_counter() - start  # until the host has queued everything (no final sync)
     sync(device)
     result["seconds"] = time.perf_counter() - start
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -195,8 +196,11 @@ class Bench:
                     out = fn()
             images_per_s = iters * batch / m["seconds"]
             mfu = (flops_per_iter * iters / m["seconds"] / 1e12 / self.peak) if flops_per_iter and self.peak else None
+            # host_share near 1: the host's Python and dispatch set the pace (the GPU waits for work), not the GPU —
+            # or the call reads something back from the device each time (PIL images, fp16's gradient-scaler check)
             self.add(stage=stage, method=method, batch=batch, images_per_s=images_per_s, peak_gib=m["peak_gib"],
-                     mfu=mfu, seconds_per_iter=m["seconds"] / iters, setup_and_warmup_s=warm_s)
+                     mfu=mfu, seconds_per_iter=m["seconds"] / iters, setup_and_warmup_s=warm_s,
+                     host_share=m["host_seconds"] / m["seconds"])
             if after is not None:
                 after()
                 self.save()

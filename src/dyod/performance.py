@@ -67,6 +67,8 @@ def compile_module(module: torch.nn.Module, mode: str | None, backend: str = "in
     mode = check_compile_mode(mode)
     if mode is None:
         return module
+    logger.info("torch.compile(%s, mode=%s): the first call compiles (a minute or more at SD scale, once per shape)",
+                type(module).__name__, mode)
     if backend != "inductor":  # modes are inductor's
         return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
     return torch.compile(module, mode=mode, fullgraph=True, dynamic=False)
