@@ -83,6 +83,29 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, tiny_mo
     assert torch.isfinite(load_file(str(checkpoint))["learned"]).all()
 
 
+def test_out_of_memory_says_how_to_use_less(tmp_path, tiny_model, shapes, monkeypatch):
+    import dyod.inversion as inversion
+
+    real = inversion.inversion_loss
+    calls = {"n": 0}
+
+    def exhausting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inversion, "inversion_loss", exhausting)
+    with pytest.raises(DyodError) as e:
+        dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=10, checkpoint_every=2,
+                    batch_size=4), progress=False, device="cpu")
+    message = str(e.value)
+    assert "ran out of memory" in message and "batch 4" in message
+    assert "--gradient-checkpointing 2" in message and "--batch-size 2 --gradient-accumulation-steps 2" in message
+    assert "checkpoint.safetensors is intact" in message and "--resume" in message
+    assert _checkpoint_step(tmp_path / "run" / "inversion" / "checkpoint.safetensors") == 2
+
+
 def _png_bytes(mode="RGB", size=(12, 9)):
     buf = io.BytesIO()
     Image.new(mode, size, 128).save(buf, format="PNG")

@@ -133,6 +133,23 @@ def draw_batch(cache: LatentCache, template_ids: torch.Tensor, batch_size: int, 
     return latents, noise, timesteps, input_ids
 
 
+def _out_of_memory_advice(config: InversionConfig, checkpoint: Path) -> str:
+    ways = []
+    if config.gradient_checkpointing in ("none", "1"):
+        ways.append("--gradient-checkpointing 2 (recompute the two finest UNet levels: about 55 % less memory per "
+                    "image at SD-1.5 scale, a third more arithmetic) or all")
+    elif config.gradient_checkpointing != "all":
+        ways.append("--gradient-checkpointing all")
+    if config.batch_size > 1:
+        ways.append(f"--batch-size {max(1, config.batch_size // 2)} --gradient-accumulation-steps "
+                    f"{2 * config.gradient_accumulation_steps} (the same images per update)")
+    then = "then --resume" if checkpoint.exists() else "then run again"
+    kept = f"the last checkpoint in {checkpoint} is intact" if checkpoint.exists() else "no checkpoint was written yet"
+    return (f"the accelerator ran out of memory in the dataset-prompt step (batch {config.batch_size}, gradient "
+            f"checkpointing {config.gradient_checkpointing}); {kept}. Use less memory with "
+            f"{' or '.join(ways) or 'a smaller model'}, {then}")
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
     if not path.exists():
         return
@@ -284,7 +301,10 @@ def invert(
                disable=not progress or not accelerator.is_main_process, desc="dataset prompt")
     pending: list[torch.Tensor] = []  # losses of steps not yet read back: reading one waits for the GPU
     for step in bar:
-        pending.append(trainer.step())
+        try:
+            pending.append(trainer.step())
+        except torch.OutOfMemoryError:
+            raise DyodError(_out_of_memory_advice(config, checkpoint)) from None
         done = step + 1
         save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
         if not (save or len(pending) == SYNC_EVERY):
