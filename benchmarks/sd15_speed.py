@@ -411,10 +411,14 @@ def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
     if channels_last and compile_mode == "none":  # the eager layout dyod used before (see performance.use_channels_last)
         prior.unet.to(memory_format=torch.channels_last)
 
-    def step():
-        return trainer.step()
+    losses = []  # every step's loss, left on the device (reading it would wait for the GPU)
 
-    step.on_device, step.optimizer = (prior.unet, prior.text_encoder), trainer.optimizer
+    def step():
+        loss = trainer.step()
+        losses.append(loss)
+        return loss
+
+    step.on_device, step.optimizer, step.losses = (prior.unet, prior.text_encoder), trainer.optimizer, losses
     return step
 
 
@@ -459,6 +463,25 @@ def peer_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
     return step
 
 
+FIRST_LOSSES = 3
+
+
+def training_faithfulness(rows: list[dict]) -> dict:
+    """Each dyod training variant's first losses against eager dyod's at the same batch (same seed, same batches):
+    the largest relative difference. Checkpointing recomputes the same arithmetic; compiled kernels round differently."""
+    reference = {r["batch"]: r["first_losses"] for r in rows
+                 if r["stage"] == "dataset prompt" and r["method"] == "dyod" and r.get("first_losses")}
+    result = {}
+    for r in rows:
+        ref = reference.get(r["batch"])
+        if r["method"] == "dyod" or not r.get("first_losses") or not ref:
+            continue
+        n = min(len(ref), len(r["first_losses"]))
+        result[f"{r['method']}, batch {r['batch']}"] = max(abs(a - b) / abs(b) for a, b in
+                                                         zip(r["first_losses"][:n], ref[:n]))
+    return result
+
+
 def checkpointing_label(levels: str) -> str:
     return "all blocks" if levels == "all" else f"{levels} finest level{'s' if levels != '1' else ''}"
 
@@ -481,7 +504,10 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
             step = dyod_training_step(model, batch, device, half, dyod_precision, **options)
             if flops is not None:
                 flops.append(count_flops(step))
-            return step, None
+
+            def after():  # every variant draws the same batches from the same seed: its first losses must agree
+                bench.rows[-1]["first_losses"] = [float(loss) for loss in step.losses[:FIRST_LOSSES]]
+            return step, after
         return setup
 
     def peer_setup(batch, flops=None):
@@ -628,6 +654,8 @@ def main(argv=None) -> str:
         if "encoding" in sections:
             bench_encoding(bench, model)
     bench.notes["wall_s"] = time.time() - start
+    if "training" in sections:
+        bench.notes["training_first_losses_relative_difference_vs_eager"] = training_faithfulness(bench.rows)
     bench.save()
     text = f"{header(device, dtype, args.tiny, bench.peak)}\n\n{table(bench.rows)}\n\nnotes: {json.dumps(bench.notes, indent=1)}"
     print(text)

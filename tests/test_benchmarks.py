@@ -40,6 +40,11 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     notes = json.loads((tmp_path / "rows.json").read_text())["notes"]
     errors = notes["faithfulness_relative_l2"]
     assert errors and all(0 <= e < 1e-4 for e in errors.values())
+    # The training variants draw the same batches: their first losses match eager dyod's (fp32 on the CPU).
+    training = notes["training_first_losses_relative_difference_vs_eager"]
+    assert set(training) == {f"dyod + {v}, batch 2" for v in ("channels-last (eager)", "checkpointing 1 finest level",
+                                                              "checkpointing 2 finest levels", "checkpointing all blocks")}
+    assert all(0 <= e < 1e-5 for e in training.values())
 
 
 def test_training_memory_measures_what_checkpointing_saves(tmp_path):
