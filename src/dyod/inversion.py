@@ -177,7 +177,9 @@ class PromptTrainer:
 
     ``step()`` runs one optimizer step (with gradient accumulation) and returns its loss as a tensor on the device,
     without waiting for the GPU: nothing in it reads a value back, and the batch is copied without synchronizing,
-    so the host prepares the next step while the GPU runs this one. The caller checks the losses every few steps."""
+    so the host prepares the next step while the GPU runs this one. The caller checks the losses every few steps.
+    (One exception: under fp16 mixed precision, on GPUs without bf16, Accelerate's gradient scaler reads its overflow
+    flag at every optimizer step.)"""
 
     def __init__(self, prior: Prior, cache: LatentCache, config: InversionConfig, accelerator):
         self.prior, self.cache, self.config, self.accelerator = prior, cache, config, accelerator
