@@ -230,70 +230,88 @@ def attention_backend(name: str | None):
         yield
 
 
-def bench_sampling(bench: Bench, model: Path, compile_modes: list[str], attention_variant: str | None = None):
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+class SamplingRows:
+    """The sampling rows, each added by its own call so that ``main`` can order them by priority: the peers and dyod
+    eager first, compiled variants later (each compiles for a minute or more), the faithfulness check after those."""
 
-    from dyod import SampleConfig
-    from dyod.pipeline import DyodPipeline
-    from dyod.prior import load_prior
-    from dyod.vae import VanillaVAE
+    def __init__(self, bench: Bench, model: Path):
+        from dyod import SampleConfig
 
-    shapes, device, dtype = bench.shapes, bench.device, bench.dtype
-    b = shapes.batch
-    prompt = ["a photo of an object"] * b
-    init = torch.rand(b, 3, shapes.resolution, shapes.resolution, generator=torch.Generator().manual_seed(0))
-    config = SampleConfig(t0=T0, num_inference_steps=STEPS, guidance_scale=GUIDANCE, batch_size=b,
-                          prompt="a photo of an object")
-    h = shapes.resolution // 2 ** (len(shapes.vae["block_out_channels"]) - 1)  # latent side
-    latents_in = torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(1))
-    noise_in = torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(2))
+        self.bench, self.model = bench, model
+        shapes = bench.shapes
+        b = self.b = shapes.batch
+        self.config = SampleConfig(t0=T0, num_inference_steps=STEPS, guidance_scale=GUIDANCE, batch_size=b,
+                                   prompt="a photo of an object")
+        self.h = shapes.resolution // 2 ** (len(shapes.vae["block_out_channels"]) - 1)  # latent side
+        self.latents_in = torch.randn(b, 4, self.h, self.h, generator=torch.Generator().manual_seed(1))
+        self.noise_in = torch.randn(b, 4, self.h, self.h, generator=torch.Generator().manual_seed(2))
+        self.latents: dict[str, torch.Tensor] = {}  # variant -> its 35-step latents, for the faithfulness check
+        self.reference = None  # the fp32 results, computed once
+        self.unet_call = self._count()
+        bench.notes["unet_tflop_per_image_forward"] = self.unet_call / (2 * b) / 1e12
 
-    def diffusers_pipe(cls):
-        pipe = cls.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    def _diffusers_pipe(self, cls):
+        from diffusers import DDIMScheduler
+
+        pipe = cls.from_pretrained(self.model, torch_dtype=self.bench.dtype, safety_checker=None,
+                                   requires_safety_checker=False).to(self.bench.device)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    # FLOPs of one guided UNet call (batch 2b), counted once on an eager UNet.
-    def count():
-        pipe = diffusers_pipe(StableDiffusionPipeline)
+    def _count(self) -> float:
+        """FLOPs of one guided UNet call (batch 2b), counted once on an eager UNet."""
+        from diffusers import StableDiffusionPipeline
+
+        device, dtype, b, h = self.bench.device, self.bench.dtype, self.b, self.h
+        pipe = self._diffusers_pipe(StableDiffusionPipeline)
         x = torch.randn(2 * b, 4, h, h, device=device, dtype=dtype)
-        ctx = torch.randn(2 * b, 77, shapes.unet["cross_attention_dim"], device=device, dtype=dtype)
+        ctx = torch.randn(2 * b, 77, self.bench.shapes.unet["cross_attention_dim"], device=device, dtype=dtype)
         with torch.no_grad():
             flops = count_flops(partial(pipe.unet, x, torch.tensor(500, device=device), encoder_hidden_states=ctx))
         del pipe
         free()
         return flops
 
-    unet_call = count()
-    bench.notes["unet_tflop_per_image_forward"] = unet_call / (2 * b) / 1e12
+    def peers(self):
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-    def peer(cls, kwargs):
-        def setup():
-            pipe = diffusers_pipe(cls)
-            return (lambda: pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt",
-                                 **kwargs)), None
-        return setup
+        bench, b, shapes = self.bench, self.b, self.bench.shapes
+        prompt = ["a photo of an object"] * b
+        init = torch.rand(b, 3, shapes.resolution, shapes.resolution, generator=torch.Generator().manual_seed(0))
 
-    bench.run("sampling", f"diffusers txt2img {STEPS} steps", b, peer(StableDiffusionPipeline, {}), shapes.iters,
-              flops_per_iter=unet_call * SAMPLING_CALLS["txt2img"])
-    bench.run("sampling", f"diffusers img2img strength {T0}", b,
-              peer(StableDiffusionImg2ImgPipeline, {"image": init, "strength": T0}), shapes.iters,
-              flops_per_iter=unet_call * SAMPLING_CALLS["img2img"])
+        def peer(cls, kwargs):
+            def setup():
+                pipe = self._diffusers_pipe(cls)
+                return (lambda: pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt",
+                                     **kwargs)), None
+            return setup
 
-    def dyod_pipe(compile_mode, optimized=True, pipe_dtype=dtype, channels_last=None):
-        prior = load_prior(model, device=device, dtype=pipe_dtype)
+        bench.run("sampling", f"diffusers txt2img {STEPS} steps", b, peer(StableDiffusionPipeline, {}), shapes.iters,
+                  flops_per_iter=self.unet_call * SAMPLING_CALLS["txt2img"])
+        bench.run("sampling", f"diffusers img2img strength {T0}", b,
+                  peer(StableDiffusionImg2ImgPipeline, {"image": init, "strength": T0}), shapes.iters,
+                  flops_per_iter=self.unet_call * SAMPLING_CALLS["img2img"])
+
+    def pipe(self, compile_mode="none", optimized=True, pipe_dtype=None, channels_last=None):
+        from dyod.pipeline import DyodPipeline
+        from dyod.prior import load_prior
+        from dyod.vae import VanillaVAE
+
+        device = self.bench.device
+        prior = load_prior(self.model, device=device, dtype=pipe_dtype or self.bench.dtype)
         pipe = DyodPipeline(prior, None, custom_vae=VanillaVAE(64, 32).to(device).eval(), output_resolution=64)
         if optimized:
             pipe.optimize(compile=compile_mode, channels_last=channels_last)
         return pipe
 
-    latents = {}
+    def dyod(self, compile_mode: str = "none", attention: str | None = None, channels_last: bool | None = None):
+        """One dyod row: the whole sampler timed, then the reverse process alone (untimed extra)."""
+        bench, b, shapes, config = self.bench, self.b, self.bench.shapes, self.config
+        key = compile_mode + (f"+{attention}" if attention else "") + ("+channels-last" if channels_last else "")
 
-    def dyod_setup(compile_mode, attention=None, channels_last=None):
         def setup():
-            pipe = dyod_pipe(compile_mode, channels_last=channels_last)
-            key = compile_mode + (f"+{attention}" if attention else "") + ("+channels-last" if channels_last else "")
+            pipe = self.pipe(compile_mode, channels_last=channels_last)
 
             def run(fn):
                 with attention_backend(attention):
@@ -302,28 +320,25 @@ def bench_sampling(bench: Bench, model: Path, compile_modes: list[str], attentio
             def after():
                 # The same fixed x' and ε through the reverse process alone: where the time goes, and the latents
                 # for the faithfulness check against fp32.
-                with measure(device) as m:
+                with measure(bench.device) as m:
                     for _ in range(shapes.iters):
-                        latents[key] = run(lambda: pipe.denoise_from(latents_in, noise_in, T0, config)).float().cpu()
+                        self.latents[key] = run(
+                            lambda: pipe.denoise_from(self.latents_in, self.noise_in, T0, config)).float().cpu()
                 bench.rows[-1]["reverse_process_s_per_iter"] = m["seconds"] / shapes.iters
 
             # timed: the whole sampler, z -> custom VAE -> Lanczos up -> encode -> DDIM from t0 -> decode -> down
             return (lambda: run(lambda: pipe.sample(b, config, seed=0, progress=False))), after
-        return setup
 
-    variants = [("none", None, None), ("none", None, True)]  # eager as dyod runs it, and with the old channels-last
-    variants += [(mode, None, None) for mode in compile_modes]
-    if attention_variant and compile_modes:
-        variants.append((compile_modes[0], attention_variant, None))
-    for mode, attention, channels_last in variants:
-        name = "dyod t0=0.7" + ("" if mode == "none" else f" + torch.compile({mode})")
+        name = "dyod t0=0.7" + ("" if compile_mode == "none" else f" + torch.compile({compile_mode})")
         name += f" + {attention} attention" if attention else ""
         name += " + channels-last (eager)" if channels_last else ""
-        warmup = 1 if mode == "none" else 3  # compile, then CUDA-graph warm-up and recording
-        bench.run("sampling", name, b, dyod_setup(mode, attention, channels_last), shapes.iters, warmup=warmup,
-                  flops_per_iter=unet_call * SAMPLING_CALLS["dyod"], optional=mode != "none" or channels_last)
+        warmup = 1 if compile_mode == "none" else 3  # compile, then CUDA-graph warm-up and recording
+        bench.run("sampling", name, b, setup, shapes.iters, warmup=warmup,
+                  flops_per_iter=self.unet_call * SAMPLING_CALLS["dyod"],
+                  optional=compile_mode != "none" or bool(channels_last))
 
-    faithfulness(bench, model, dyod_pipe, latents, latents_in, noise_in, config, h)
+    def faithfulness(self):
+        faithfulness(self)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -333,33 +348,39 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm())
 
 
-def faithfulness(bench: Bench, model, dyod_pipe, latents, latents_in, noise_in, config, h):
-    """fp16 / compiled paths vs the fp32 eager path: one UNet call, and the whole 35-step reverse process."""
-    if bench.time_left() < 60:
-        bench.notes["faithfulness"] = "skipped: out of time"
+def faithfulness(rows: SamplingRows):
+    """fp16 / compiled paths vs the fp32 eager path: one UNet call, and the whole 35-step reverse process of every
+    variant timed so far (the fp32 reference is computed once; a later call adds the variants timed since)."""
+    bench = rows.bench
+    if bench.time_left() < 60 and rows.reference is None:
+        bench.notes.setdefault("faithfulness_relative_l2", "skipped: out of time")
         return
-    device, b = bench.device, bench.shapes.batch
+    device, b, h = bench.device, bench.shapes.batch, rows.h
     try:
-        ref_pipe = dyod_pipe("none", optimized=False, pipe_dtype=torch.float32)
-        prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
         x = torch.randn(2 * b, 4, h, h, generator=torch.Generator().manual_seed(3)).to(device)
-        ctx = torch.randn(2 * b, 77, bench.shapes.unet["cross_attention_dim"], generator=torch.Generator().manual_seed(4)).to(device)
+        ctx = torch.randn(2 * b, 77, bench.shapes.unet["cross_attention_dim"],
+                          generator=torch.Generator().manual_seed(4)).to(device)
         t = torch.tensor(500, device=device)
-        with torch.no_grad():
-            ref_call = ref_pipe.prior.unet(x, t, encoder_hidden_states=ctx).sample.float().cpu()
-        ref_latents = ref_pipe.denoise_from(latents_in, noise_in, T0, config).float().cpu()
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
-        del ref_pipe
-        free()
-        fast = dyod_pipe("none")
-        with torch.no_grad():
-            fast_call = fast.prior.unet(x.to(bench.dtype), t, encoder_hidden_states=ctx.to(bench.dtype)).sample.float().cpu()
-        del fast
-        free()
+        if rows.reference is None:
+            ref_pipe = rows.pipe("none", optimized=False, pipe_dtype=torch.float32)
+            prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+            with torch.no_grad():
+                ref_call = ref_pipe.prior.unet(x, t, encoder_hidden_states=ctx).sample.float().cpu()
+            ref_latents = ref_pipe.denoise_from(rows.latents_in, rows.noise_in, T0, rows.config).float().cpu()
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
+            del ref_pipe
+            free()
+            fast = rows.pipe("none")
+            with torch.no_grad():
+                fast_call = fast.prior.unet(x.to(bench.dtype), t, encoder_hidden_states=ctx.to(bench.dtype)).sample
+            del fast
+            free()
+            rows.reference = ref_latents, rel_err(fast_call.float().cpu(), ref_call)
+        ref_latents, call_error = rows.reference
         precision = str(bench.dtype).removeprefix("torch.")
-        result = {f"one UNet call, dyod {precision} optimized vs fp32": rel_err(fast_call, ref_call)}
-        for key, value in latents.items():
+        result = {f"one UNet call, dyod {precision} optimized vs fp32": call_error}
+        for key, value in rows.latents.items():
             mode, *extras = key.split("+")
             label = " + ".join(["eager" if mode == "none" else f"torch.compile({mode})",
                                 *(e if e == "channels-last" else f"{e} attention" for e in extras)])
@@ -489,8 +510,8 @@ def checkpointing_label(levels: str) -> str:
 def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] = (), train_compile_mode: str = "none",
                    part: str = "eager", checkpointing: tuple[str, ...] = ("2",),
                    compile_checkpointing: tuple[str, ...] = ("none",)):
-    """``part``: "eager" rows at every batch size, "compiled" rows (one per ``compile_checkpointing`` setting), or the
-    "checkpointing" rows (one per ``checkpointing`` setting) at the largest batch."""
+    """``part``: "eager" rows at every batch size, "compiled" rows (one per ``compile_checkpointing`` setting), the
+    "checkpointing" rows (one per ``checkpointing`` setting) or the "channels-last" row at the largest batch."""
     from dyod.performance import resolve_mixed_precision
 
     shapes, device = bench.shapes, bench.device
@@ -518,10 +539,13 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
             return step, None
         return setup
 
-    if part == "checkpointing":
+    if part == "channels-last":
         batch = max(shapes.train_batches)
         bench.run("dataset prompt", "dyod + channels-last (eager)", batch, dyod_setup(batch, channels_last=True),
                   shapes.train_iters, warmup=2, optional=True)
+        return
+    if part == "checkpointing":
+        batch = max(shapes.train_batches)
         for levels in checkpointing:
             bench.run("dataset prompt", f"dyod + checkpointing {checkpointing_label(levels)}", batch,
                       dyod_setup(batch, gradient_checkpointing=levels), shapes.train_iters, warmup=2, optional=True)
@@ -638,21 +662,38 @@ def main(argv=None) -> str:
         compile_batches = (max(shapes.train_batches),)
     bench = Bench(shapes, device, dtype, Path(args.json) if args.json else None, start + args.budget_s)
     sections = args.sections.split(",")
+    checkpointing = tuple(x for x in args.train_checkpointing.split(",") if x)
+    compile_checkpointing = tuple(x for x in args.train_compile_checkpointing.split(",") if x)
+    attention = None if args.attention == "none" else args.attention
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "sd15-shaped", shapes, device)
         bench.notes["model_build_s"] = time.time() - start
-        if "sampling" in sections:
-            bench_sampling(bench, model, compile_modes, None if args.attention == "none" else args.attention)
-        checkpointing = tuple(x for x in args.train_checkpointing.split(",") if x)
+        sampling = SamplingRows(bench, model) if "sampling" in sections else None
+        # The rows every run needs first, then the optional ones by how much they say about the targets: when the
+        # time budget runs out, what is skipped is the least telling.
+        if sampling:
+            sampling.peers()
+            sampling.dyod("none")
         if "training" in sections:
             bench_training(bench, model)
-            if compile_batches:  # the rows that can meet the targets first: each compiles for a minute or two
-                bench_training(bench, model, compile_batches, train_compile, part="compiled",
-                               compile_checkpointing=tuple(x for x in args.train_compile_checkpointing.split(",") if x))
-            if checkpointing:  # quick (no compilation): these fit in what is left
-                bench_training(bench, model, part="checkpointing", checkpointing=checkpointing)
         if "encoding" in sections:
             bench_encoding(bench, model)
+        if sampling:
+            for mode in compile_modes:
+                sampling.dyod(mode)
+            sampling.faithfulness()
+        if "training" in sections and compile_batches:  # each compiles for a minute or two
+            bench_training(bench, model, compile_batches, train_compile, part="compiled",
+                           compile_checkpointing=compile_checkpointing)
+        if "training" in sections:
+            if checkpointing:
+                bench_training(bench, model, part="checkpointing", checkpointing=checkpointing)
+            bench_training(bench, model, part="channels-last")
+        if sampling:
+            sampling.dyod("none", channels_last=True)
+            if attention and compile_modes:
+                sampling.dyod(compile_modes[0], attention=attention)
+            sampling.faithfulness()  # adds the variants timed since the first check
     bench.notes["wall_s"] = time.time() - start
     if "training" in sections:
         bench.notes["training_first_losses_relative_difference_vs_eager"] = training_faithfulness(bench.rows)
