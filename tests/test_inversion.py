@@ -1,6 +1,7 @@
 """Stage 1: textual inversion over the whole dataset (Eq. 7)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -184,3 +185,21 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, 
     monkeypatch.undo()
     assert all(loss.ndim == 0 and torch.isfinite(loss) for loss in losses)
     assert not torch.equal(trainer.embedding.learned, before)  # the steps did train S*
+
+
+def test_bf16_mixed_precision_trains_with_the_frozen_parts_in_bf16(tmp_path, tiny_model, shapes):
+    """--mixed-precision bf16 (what auto picks on recent GPUs) end to end on the CPU: the frozen UNet and the text
+    encoder's frozen linear layers in bf16, S* in fp32, and the loss still falls."""
+    out = tmp_path / "run"
+    config = dyod.InversionConfig(steps=40, batch_size=4, learning_rate=0.05, mixed_precision="bf16", seed=1)
+    dyod.invert(shapes, tiny_model, out, config, progress=False, device="cpu")
+    stage = json.loads((out / "run.json").read_text())["stages"]["inversion"]
+    assert stage["mixed_precision"] == "bf16"
+    token, learned = load_learned_embeds(out / "learned_embeds.safetensors")
+    assert learned.dtype == torch.float32 and torch.isfinite(learned).all()
+    losses = [json.loads(line)["loss"] for line in (out / "inversion" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 40 and all(map(math.isfinite, losses))
+    init = load_prior(tiny_model)
+    start = init.text_encoder.get_input_embeddings().weight[init.tokenizer("object", add_special_tokens=False).input_ids]
+    assert fixed_batch_loss(tiny_model, shapes, token, learned) < fixed_batch_loss(tiny_model, shapes, token,
+                                                                                    start.detach().float())
