@@ -5,6 +5,7 @@
 #   pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata     # here, once; .whl/ is git-ignored
 #   echo /.whl/ >> .git/info/exclude
 #   # on the device, with .whl carried:
+#   bash benchmarks/device_run.sh gpu-tests             # tests/test_gpu.py: no syncs, CUDA graphs = eager (1 min)
 #   bash benchmarks/device_run.sh training              # the dataset-prompt rows at batch 8 (about 5 minutes)
 #   bash benchmarks/device_run.sh sampling,encoding     # the sampling rows and the faithfulness check (about 5)
 #
@@ -23,6 +24,10 @@ else
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 name=${sections//,/-}
+if [[ $sections == gpu-tests ]]; then
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/$name.log"
+    exit
+fi
 extra=()
 [[ $sections == training ]] && extra=(--train-batches 8)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/$name.log"

@@ -1,0 +1,92 @@
+"""Promises of the fast paths that only a CUDA GPU can check (skipped elsewhere; CI has no GPU).
+
+On a lent GPU machine: ``python -m pytest tests/test_gpu.py`` (about a minute: two tiny UNets compile).
+``DYOD_GPU_TESTS_ON=cpu`` runs the same code on the CPU (without the synchronization checks) to check the tests."""
+
+import os
+
+import pytest
+import torch
+
+import dyod
+from dyod.data import load_image_folder, pil_to_tensor, resize_lanczos
+from dyod.inversion import LatentCache, PromptTrainer
+from dyod.performance import new_accelerator
+from dyod.pipeline import DyodPipeline
+from dyod.prior import load_prior
+from dyod.sampling import Schedule, sample_ddim
+
+DEVICE = os.environ.get("DYOD_GPU_TESTS_ON", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class never_synchronizes:
+    """Inside: any CUDA call that makes the host wait for the GPU raises (``torch.cuda.set_sync_debug_mode``)."""
+
+    def __enter__(self):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def trainer(model, data, mixed_precision="no", **options) -> PromptTrainer:
+    prior = load_prior(model)
+    x = pil_to_tensor([resize_lanczos(im, prior.resolution) for im in load_image_folder(data).images[:8]])
+    with torch.no_grad():
+        posterior = prior.vae.encode(x).latent_dist
+    cache = LatentCache(posterior.mean, posterior.std)
+    config = dyod.InversionConfig(batch_size=4, mixed_precision=mixed_precision, **options)
+    return PromptTrainer(prior, cache, config, new_accelerator(mixed_precision=mixed_precision, cpu=DEVICE == "cpu"))
+
+
+def test_training_step_never_waits_for_the_gpu(tiny_model, shapes):
+    bf16 = DEVICE == "cuda" and torch.cuda.is_bf16_supported()
+    run = trainer(tiny_model, shapes, mixed_precision="bf16" if bf16 else "no")
+    run.step()  # warm-up: cuDNN's algorithm search, AdamW's state, the pinned blocks
+    with never_synchronizes():
+        losses = [run.step() for _ in range(3)]
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_cuda_graph_training_matches_eager(tiny_model, shapes):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch._dynamo.reset()
+    eager = trainer(tiny_model, shapes)
+    compiled = trainer(tiny_model, shapes, compile_unet="reduce-overhead", gradient_checkpointing="1")
+    for _ in range(4):  # the same seeded batches: the losses agree step by step, S* too
+        a, b = eager.step(), compiled.step()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled.embedding.learned, eager.embedding.learned, rtol=1e-4, atol=1e-6)
+
+
+def test_ddim_loop_never_waits_for_the_gpu(fitted_run):
+    pipe = DyodPipeline.for_sampling(fitted_run, device=DEVICE)  # fp16 and optimize() on CUDA
+    config = dyod.SampleConfig(t0=0.6, num_inference_steps=10)
+    schedule = Schedule.from_scheduler_config(pipe.prior.scheduler_config, config.num_inference_steps)
+    model = pipe.denoiser(config)
+    x = torch.randn(2, 4, 8, 8, device=DEVICE)
+    sample_ddim(model, x, schedule.start(config.t0), schedule, progress=False)  # warm-up
+    with never_synchronizes():
+        out = sample_ddim(model, x, schedule.start(config.t0), schedule, progress=False)
+    assert torch.isfinite(out).all()
+
+
+def test_cuda_graph_sampling_matches_eager(fitted_run):
+    torch._dynamo.reset()
+    config = dyod.SampleConfig(t0=0.6, num_inference_steps=10)
+    init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    eager = DyodPipeline.for_sampling(fitted_run, device=DEVICE, precision="fp32")
+    compiled = DyodPipeline.for_sampling(fitted_run, device=DEVICE, precision="fp32", compile="reduce-overhead")
+    expected = eager.denoise_from(init, noise, config.t0, config)
+    for _ in range(3):  # recording, then replays of the CUDA graphs
+        torch.testing.assert_close(compiled.denoise_from(init, noise, config.t0, config), expected, rtol=1e-3, atol=1e-4)
+    a = eager.sample(2, config, seed=3)
+    b = compiled.sample(2, config, seed=3)
+    for x, y in zip(a, b):
+        diff = (torch.tensor(list(x.getdata())) - torch.tensor(list(y.getdata()))).abs().max()
+        assert diff <= 2  # the autoencoder compiled too: a level or two of 8-bit rounding at most
