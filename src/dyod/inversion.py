@@ -32,7 +32,7 @@ from .embeddings import (
     uninstall_placeholder,
 )
 from .errors import DyodError
-from .performance import new_accelerator, optimize_for_training, resolve_mixed_precision
+from .performance import new_accelerator, optimize_for_training, resolve_mixed_precision, to_device_async
 from .prior import Prior, load_prior
 from .run import Run
 
@@ -159,14 +159,6 @@ def _truncate_log(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU batch to the accelerator without waiting for it: from pinned memory (PyTorch caches the pinned blocks) the
-    copy is asynchronous; from ordinary memory CUDA may first wait for the stream to drain."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
-
 SYNC_EVERY = 25  # steps between reads of the loss (each read waits for the GPU to finish what it was given)
 
 
@@ -228,7 +220,7 @@ class PromptTrainer:
                     self.cache, self.template_ids, config.batch_size, len(self.alphas_cumprod), self.generator,
                     config.sample_latents, self.prior.scaling_factor,
                 )
-                batch = [_to_device(x, device) for x in (latents, noise, timesteps, input_ids)]
+                batch = [to_device_async(x, device) for x in (latents, noise, timesteps, input_ids)]
                 with accelerator.autocast():
                     loss = inversion_loss(self.prior, *batch, self.alphas_cumprod)
                 accelerator.backward(loss)

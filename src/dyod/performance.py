@@ -42,6 +42,15 @@ def check_compile_mode(mode: str | None) -> str | None:
     return mode
 
 
+def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x.to(device)`` without waiting for the GPU: a copy from ordinary (pageable) CPU memory waits for the stream to
+    drain, one from pinned memory does not (PyTorch caches the pinned blocks, so pinning a small batch is cheap)."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def use_fast_kernels(device: torch.device | str) -> None:
     """Let cuDNN pick the fastest convolution algorithm for the fixed shapes of a denoising loop or training step."""
     if torch.device(device).type == "cuda":

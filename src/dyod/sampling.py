@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DyodError
+from .performance import to_device_async
 
 # model(x_t, t) -> raw network output (ε, v or x_0 depending on the model's prediction type)
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -146,8 +147,7 @@ def sample_ddim(
     """Run the deterministic reverse process p_phi(x_{0:t0-1} | x_{t0}, c*) over ``timesteps`` (descending)."""
     # The ᾱ values stay 0-d CPU tensors (CUDA kernels take them as scalars, as in diffusers) and the timesteps move
     # to the device once: nothing in the loop waits for the GPU, so the host can queue the next step's kernels.
-    timesteps_on_device = timesteps.to(x.device) if x.device.type != "cuda" else \
-        timesteps.pin_memory().to(x.device, non_blocking=True)  # a copy from pageable memory would wait
+    timesteps_on_device = to_device_async(timesteps, x.device)
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="DDIM", leave=False)):
         alpha_cumprod = schedule.alpha_cumprod(t)
         model_output = model(x, timesteps_on_device[i])
