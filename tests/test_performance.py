@@ -126,7 +126,7 @@ def test_checkpointing_levels_pick_the_finest_resolution_blocks(tiny_model):
 
 
 def test_gradient_checkpointing_setting_reads_old_and_new_spellings():
-    assert InversionConfig().gradient_checkpointing == "none"
+    assert InversionConfig().gradient_checkpointing == "auto"
     assert from_dict(InversionConfig, {"gradient_checkpointing": True}).gradient_checkpointing == "all"  # older runs
     assert from_dict(InversionConfig, {"gradient_checkpointing": False}).gradient_checkpointing == "none"
     assert InversionConfig(gradient_checkpointing="True").gradient_checkpointing == "all"

@@ -1,5 +1,6 @@
 """Failure and recovery: SIGKILL and --resume, hostile image files (fuzzed), numerical faults."""
 
+import dataclasses
 import io
 import json
 import os
@@ -77,7 +78,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, tiny_mo
     monkeypatch.setattr(inversion, "inversion_loss", failing)
     with pytest.raises(DyodError, match="loss became nan at step 5.*checkpoint.*intact.*bf16"):
         dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=10, checkpoint_every=2,
-                    batch_size=2), progress=False, device="cpu")
+                    batch_size=2, gradient_checkpointing="none"), progress=False, device="cpu")  # no probe step
     checkpoint = tmp_path / "run" / "inversion" / "checkpoint.safetensors"
     assert _checkpoint_step(checkpoint) == 4
     assert torch.isfinite(load_file(str(checkpoint))["learned"]).all()
@@ -98,12 +99,64 @@ def test_out_of_memory_says_how_to_use_less(tmp_path, tiny_model, shapes, monkey
     monkeypatch.setattr(inversion, "inversion_loss", exhausting)
     with pytest.raises(DyodError) as e:
         dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=10, checkpoint_every=2,
-                    batch_size=4), progress=False, device="cpu")
+                    batch_size=4, gradient_checkpointing="none"), progress=False, device="cpu")  # no probe step
     message = str(e.value)
     assert "ran out of memory" in message and "batch 4" in message
     assert "--gradient-checkpointing 2" in message and "--batch-size 2 --gradient-accumulation-steps 2" in message
     assert "checkpoint.safetensors is intact" in message and "--resume" in message
     assert _checkpoint_step(tmp_path / "run" / "inversion" / "checkpoint.safetensors") == 2
+
+
+def _fails_below_two_checkpointed_levels(monkeypatch):
+    """inversion_loss that runs out of memory unless the UNet's two finest levels are checkpointed (a small GPU)."""
+    import dyod.inversion as inversion
+
+    real = inversion.inversion_loss
+
+    def loss(prior, *args, **kwargs):
+        unet = getattr(prior.unet, "_orig_mod", prior.unet)
+        flags = {m.gradient_checkpointing for m in unet.up_blocks[0].modules() if hasattr(m, "gradient_checkpointing")}
+        if flags != {True}:  # up_blocks[0] is the tiny UNet's second-finest level
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(prior, *args, **kwargs)
+
+    monkeypatch.setattr(inversion, "inversion_loss", loss)
+
+
+def test_auto_checkpointing_takes_the_least_that_fits(tmp_path, tiny_model, shapes, monkeypatch):
+    config = dyod.InversionConfig(steps=6, batch_size=2, checkpoint_every=0)
+    # Where everything fits (the CPU), auto is no checkpointing, and its probe step changes nothing in the training.
+    dyod.invert(shapes, tiny_model, tmp_path / "auto", config, progress=False, device="cpu")
+    dyod.invert(shapes, tiny_model, tmp_path / "none", dataclasses.replace(config, gradient_checkpointing="none"),
+                progress=False, device="cpu")
+    stage = json.loads((tmp_path / "auto" / "run.json").read_text())["stages"]["inversion"]
+    assert stage["gradient_checkpointing"] == "none" and stage["config"]["gradient_checkpointing"] == "auto"
+    a = load_file(str(tmp_path / "auto" / "learned_embeds.safetensors"))["<dyod>"]
+    b = load_file(str(tmp_path / "none" / "learned_embeds.safetensors"))["<dyod>"]
+    assert torch.equal(a, b)
+
+    # Where only the two finest levels checkpointed fit, auto finds them and trains as the explicit setting does.
+    dyod.invert(shapes, tiny_model, tmp_path / "two", dataclasses.replace(config, gradient_checkpointing="2"),
+                progress=False, device="cpu")
+    _fails_below_two_checkpointed_levels(monkeypatch)
+    dyod.invert(shapes, tiny_model, tmp_path / "small-gpu", config, progress=False, device="cpu")
+    stage = json.loads((tmp_path / "small-gpu" / "run.json").read_text())["stages"]["inversion"]
+    assert stage["gradient_checkpointing"] == "2"
+    c = load_file(str(tmp_path / "small-gpu" / "learned_embeds.safetensors"))["<dyod>"]
+    d = load_file(str(tmp_path / "two" / "learned_embeds.safetensors"))["<dyod>"]
+    torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_checkpointing_that_never_fits_says_what_to_do(tmp_path, tiny_model, shapes, monkeypatch):
+    import dyod.inversion as inversion
+
+    def never(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(inversion, "inversion_loss", never)
+    with pytest.raises(DyodError, match="ran out of memory.*batch 4, gradient checkpointing all.*--batch-size 2"):
+        dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=4, batch_size=4), progress=False,
+                    device="cpu")
 
 
 def _png_bytes(mode="RGB", size=(12, 9)):

@@ -58,8 +58,9 @@ class InversionConfig:
         choices=("auto", "no", "fp16", "bf16"),
     )
     gradient_checkpointing: str = field(
-        "none", "recompute UNet activations in the backward pass instead of keeping them: none | all | N (the blocks at "
-        "the N finest resolutions, which hold most of the memory): less GPU memory, more compute")
+        "auto", "recompute UNet activations in the backward pass instead of keeping them: none | all | N (the blocks at "
+        "the N finest resolutions, which hold most of the memory) | auto (the least that lets a first step fit in the "
+        "accelerator's memory: none, then 1, 2, all): less GPU memory, more compute")
     compile_unet: str = field(
         "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs) (GPU; compiles once)",
         choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
@@ -73,9 +74,9 @@ class InversionConfig:
         # One spelling per meaning; true/false (and runs written before the levels existed, which store a bool) still read.
         value = str(self.gradient_checkpointing).strip().lower()
         value = {"true": "all", "yes": "all", "on": "all", "false": "none", "no": "none", "off": "none", "0": "none"}.get(value, value)
-        if not (value in ("none", "all") or value.isdigit()):
-            raise ValueError(f"--gradient-checkpointing must be none, all or a number of resolution levels (1, 2, ...), "
-                             f"got {self.gradient_checkpointing!r}")
+        if not (value in ("none", "all", "auto") or value.isdigit()):
+            raise ValueError(f"--gradient-checkpointing must be none, all, auto or a number of resolution levels "
+                             f"(1, 2, ...), got {self.gradient_checkpointing!r}")
         object.__setattr__(self, "gradient_checkpointing", value)
 
 

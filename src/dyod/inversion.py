@@ -32,7 +32,14 @@ from .embeddings import (
     uninstall_placeholder,
 )
 from .errors import DyodError
-from .performance import new_accelerator, optimize_for_training, resolve_mixed_precision, to_device_async
+from .performance import (
+    enable_checkpointing,
+    new_accelerator,
+    optimize_for_training,
+    parse_checkpoint_levels,
+    resolve_mixed_precision,
+    to_device_async,
+)
 from .prior import Prior, load_prior
 from .run import Run
 
@@ -133,20 +140,23 @@ def draw_batch(cache: LatentCache, template_ids: torch.Tensor, batch_size: int, 
     return latents, noise, timesteps, input_ids
 
 
-def _out_of_memory_advice(config: InversionConfig, checkpoint: Path) -> str:
+def _out_of_memory_advice(config: InversionConfig, checkpoint: Path | None, checkpointing: str | None = None) -> str:
+    """What to do when the accelerator runs out of memory (``checkpointing``: the setting the steps ran with)."""
+    checkpointing = checkpointing or config.gradient_checkpointing
     ways = []
-    if config.gradient_checkpointing in ("none", "1"):
+    if checkpointing in ("none", "1"):
         ways.append("--gradient-checkpointing 2 (recompute the two finest UNet levels: about 55 % less memory per "
                     "image at SD-1.5 scale, a third more arithmetic) or all")
-    elif config.gradient_checkpointing != "all":
+    elif checkpointing not in ("all", "auto"):
         ways.append("--gradient-checkpointing all")
     if config.batch_size > 1:
         ways.append(f"--batch-size {max(1, config.batch_size // 2)} --gradient-accumulation-steps "
                     f"{2 * config.gradient_accumulation_steps} (the same images per update)")
-    then = "then --resume" if checkpoint.exists() else "then run again"
-    kept = f"the last checkpoint in {checkpoint} is intact" if checkpoint.exists() else "no checkpoint was written yet"
+    exists = checkpoint is not None and checkpoint.exists()
+    then = "then --resume" if exists else "then run again"
+    kept = f"the last checkpoint in {checkpoint} is intact" if exists else "no checkpoint was written yet"
     return (f"the accelerator ran out of memory in the dataset-prompt step (batch {config.batch_size}, gradient "
-            f"checkpointing {config.gradient_checkpointing}); {kept}. Use less memory with "
+            f"checkpointing {checkpointing}); {kept}. Use less memory with "
             f"{' or '.join(ways) or 'a smaller model'}, {then}")
 
 
@@ -189,7 +199,9 @@ class PromptTrainer:
         # its frozen linear layers are stored in the autocast precision they compute in, norms and embeddings stay fp32.
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         prior.unet.to(device, weight_dtype)
-        optimize_for_training(prior, gradient_checkpointing=config.gradient_checkpointing, compile_mode=config.compile_unet,
+        auto = config.gradient_checkpointing == "auto"
+        self.checkpointing = "none" if auto else config.gradient_checkpointing  # what the steps run with
+        optimize_for_training(prior, gradient_checkpointing=self.checkpointing, compile_mode=config.compile_unet,
                               autocast_dtype=weight_dtype)
         prior.text_encoder.to(device)
         self.optimizer = torch.optim.AdamW([self.embedding.learned], lr=config.learning_rate,
@@ -198,6 +210,45 @@ class PromptTrainer:
         self.text_encoder, self.optimizer = accelerator.prepare(prior.text_encoder, self.optimizer)
         self.text_encoder.train()
         self.alphas_cumprod = prior.alphas_cumprod().to(device)  # once: a copy per step would wait for the GPU
+        if auto:
+            self.checkpointing = self._least_checkpointing_that_fits()
+
+    def _least_checkpointing_that_fits(self) -> str:
+        """``--gradient-checkpointing auto``: try a step's forward and backward on a probe batch without checkpointing,
+        then with the finest 1, 2 levels, then every block, and keep the first that does not run out of memory. The
+        probe draws from its own generator and leaves no gradient, so training is what it would be with that setting
+        given explicitly."""
+        if self.accelerator.num_processes > 1:  # one process running out alone would leave the others waiting
+            logger.info("gradient checkpointing auto: none (several processes; pass a level to choose)")
+            return "none"
+        unet = getattr(self.prior.unet, "_orig_mod", self.prior.unet)  # the flags live on the (compiled) UNet's modules
+        generator = torch.Generator().manual_seed(self.config.seed + 1_000_003)
+        for setting in ("none", "1", "2", "all"):
+            enable_checkpointing(unet, parse_checkpoint_levels(setting))
+            try:
+                self._probe(generator)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.info("gradient checkpointing %s: batch %d runs out of memory", setting, self.config.batch_size)
+                continue
+            logger.info("gradient checkpointing auto: %s (the least with which batch %d fits)", setting,
+                        self.config.batch_size)
+            return setting
+        raise DyodError(_out_of_memory_advice(self.config, None, "all"))
+
+    def _probe(self, generator: torch.Generator) -> None:
+        config, device = self.config, self.accelerator.device
+        latents, noise, timesteps, input_ids = draw_batch(
+            self.cache, self.template_ids, config.batch_size, len(self.alphas_cumprod), generator,
+            config.sample_latents, self.prior.scaling_factor,
+        )
+        batch = [to_device_async(x, device) for x in (latents, noise, timesteps, input_ids)]
+        with self.accelerator.autocast():
+            loss = inversion_loss(self.prior, *batch, self.alphas_cumprod)
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def load(self, path: Path) -> tuple[int, list]:
         """Restore the vectors, AdamW's moments and the generator from a checkpoint; return (step, recent losses)."""
@@ -298,7 +349,7 @@ def invert(
         try:
             pending.append(trainer.step())
         except torch.OutOfMemoryError:
-            raise DyodError(_out_of_memory_advice(config, checkpoint)) from None
+            raise DyodError(_out_of_memory_advice(config, checkpoint, trainer.checkpointing)) from None
         done = step + 1
         save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
         if not (save or len(pending) == SYNC_EVERY):
@@ -339,6 +390,7 @@ def invert(
                 "wall_time_s": round(time.time() - started, 1),
                 "device": str(accelerator.device),
                 "mixed_precision": accelerator.mixed_precision,
+                "gradient_checkpointing": trainer.checkpointing,
                 "config": to_dict(config),
             },
         )

@@ -114,6 +114,9 @@ def parse_checkpoint_levels(value: str | bool | int) -> int | None:
     """``--gradient-checkpointing``: ``none``/``false`` -> 0, ``all``/``true`` -> None (every block), ``N`` -> the N
     finest resolution levels."""
     text = str(value).strip().lower()
+    if text == "auto":
+        raise DyodError("--gradient-checkpointing auto is chosen by dyod.inversion.PromptTrainer (it tries a step); "
+                        "here give none, all or a number of levels")
     if text in ("none", "false", "no", "off", "0"):
         return 0
     if text in ("all", "true", "yes", "on"):
