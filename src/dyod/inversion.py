@@ -239,6 +239,11 @@ class PromptTrainer:
         raise DyodError(_out_of_memory_advice(self.config, None, "all"))
 
     def _probe(self, generator: torch.Generator) -> None:
+        self._loss(generator).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _loss(self, generator: torch.Generator) -> torch.Tensor:
+        """Eq. 7 on a batch drawn from ``generator`` on the CPU and copied to the accelerator without waiting."""
         config, device = self.config, self.accelerator.device
         latents, noise, timesteps, input_ids = draw_batch(
             self.cache, self.template_ids, config.batch_size, len(self.alphas_cumprod), generator,
@@ -246,9 +251,7 @@ class PromptTrainer:
         )
         batch = [to_device_async(x, device) for x in (latents, noise, timesteps, input_ids)]
         with self.accelerator.autocast():
-            loss = inversion_loss(self.prior, *batch, self.alphas_cumprod)
-        loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
+            return inversion_loss(self.prior, *batch, self.alphas_cumprod)
 
     def load(self, path: Path) -> tuple[int, list]:
         """Restore the vectors, AdamW's moments and the generator from a checkpoint; return (step, recent losses)."""
@@ -263,17 +266,11 @@ class PromptTrainer:
                             {"config": to_dict(self.config), "losses": losses[-1000:]})
 
     def step(self) -> torch.Tensor:
-        config, accelerator, device = self.config, self.accelerator, self.accelerator.device
-        total = torch.zeros((), device=device)
+        config, accelerator = self.config, self.accelerator
+        total = torch.zeros((), device=accelerator.device)
         for _ in range(config.gradient_accumulation_steps):
             with accelerator.accumulate(self.text_encoder):
-                latents, noise, timesteps, input_ids = draw_batch(
-                    self.cache, self.template_ids, config.batch_size, len(self.alphas_cumprod), self.generator,
-                    config.sample_latents, self.prior.scaling_factor,
-                )
-                batch = [to_device_async(x, device) for x in (latents, noise, timesteps, input_ids)]
-                with accelerator.autocast():
-                    loss = inversion_loss(self.prior, *batch, self.alphas_cumprod)
+                loss = self._loss(self.generator)
                 accelerator.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
