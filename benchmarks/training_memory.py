@@ -12,7 +12,7 @@ reset after a warm-up step; large allocations are memory-mapped, so they go back
 
 What it leaves out: the CUDA context (not in ``torch.cuda.max_memory_allocated`` either), the caching allocator's
 rounding and cuDNN's workspaces. On the H100 (docs/PERFORMANCE.md) the old dyod step measured 8.31 GiB at batch 8 and
-the peer 8.24; the peer's row and the old step's (docs/results/training_memory_cpu.md, measured before the text
+the peer 8.24; the peer's row and the old step's (docs/results/training_memory_cpu_run1.md, measured before the text
 encoder's linear layers were stored in bf16) show how close the projection comes.
 
     python benchmarks/training_memory.py              # SD-1.5 shapes, 512 px; about 10 minutes on 2 CPU cores
