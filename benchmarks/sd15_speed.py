@@ -682,13 +682,16 @@ def main(argv=None) -> str:
             for mode in compile_modes:
                 sampling.dyod(mode)
             sampling.faithfulness()
-        if "training" in sections and compile_batches:  # each compiles for a minute or two
+        if "training" in sections and compile_batches:  # each compiles for a minute or two: the first setting now
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
-                           compile_checkpointing=compile_checkpointing)
-        if "training" in sections:
+                           compile_checkpointing=compile_checkpointing[:1])
+        if "training" in sections:  # quick rows (no compilation)
             if checkpointing:
                 bench_training(bench, model, part="checkpointing", checkpointing=checkpointing)
             bench_training(bench, model, part="channels-last")
+        if "training" in sections and compile_batches and compile_checkpointing[1:]:
+            bench_training(bench, model, compile_batches, train_compile, part="compiled",
+                           compile_checkpointing=compile_checkpointing[1:])
         if sampling:
             sampling.dyod("none", channels_last=True)
             if attention and compile_modes:
