@@ -338,7 +338,47 @@ class SamplingRows:
                   optional=compile_mode != "none" or bool(channels_last))
 
     def faithfulness(self):
-        faithfulness(self)
+        """fp16 / compiled paths vs the fp32 eager path: one UNet call, and the whole 35-step reverse process of every
+        variant timed so far (the fp32 reference is computed once; a later call adds the variants timed since)."""
+        bench = self.bench
+        if bench.time_left() < 60 and self.reference is None:
+            bench.notes.setdefault("faithfulness_relative_l2", "skipped: out of time")
+            return
+        device, b, h = bench.device, bench.shapes.batch, self.h
+        try:
+            x = torch.randn(2 * b, 4, h, h, generator=torch.Generator().manual_seed(3)).to(device)
+            ctx = torch.randn(2 * b, 77, bench.shapes.unet["cross_attention_dim"],
+                              generator=torch.Generator().manual_seed(4)).to(device)
+            t = torch.tensor(500, device=device)
+            if self.reference is None:
+                ref_pipe = self.pipe("none", optimized=False, pipe_dtype=torch.float32)
+                prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+                with torch.no_grad():
+                    ref_call = ref_pipe.prior.unet(x, t, encoder_hidden_states=ctx).sample.float().cpu()
+                ref_latents = ref_pipe.denoise_from(self.latents_in, self.noise_in, T0, self.config).float().cpu()
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
+                del ref_pipe
+                free()
+                fast = self.pipe("none")
+                with torch.no_grad():
+                    fast_call = fast.prior.unet(x.to(bench.dtype), t, encoder_hidden_states=ctx.to(bench.dtype)).sample
+                del fast
+                free()
+                self.reference = ref_latents, rel_err(fast_call.float().cpu(), ref_call)
+            ref_latents, call_error = self.reference
+            precision = str(bench.dtype).removeprefix("torch.")
+            result = {f"one UNet call, dyod {precision} optimized vs fp32": call_error}
+            for key, value in self.latents.items():
+                mode, *extras = key.split("+")
+                label = " + ".join(["eager" if mode == "none" else f"torch.compile({mode})",
+                                    *(e if e == "channels-last" else f"{e} attention" for e in extras)])
+                result[f"{round(T0 * STEPS)}-step latents, dyod {precision} {label} vs fp32"] = rel_err(value, ref_latents)
+            bench.notes["faithfulness_relative_l2"] = result
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            bench.notes["faithfulness_relative_l2"] = f"failed: {type(e).__name__}: {e}"
+        bench.save()
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -348,65 +388,17 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm())
 
 
-def faithfulness(rows: SamplingRows):
-    """fp16 / compiled paths vs the fp32 eager path: one UNet call, and the whole 35-step reverse process of every
-    variant timed so far (the fp32 reference is computed once; a later call adds the variants timed since)."""
-    bench = rows.bench
-    if bench.time_left() < 60 and rows.reference is None:
-        bench.notes.setdefault("faithfulness_relative_l2", "skipped: out of time")
-        return
-    device, b, h = bench.device, bench.shapes.batch, rows.h
-    try:
-        x = torch.randn(2 * b, 4, h, h, generator=torch.Generator().manual_seed(3)).to(device)
-        ctx = torch.randn(2 * b, 77, bench.shapes.unet["cross_attention_dim"],
-                          generator=torch.Generator().manual_seed(4)).to(device)
-        t = torch.tensor(500, device=device)
-        if rows.reference is None:
-            ref_pipe = rows.pipe("none", optimized=False, pipe_dtype=torch.float32)
-            prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
-            with torch.no_grad():
-                ref_call = ref_pipe.prior.unet(x, t, encoder_hidden_states=ctx).sample.float().cpu()
-            ref_latents = ref_pipe.denoise_from(rows.latents_in, rows.noise_in, T0, rows.config).float().cpu()
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
-            del ref_pipe
-            free()
-            fast = rows.pipe("none")
-            with torch.no_grad():
-                fast_call = fast.prior.unet(x.to(bench.dtype), t, encoder_hidden_states=ctx.to(bench.dtype)).sample
-            del fast
-            free()
-            rows.reference = ref_latents, rel_err(fast_call.float().cpu(), ref_call)
-        ref_latents, call_error = rows.reference
-        precision = str(bench.dtype).removeprefix("torch.")
-        result = {f"one UNet call, dyod {precision} optimized vs fp32": call_error}
-        for key, value in rows.latents.items():
-            mode, *extras = key.split("+")
-            label = " + ".join(["eager" if mode == "none" else f"torch.compile({mode})",
-                                *(e if e == "channels-last" else f"{e} attention" for e in extras)])
-            result[f"{round(T0 * STEPS)}-step latents, dyod {precision} {label} vs fp32"] = rel_err(value, ref_latents)
-        bench.notes["faithfulness_relative_l2"] = result
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        bench.notes["faithfulness_relative_l2"] = f"failed: {type(e).__name__}: {e}"
-    bench.save()
-
-
 # -- dataset prompt training ---------------------------------------------------------------------------------------
 def _training_parts(model: Path, batch: int, device, half: torch.dtype):
     """Frozen parts in half precision as both methods keep them (and as stored: quicker to load), the text encoder
-    fp32 as both train it, a placeholder token, prompts and a batch of images."""
-    from dyod.embeddings import add_placeholder_tokens
+    fp32 as both train it, and a batch of images."""
     from dyod.prior import load_prior
 
     prior = load_prior(model, device=device, dtype=half)
     prior.text_encoder.float()
-    ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
-    input_ids = prior.tokenizer(["a photo of <s>"] * batch, padding="max_length", max_length=77,
-                                return_tensors="pt").input_ids.to(device)
     res = prior.resolution
     pixels = torch.rand(batch, 3, res, res, device=device, generator=torch.Generator(device).manual_seed(0)) * 2 - 1
-    return prior, ids, input_ids, pixels
+    return prior, pixels
 
 
 def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed_precision: str,
@@ -420,7 +412,7 @@ def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
     from dyod.performance import new_accelerator
 
     accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    prior, _, _, pixels = _training_parts(model, batch, device, half)
+    prior, pixels = _training_parts(model, batch, device, half)
     with torch.no_grad():  # the cache: the frozen VAE encodes the dataset once, then leaves the device
         posterior = prior.vae.float().encode(pixels).latent_dist
         cache = LatentCache(posterior.mean.float().cpu(), posterior.std.float().cpu())
@@ -448,10 +440,14 @@ def peer_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
     the VAE encoding every step, the fp32 text encoder with the whole table trainable and restored after each step."""
     from diffusers import DDPMScheduler
 
+    from dyod.embeddings import add_placeholder_tokens
     from dyod.performance import new_accelerator
 
     accelerator = new_accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    prior, ids, input_ids, pixels = _training_parts(model, batch, device, half)
+    prior, pixels = _training_parts(model, batch, device, half)
+    ids = add_placeholder_tokens(prior.tokenizer, prior.text_encoder, "<s>", 1)
+    input_ids = prior.tokenizer(["a photo of <s>"] * batch, padding="max_length", max_length=77,
+                                return_tensors="pt").input_ids.to(device)
     prior.unet.to(device, half)
     prior.vae.to(device, half)
     text_encoder = prior.text_encoder

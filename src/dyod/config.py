@@ -15,6 +15,17 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the frozen prior when sampli
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def canonical_checkpointing(value: Any) -> str:
+    """``--gradient-checkpointing`` in one spelling per meaning: none | all | auto | N. true/false (and runs written
+    before the levels existed, which store a bool) still read, as all/none."""
+    text = str(value).strip().lower()
+    text = {"true": "all", "yes": "all", "on": "all", "false": "none", "no": "none", "off": "none", "0": "none"}.get(text, text)
+    if not (text in ("none", "all", "auto") or text.isdigit()):
+        raise ValueError(f"--gradient-checkpointing must be none, all, auto or a number of resolution levels "
+                         f"(1, 2, ...), got {value!r}")
+    return text
+
+
 def field(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
@@ -71,13 +82,7 @@ class InversionConfig:
     seed: int = field(0, "training seed")
 
     def __post_init__(self):
-        # One spelling per meaning; true/false (and runs written before the levels existed, which store a bool) still read.
-        value = str(self.gradient_checkpointing).strip().lower()
-        value = {"true": "all", "yes": "all", "on": "all", "false": "none", "no": "none", "off": "none", "0": "none"}.get(value, value)
-        if not (value in ("none", "all", "auto") or value.isdigit()):
-            raise ValueError(f"--gradient-checkpointing must be none, all, auto or a number of resolution levels "
-                             f"(1, 2, ...), got {self.gradient_checkpointing!r}")
-        object.__setattr__(self, "gradient_checkpointing", value)
+        object.__setattr__(self, "gradient_checkpointing", canonical_checkpointing(self.gradient_checkpointing))
 
 
 @dataclasses.dataclass(frozen=True)

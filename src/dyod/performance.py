@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .config import COMPILE_MODES, PRECISIONS
+from .config import COMPILE_MODES, PRECISIONS, canonical_checkpointing
 from .errors import DyodError
 
 logger = logging.getLogger(__name__)
@@ -111,19 +111,19 @@ def optimize_for_sampling(prior, channels_last: bool | None = None, fuse_project
 
 
 def parse_checkpoint_levels(value: str | bool | int) -> int | None:
-    """``--gradient-checkpointing``: ``none``/``false`` -> 0, ``all``/``true`` -> None (every block), ``N`` -> the N
-    finest resolution levels."""
-    text = str(value).strip().lower()
+    """``--gradient-checkpointing`` (any spelling ``config.canonical_checkpointing`` reads): none -> 0, all -> None
+    (every block), ``N`` -> the N finest resolution levels."""
+    try:
+        text = canonical_checkpointing(value)
+    except ValueError:
+        raise DyodError(f"--gradient-checkpointing must be none, all or a number of resolution levels (1, 2, ...), "
+                        f"got {value!r}") from None
     if text == "auto":
         raise DyodError("--gradient-checkpointing auto is chosen by dyod.inversion.PromptTrainer (it tries a step); "
                         "here give none, all or a number of levels")
-    if text in ("none", "false", "no", "off", "0"):
+    if text == "none":
         return 0
-    if text in ("all", "true", "yes", "on"):
-        return None
-    if text.isdigit():
-        return int(text)
-    raise DyodError(f"--gradient-checkpointing must be none, all or a number of resolution levels (1, 2, ...), got {value!r}")
+    return None if text == "all" else int(text)
 
 
 def enable_checkpointing(unet, levels: int | None) -> int:
