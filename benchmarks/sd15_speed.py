@@ -187,6 +187,7 @@ class Bench:
         try:
             start = time.time()
             fn, after = setup()
+            setup_s = time.time() - start  # loading, and for training rows the FLOP count
             for _ in range(warmup):
                 fn()
             sync(self.device)
@@ -199,7 +200,7 @@ class Bench:
             # host_share near 1: the host's Python and dispatch set the pace (the GPU waits for work), not the GPU —
             # or the call reads something back from the device each time (PIL images, fp16's gradient-scaler check)
             self.add(stage=stage, method=method, batch=batch, images_per_s=images_per_s, peak_gib=m["peak_gib"],
-                     mfu=mfu, seconds_per_iter=m["seconds"] / iters, setup_and_warmup_s=warm_s,
+                     mfu=mfu, seconds_per_iter=m["seconds"] / iters, setup_and_warmup_s=warm_s, setup_s=setup_s,
                      host_share=m["host_seconds"] / m["seconds"])
             if after is not None:
                 after()
@@ -402,12 +403,16 @@ def _training_parts(model: Path, batch: int, device, half: torch.dtype):
 
 
 def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed_precision: str,
-                       gradient_checkpointing: str = "none", compile_mode: str = "none", channels_last: bool = False):
+                       gradient_checkpointing: str = "none", compile_mode: str = "none", channels_last: bool = False,
+                       lean_layers: bool = True):
     """dyod's dataset-prompt step, the one ``dyod invert`` runs (``dyod.inversion.PromptTrainer``): the batch drawn
     from the latent cache on the CPU and copied without waiting, only the new row trainable, the frozen UNet in the
-    training precision outside autocast, the text encoder's frozen linear layers in the autocast precision. Returns
-    ``step() -> loss`` with ``step.on_device`` (the modules left on the device) and ``step.optimizer``."""
+    training precision outside autocast with its convolutions and GEGLUs keeping less for the backward pass
+    (``lean_layers=False``: autograd's own, as before), the text encoder's frozen linear layers in the autocast
+    precision. Returns ``step() -> loss`` with ``step.on_device`` (the modules left on the device) and
+    ``step.optimizer``."""
     from dyod import InversionConfig
+    from dyod.frozen_layers import restore
     from dyod.inversion import LatentCache, PromptTrainer
     from dyod.performance import new_accelerator
 
@@ -423,6 +428,8 @@ def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
     trainer = PromptTrainer(prior, cache, config, accelerator)
     if channels_last and compile_mode == "none":  # the eager layout dyod used before (see performance.use_channels_last)
         prior.unet.to(memory_format=torch.channels_last)
+    if not lean_layers:  # before the first step: a compiled UNet traces then
+        restore(prior.unet)
 
     losses = []  # every step's loss, left on the device (reading it would wait for the GPU)
 
@@ -507,7 +514,8 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
                    part: str = "eager", checkpointing: tuple[str, ...] = ("2",),
                    compile_checkpointing: tuple[str, ...] = ("none",)):
     """``part``: "eager" rows at every batch size, "compiled" rows (one per ``compile_checkpointing`` setting), the
-    "checkpointing" rows (one per ``checkpointing`` setting) or the "channels-last" row at the largest batch."""
+    "checkpointing" rows (one per ``checkpointing`` setting) or the "eager-variants" rows at the largest batch (the
+    old channels-last layout, autograd's own frozen layers)."""
     from dyod.performance import resolve_mixed_precision
 
     shapes, device = bench.shapes, bench.device
@@ -535,10 +543,12 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
             return step, None
         return setup
 
-    if part == "channels-last":
+    if part == "eager-variants":
         batch = max(shapes.train_batches)
         bench.run("dataset prompt", "dyod + channels-last (eager)", batch, dyod_setup(batch, channels_last=True),
                   shapes.train_iters, warmup=2, optional=True)
+        bench.run("dataset prompt", "dyod with autograd's own frozen layers (before)", batch,
+                  dyod_setup(batch, lean_layers=False), shapes.train_iters, warmup=2, optional=True)
         return
     if part == "checkpointing":
         batch = max(shapes.train_batches)
@@ -684,7 +694,7 @@ def main(argv=None) -> str:
         if "training" in sections:  # quick rows (no compilation)
             if checkpointing:
                 bench_training(bench, model, part="checkpointing", checkpointing=checkpointing)
-            bench_training(bench, model, part="channels-last")
+            bench_training(bench, model, part="eager-variants")
         if "training" in sections and compile_batches and compile_checkpointing[1:]:
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
                            compile_checkpointing=compile_checkpointing[1:])

@@ -42,11 +42,14 @@ import sd15_speed  # noqa: E402  (the same step builders and model shapes)
 METHODS = {
     "diffusers example": ("peer", {}),
     "dyod": ("dyod", {}),
+    "dyod with autograd's own frozen layers (before)": ("dyod", {"lean_layers": False}),
     "dyod + checkpointing 1 finest level": ("dyod", {"gradient_checkpointing": "1"}),
     "dyod + checkpointing 2 finest levels": ("dyod", {"gradient_checkpointing": "2"}),
     "dyod + checkpointing all blocks": ("dyod", {"gradient_checkpointing": "all"}),
     # not by default: inductor compiles the step on the CPU for minutes, and its CPU kernels are not the GPU's
     "dyod + torch.compile(default)": ("dyod", {"compile_mode": "default"}),
+    "dyod + torch.compile(default) + checkpointing 1 finest level": (
+        "dyod", {"compile_mode": "default", "gradient_checkpointing": "1"}),
     "dyod + torch.compile(default) + checkpointing 2 finest levels": (
         "dyod", {"compile_mode": "default", "gradient_checkpointing": "2"}),
 }
@@ -118,9 +121,9 @@ def saved_for_backward(loss: torch.Tensor, exclude: set[int]) -> dict[str, int]:
         if node is None or node in seen_nodes:
             continue
         seen_nodes.add(node)
-        for attr in dir(node):
-            if not attr.startswith("_saved_"):
-                continue
+        # built-in operations expose each saved tensor as _saved_<name>; custom autograd Functions as saved_tensors
+        names = [a for a in dir(node) if a.startswith("_saved_")] or (["saved_tensors"] if hasattr(node, "saved_tensors") else [])
+        for attr in names:
             try:
                 values = getattr(node, attr)
             except RuntimeError:  # freed or not accessible
@@ -128,7 +131,8 @@ def saved_for_backward(loss: torch.Tensor, exclude: set[int]) -> dict[str, int]:
             for value in values if isinstance(values, (tuple, list)) else (values,):
                 if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen_storages:
                     seen_storages.add(value.untyped_storage().data_ptr())
-                    key = type(node).__name__.removesuffix("Backward0") + "." + attr.removeprefix("_saved_")
+                    op = type(node).__name__.removesuffix("Backward0").removesuffix("Backward").lstrip("_")
+                    key = op + "." + attr.removeprefix("_saved_")
                     by_op[key] = by_op.get(key, 0) + value.untyped_storage().nbytes()
         stack.extend(next_node for next_node, _ in node.next_functions)
     return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
@@ -141,19 +145,31 @@ def breakdown(shapes: sd15_speed.Shapes) -> str:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dyod.frozen_layers import keep_less_for_backward
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**shapes.unet).to(torch.bfloat16).requires_grad_(False)
     side = shapes.unet["sample_size"] // 2
+    x = torch.randn(1, 4, side, side, dtype=torch.bfloat16)
     context = torch.randn(1, 77, shapes.unet["cross_attention_dim"], dtype=torch.bfloat16, requires_grad=True)
-    out = unet(torch.randn(1, 4, side, side, dtype=torch.bfloat16), torch.tensor([500]), encoder_hidden_states=context)
     weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    by_op = saved_for_backward(out.sample.float().pow(2).mean(), weights)
-    total = sum(by_op.values())
-    lines = [f"kept for the backward pass, one image, {side} x {side} latents, bf16: {total / 2**20:.1f} MiB "
+
+    def kept() -> dict[str, int]:
+        out = unet(x, torch.tensor([500]), encoder_hidden_states=context)
+        return saved_for_backward(out.sample.float().pow(2).mean(), weights)
+
+    plain = kept()
+    keep_less_for_backward(unet)  # what dyod's step runs (dyod.frozen_layers)
+    lean = kept()
+    total, lean_total = sum(plain.values()), sum(lean.values())
+    lines = [f"kept for the backward pass, one image, {side} x {side} latents, bf16: {total / 2**20:.1f} MiB with "
+             f"autograd's own layers, {lean_total / 2**20:.1f} MiB with dyod's frozen layers "
              f"(x {(shapes.unet['sample_size'] // side) ** 2} at {shapes.unet['sample_size']} x "
-             f"{shapes.unet['sample_size']}: {total * 4 / 2**20:.0f} MiB)", "",
-             "| operation . saved tensor | MiB | share |", "|---|---|---|"]
-    lines += [f"| {op} | {n / 2**20:.1f} | {100 * n / total:.1f} % |" for op, n in by_op.items() if n / total >= 0.001]
+             f"{shapes.unet['sample_size']}: {total * 4 / 2**20:.0f} and {lean_total * 4 / 2**20:.0f} MiB)", "",
+             "| operation . saved tensor | MiB | share | MiB with dyod's frozen layers |", "|---|---|---|---|"]
+    ops = list(plain) + [op for op in lean if op not in plain]
+    lines += [f"| {op} | {plain.get(op, 0) / 2**20:.1f} | {100 * plain.get(op, 0) / total:.1f} % | "
+              f"{lean.get(op, 0) / 2**20:.1f} |" for op in ops if max(plain.get(op, 0), lean.get(op, 0)) / total >= 0.001]
 
     with torch.device("meta"):
         meta_unet = UNet2DConditionModel(**shapes.unet).requires_grad_(False)  # frozen: input gradients only

@@ -31,6 +31,7 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         ("dataset prompt", "dyod + checkpointing 2 finest levels", "2"),
         ("dataset prompt", "dyod + checkpointing all blocks", "2"),
         ("dataset prompt", "dyod + channels-last (eager)", "2"),
+        ("dataset prompt", "dyod with autograd's own frozen layers (before)", "2"),
         ("sampling", "dyod t0=0.7 + channels-last (eager)", "2"),
     ]
     for c in cells:  # every row measured; sampling and training rows carry a ratio against their diffusers peer
@@ -46,7 +47,8 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     # The training variants draw the same batches: their first losses match eager dyod's (fp32 on the CPU).
     training = notes["training_first_losses_relative_difference_vs_eager"]
     assert set(training) == {f"dyod + {v}, batch 2" for v in ("channels-last (eager)", "checkpointing 1 finest level",
-                                                              "checkpointing 2 finest levels", "checkpointing all blocks")}
+                                                              "checkpointing 2 finest levels", "checkpointing all blocks")
+                             } | {"dyod with autograd's own frozen layers (before), batch 2"}
     assert all(0 <= e < 1e-5 for e in training.values())
 
 
@@ -54,13 +56,27 @@ def test_training_memory_measures_what_checkpointing_saves(tmp_path):
     """benchmarks/training_memory.py at tiny widths and a real 64 x 64 latent: the per-image memory of a step is
     measured (each step in its own process), and recomputing every block's activations shows up as far less of it."""
     module = load_script("training_memory")
-    text = module.main(["--tiny", "--methods", "dyod,dyod + checkpointing all blocks", "--json", str(tmp_path / "m.json")])
+    before = "dyod with autograd's own frozen layers (before)"
+    text = module.main(["--tiny", "--methods", f"dyod,{before},dyod + checkpointing all blocks",
+                        "--json", str(tmp_path / "m.json")])
     assert "| dyod + checkpointing all blocks |" in text and "projected peak at batch 8" in text
-    plain, checkpointed = json.loads((tmp_path / "m.json").read_text())["summary"]
-    assert plain["method"] == "dyod" and "error" not in plain and "error" not in checkpointed
+    plain, autograds_own, checkpointed = json.loads((tmp_path / "m.json").read_text())["summary"]
+    assert plain["method"] == "dyod" and autograds_own["method"] == before
+    assert not any("error" in s for s in (plain, autograds_own, checkpointed))
     assert plain["per_image_bytes"] > 2**20  # activations dominate at this latent size
     assert checkpointed["per_image_bytes"] < 0.7 * plain["per_image_bytes"]  # measured: about 0.46
+    # dyod's frozen layers keep neither convolution inputs nor gelu outputs (the breakdown counts 29 % less)
+    assert plain["per_image_bytes"] < 0.85 * autograds_own["per_image_bytes"]
     assert checkpointed["resident_bytes"] == plain["resident_bytes"]  # the same weights stay on the device
+
+
+def test_training_memory_breakdown_shows_what_the_frozen_layers_no_longer_keep():
+    text = load_script("training_memory").main(["--tiny", "--breakdown"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert float(rows["Convolution.input"][0]) > 0 and float(rows["Convolution.input"][2]) == 0
+    assert float(rows["Mul.other"][0]) > 0 and float(rows["Mul.other"][2]) == 0  # gelu(gate): recomputed
+    assert rows["NativeGroupNorm.input"][0] == rows["NativeGroupNorm.input"][2]  # the rest as it was
 
 
 def test_results_page_script_runs_small(tmp_path):

@@ -90,3 +90,30 @@ def test_cuda_graph_sampling_matches_eager(fitted_run):
     for x, y in zip(a, b):
         diff = (torch.tensor(list(x.getdata())) - torch.tensor(list(y.getdata()))).abs().max()
         assert diff <= 2  # the autoencoder compiled too: a level or two of 8-bit rounding at most
+
+
+def test_frozen_layers_keep_less_with_the_same_gradient(tiny_model):
+    from dyod.frozen_layers import keep_less_for_backward, restore
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    unet = load_prior(tiny_model).unet.to(DEVICE).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g).to(DEVICE)
+    context = torch.randn(4, 77, unet.config.cross_attention_dim, generator=g).to(DEVICE).requires_grad_(True)
+
+    def step():
+        """(bytes the forward pass leaves allocated for the backward pass, the gradient reaching the context)"""
+        before = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+        loss = unet(x, torch.tensor([10, 300, 600, 900], device=DEVICE), encoder_hidden_states=context).sample.pow(2).mean()
+        kept = torch.cuda.memory_allocated() - before if DEVICE == "cuda" else 0
+        return kept, torch.autograd.grad(loss, context)[0]
+
+    restore(unet)
+    step()  # warm-up: cuDNN's algorithm choices
+    plain_kept, plain_grad = step()
+    keep_less_for_backward(unet)
+    step()
+    lean_kept, lean_grad = step()
+    assert lean_kept < 0.9 * plain_kept or DEVICE == "cpu"  # the CPU test counts the kept tensors instead
+    assert plain_grad.abs().sum() > 0
+    torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-5, atol=1e-8)  # cuDNN may pick another algorithm

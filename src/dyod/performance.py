@@ -169,12 +169,18 @@ def store_linears_in(module: torch.nn.Module, dtype: torch.dtype) -> int:
 def optimize_for_training(prior, channels_last: bool | None = None, gradient_checkpointing: str | bool | int = "none",
                           compile_mode: str | None = None, autocast_dtype: torch.dtype | None = None,
                           compile_backend: str = "inductor") -> None:
-    """In place: the frozen prior set up for the dataset-prompt step (gradients flow to the text condition only).
+    """In place: the frozen prior set up for the dataset-prompt step (gradients flow to the text condition only): its
+    convolutions and GEGLUs keep less for the backward pass (``dyod.frozen_layers``), optionally checkpointed by level
+    and compiled.
 
     ``autocast_dtype``: the mixed precision the text encoder runs under (its frozen linear layers are stored in it)."""
+    from .frozen_layers import keep_less_for_backward  # imports diffusers
+
     use_fast_kernels(prior.unet.device)
     if use_channels_last(channels_last, compile_mode):
         prior.unet.to(memory_format=torch.channels_last)
+    lean = keep_less_for_backward(prior.unet)
+    logger.debug("%d frozen convolutions and GEGLUs of the UNet keep less for the backward pass", lean)
     levels = parse_checkpoint_levels(gradient_checkpointing)
     if levels != 0:
         blocks = enable_checkpointing(prior.unet, levels)

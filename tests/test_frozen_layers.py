@@ -1,0 +1,117 @@
+"""The frozen UNet's lean layers keep less for the backward pass and give the same gradients, bit for bit."""
+
+import pytest
+import torch
+from diffusers.models.activations import GEGLU
+
+from dyod.frozen_layers import FrozenConv2d, LeanGEGLU, keep_less_for_backward, restore
+from dyod.prior import load_prior
+
+
+def kept_for_backward(fn, exclude=()):
+    """Run ``fn`` and return (its result, the distinct storages autograd keeps for the backward pass, in bytes, leaving
+    out the tensors in ``exclude``: the frozen weights, which are held anyway)."""
+    kept = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel,stride,padding,groups", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 1, 0, 2)])
+def test_frozen_convolution_keeps_no_input_and_gives_the_same_gradient(dtype, kernel, stride, padding, groups):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, kernel, stride=stride, padding=padding, groups=groups).to(dtype).requires_grad_(False)
+    x = torch.randn(2, 8, 9, 9, dtype=dtype, requires_grad=True)
+    grad_out = None
+
+    def run():
+        nonlocal grad_out
+        out, kept = kept_for_backward(lambda: conv(x), exclude=conv.parameters())
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        return out, kept, grad
+
+    plain_out, plain_kept, plain_grad = run()
+    assert keep_less_for_backward(conv) == 1 and type(conv) is FrozenConv2d
+    lean_out, lean_kept, lean_grad = run()
+    assert plain_kept == x.numel() * x.element_size()  # the plain convolution keeps its input ...
+    assert lean_kept == 0  # ... the frozen one nothing beyond its weight
+    assert torch.equal(lean_out, plain_out) and torch.equal(lean_grad, plain_grad)
+
+
+def test_trainable_or_gradient_free_convolutions_run_as_before():
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    keep_less_for_backward(conv)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    _, kept = kept_for_backward(lambda: conv(x), exclude=conv.parameters())
+    assert kept == x.numel() * 4  # a trainable weight needs the input for its gradient: kept as usual
+    conv.requires_grad_(False)
+    with torch.no_grad():
+        _, kept = kept_for_backward(lambda: conv(x))
+    assert kept == 0
+    same_padding = torch.nn.Conv2d(4, 4, 3, padding="same").requires_grad_(False)
+    keep_less_for_backward(same_padding)  # string padding: the plain path
+    torch.testing.assert_close(same_padding(x), torch.nn.functional.conv2d(x, same_padding.weight, same_padding.bias,
+                                                                           padding="same"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_geglu_recomputes_gelu_and_gives_the_same_gradient(dtype):
+    torch.manual_seed(0)
+    geglu = GEGLU(16, 24).to(dtype).requires_grad_(False)
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(3, 5, 24, dtype=dtype)
+
+    def run():
+        out, kept = kept_for_backward(lambda: geglu(x), exclude=geglu.parameters())
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        return out, kept, grad
+
+    plain_out, plain_kept, plain_grad = run()
+    assert keep_less_for_backward(geglu) == 1 and type(geglu) is LeanGEGLU
+    lean_out, lean_kept, lean_grad = run()
+    projected = 3 * 5 * 48 * x.element_size()
+    assert plain_kept == projected + projected // 2  # the projection and gelu(gate)
+    assert lean_kept == projected  # the projection alone
+    assert torch.equal(lean_out, plain_out) and torch.equal(lean_grad, plain_grad)
+
+
+def test_the_unet_keeps_less_and_gives_the_text_condition_the_same_gradient(tiny_model):
+    unet = load_prior(tiny_model).unet.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g, requires_grad=True)
+
+    def run():
+        out, kept = kept_for_backward(lambda: unet(x, torch.tensor([10, 700]), encoder_hidden_states=context).sample,
+                                      exclude=unet.parameters())
+        (grad,) = torch.autograd.grad(out.pow(2).mean(), context)
+        return out, kept, grad
+
+    def sample():  # no gradient: the plain layers' path
+        with torch.no_grad():
+            return unet(x, 10, encoder_hidden_states=context).sample
+
+    plain_out, plain_kept, plain_grad = run()
+    plain_sample = sample()
+    n_layers = sum(type(m) in (torch.nn.Conv2d, GEGLU) for m in unet.modules())
+    assert keep_less_for_backward(unet) == n_layers > 0
+    lean_out, lean_kept, lean_grad = run()
+    assert lean_kept < 0.9 * plain_kept
+    assert plain_grad.abs().sum() > 0
+    assert torch.equal(lean_out, plain_out)
+    # each layer's gradient is the same bit for bit (above); the context's sums the cross-attention layers'
+    # contributions, in an order autograd may change with the graph's nodes
+    torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-6, atol=0)
+    assert torch.equal(sample(), plain_sample)
+    assert restore(unet) == n_layers
+    assert not any(type(m) in (FrozenConv2d, LeanGEGLU) for m in unet.modules())
