@@ -513,9 +513,9 @@ def checkpointing_label(levels: str) -> str:
 def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] = (), train_compile_mode: str = "none",
                    part: str = "eager", checkpointing: tuple[str, ...] = ("2",),
                    compile_checkpointing: tuple[str, ...] = ("none",)):
-    """``part``: "eager" rows at every batch size, "compiled" rows (one per ``compile_checkpointing`` setting), the
-    "checkpointing" rows (one per ``checkpointing`` setting) or the "eager-variants" rows at the largest batch (the
-    old channels-last layout, autograd's own frozen layers)."""
+    """``part``: "eager" rows at every batch size; at the largest batch, "compiled" rows (one per
+    ``compile_checkpointing`` setting), "checkpointing" rows (one per ``checkpointing`` setting), the "before" row
+    (autograd's own frozen layers) or the "channels-last" row (the old eager layout)."""
     from dyod.performance import resolve_mixed_precision
 
     shapes, device = bench.shapes, bench.device
@@ -543,12 +543,11 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
             return step, None
         return setup
 
-    if part == "eager-variants":
+    if part in ("channels-last", "before"):
         batch = max(shapes.train_batches)
-        bench.run("dataset prompt", "dyod + channels-last (eager)", batch, dyod_setup(batch, channels_last=True),
-                  shapes.train_iters, warmup=2, optional=True)
-        bench.run("dataset prompt", "dyod with autograd's own frozen layers (before)", batch,
-                  dyod_setup(batch, lean_layers=False), shapes.train_iters, warmup=2, optional=True)
+        name, option = {"channels-last": ("dyod + channels-last (eager)", {"channels_last": True}),
+                        "before": ("dyod with autograd's own frozen layers (before)", {"lean_layers": False})}[part]
+        bench.run("dataset prompt", name, batch, dyod_setup(batch, **option), shapes.train_iters, warmup=2, optional=True)
         return
     if part == "checkpointing":
         batch = max(shapes.train_batches)
@@ -647,8 +646,9 @@ def main(argv=None) -> str:
     parser.add_argument("--train-checkpointing", default="1,2,all",
                         help="gradient-checkpointing settings that get a training row at the largest batch (default "
                              "1,2,all: the finest level, the two finest, every block; '' for none)")
-    parser.add_argument("--train-compile-checkpointing", default="2,none",
-                        help="gradient-checkpointing settings of the compiled training rows, in order (default 2,none)")
+    parser.add_argument("--train-compile-checkpointing", default="1,none",
+                        help="gradient-checkpointing settings of the compiled training rows, in order (default 1,none: "
+                             "the finest level, which the CPU measurement projects within 6 GiB at batch 8, then none)")
     parser.add_argument("--budget-s", type=float, default=330, help="skip optional variants past this many seconds")
     parser.add_argument("--sections", default="sampling,training,encoding")
     parser.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 1,4,8)")
@@ -691,13 +691,15 @@ def main(argv=None) -> str:
         if "training" in sections and compile_batches:  # each compiles for a minute or two: the first setting now
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
                            compile_checkpointing=compile_checkpointing[:1])
-        if "training" in sections:  # quick rows (no compilation)
-            if checkpointing:
-                bench_training(bench, model, part="checkpointing", checkpointing=checkpointing)
-            bench_training(bench, model, part="eager-variants")
+        if "training" in sections:  # quick rows (no compilation): what the frozen layers change, the first level
+            bench_training(bench, model, part="before")
+            bench_training(bench, model, part="checkpointing", checkpointing=checkpointing[:1])
         if "training" in sections and compile_batches and compile_checkpointing[1:]:
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
                            compile_checkpointing=compile_checkpointing[1:])
+        if "training" in sections:
+            bench_training(bench, model, part="checkpointing", checkpointing=checkpointing[1:])
+            bench_training(bench, model, part="channels-last")
         if sampling:
             sampling.dyod("none", channels_last=True)
             if attention and compile_modes:

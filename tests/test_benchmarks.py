@@ -27,11 +27,11 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         ("dataset prompt", "diffusers example", "2"), ("dataset prompt", "dyod", "2"),
         ("encode dataset (once)", "dyod, fp32 VAE", "2"),
         # optional rows, by priority (compiled ones are not run on the CPU)
+        ("dataset prompt", "dyod with autograd's own frozen layers (before)", "2"),
         ("dataset prompt", "dyod + checkpointing 1 finest level", "2"),
         ("dataset prompt", "dyod + checkpointing 2 finest levels", "2"),
         ("dataset prompt", "dyod + checkpointing all blocks", "2"),
         ("dataset prompt", "dyod + channels-last (eager)", "2"),
-        ("dataset prompt", "dyod with autograd's own frozen layers (before)", "2"),
         ("sampling", "dyod t0=0.7 + channels-last (eager)", "2"),
     ]
     for c in cells:  # every row measured; sampling and training rows carry a ratio against their diffusers peer
