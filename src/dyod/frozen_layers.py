@@ -81,24 +81,21 @@ class LeanGEGLU(GEGLU):
 _LEAN = {torch.nn.Conv2d: FrozenConv2d, GEGLU: LeanGEGLU}
 
 
-def keep_less_for_backward(module: torch.nn.Module) -> int:
-    """In place: every plain ``nn.Conv2d`` and ``GEGLU`` in ``module`` becomes its lean twin. Returns how many."""
+def _swap_classes(module: torch.nn.Module, classes: dict[type, type]) -> int:
     count = 0
     for layer in module.modules():
-        lean = _LEAN.get(type(layer))
-        if lean is not None:
-            layer.__class__ = lean
+        new_class = classes.get(type(layer))  # exact types: a subclass with its own forward is left alone
+        if new_class is not None:
+            layer.__class__ = new_class
             count += 1
     return count
+
+
+def keep_less_for_backward(module: torch.nn.Module) -> int:
+    """In place: every plain ``nn.Conv2d`` and ``GEGLU`` in ``module`` becomes its lean twin. Returns how many."""
+    return _swap_classes(module, _LEAN)
 
 
 def restore(module: torch.nn.Module) -> int:
     """Undo ``keep_less_for_backward`` (the benchmarks measure both). Returns how many layers changed back."""
-    plain = {lean: base for base, lean in _LEAN.items()}
-    count = 0
-    for layer in module.modules():
-        base = plain.get(type(layer))
-        if base is not None:
-            layer.__class__ = base
-            count += 1
-    return count
+    return _swap_classes(module, {lean: base for base, lean in _LEAN.items()})
