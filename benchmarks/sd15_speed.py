@@ -130,6 +130,17 @@ def measure(device):
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
+@contextlib.contextmanager
+def tf32_off():
+    """True fp32 arithmetic inside (the reference the fast paths are compared with): no TF32 matrix products."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def matmul_tflops(device, dtype) -> float | None:
     """The fp16 matrix-product rate of this device, measured now (the MFU denominator)."""
     if device.type != "cuda":
@@ -358,12 +369,9 @@ class SamplingRows:
             t = torch.tensor(500, device=device)
             if self.reference is None:
                 ref_pipe = self.pipe("none", optimized=False, pipe_dtype=torch.float32)
-                prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
-                with torch.no_grad():
+                with tf32_off(), torch.no_grad():
                     ref_call = ref_pipe.prior.unet(x, t, encoder_hidden_states=ctx).sample.float().cpu()
-                ref_latents = ref_pipe.denoise_from(self.latents_in, self.noise_in, T0, self.config).float().cpu()
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
+                    ref_latents = ref_pipe.denoise_from(self.latents_in, self.noise_in, T0, self.config).float().cpu()
                 del ref_pipe
                 free()
                 fast = self.pipe("none")
@@ -493,11 +501,13 @@ def peer_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
 
 
 FIRST_LOSSES = 3
+FP32_TRAINING = "dyod in fp32, TF32 off (the reference)"
 
 
 def training_faithfulness(rows: list[dict]) -> dict:
     """Each dyod training variant's first losses against eager dyod's at the same batch (same seed, same batches):
-    the largest relative difference. Checkpointing recomputes the same arithmetic; compiled kernels round differently."""
+    the largest relative difference. Checkpointing recomputes the same arithmetic; compiled kernels round differently.
+    Eager dyod's own against the fp32 step's, the reference, as "dyod vs <the fp32 row>"."""
     reference = {r["batch"]: r["first_losses"] for r in rows
                  if r["stage"] == "dataset prompt" and r["method"] == "dyod" and r.get("first_losses")}
     result = {}
@@ -506,8 +516,10 @@ def training_faithfulness(rows: list[dict]) -> dict:
         if r["method"] == "dyod" or not r.get("first_losses") or not ref:
             continue
         n = min(len(ref), len(r["first_losses"]))
-        result[f"{r['method']}, batch {r['batch']}"] = max(abs(a - b) / abs(b) for a, b in
-                                                         zip(r["first_losses"][:n], ref[:n]))
+        losses, ref, key = r["first_losses"][:n], ref[:n], f"{r['method']}, batch {r['batch']}"
+        if r["method"] == FP32_TRAINING:
+            losses, ref, key = ref, losses, f"dyod vs {key}"
+        result[key] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
     return result
 
 
@@ -520,7 +532,8 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
                    compile_checkpointing: tuple[str, ...] = ("none",)):
     """``part``: "eager" rows at every batch size; at the largest batch, "compiled" rows (one per
     ``compile_checkpointing`` setting), "checkpointing" rows (one per ``checkpointing`` setting), the "before" row
-    (autograd's own frozen layers) or the "channels-last" row (the old eager layout)."""
+    (autograd's own frozen layers), the "fp32" row (the step in true fp32, whose first losses are the reference for
+    the mixed-precision ones) or the "channels-last" row (the old eager layout)."""
     from dyod.performance import resolve_mixed_precision
 
     shapes, device = bench.shapes, bench.device
@@ -529,15 +542,20 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
     dyod_precision = resolve_mixed_precision("auto", "cpu" if cpu else None)  # bf16 on GPUs that have it
     peer_precision = "fp16" if not cpu else "no"
 
-    def dyod_setup(batch, flops=None, **options):
+    def dyod_setup(batch, flops=None, fp32=False, **options):
         def setup():
-            step = dyod_training_step(model, batch, device, half, dyod_precision, **options)
+            weights, precision = (torch.float32, "no") if fp32 else (half, dyod_precision)
+            step = dyod_training_step(model, batch, device, weights, precision, **options)
             if flops is not None:
                 flops.append(count_flops(step))
 
             def after():  # every variant draws the same batches from the same seed: its first losses must agree
                 bench.rows[-1]["first_losses"] = [float(loss) for loss in step.losses[:FIRST_LOSSES]]
-            return step, after
+
+            def fp32_step():
+                with tf32_off():
+                    return step()
+            return (fp32_step if fp32 else step), after
         return setup
 
     def peer_setup(batch, flops=None):
@@ -548,10 +566,11 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
             return step, None
         return setup
 
-    if part in ("channels-last", "before"):
+    if part in ("channels-last", "before", "fp32"):
         batch = max(shapes.train_batches)
         name, option = {"channels-last": ("dyod + channels-last (eager)", {"channels_last": True}),
-                        "before": ("dyod with autograd's own frozen layers (before)", {"lean_layers": False})}[part]
+                        "before": ("dyod with autograd's own frozen layers (before)", {"lean_layers": False}),
+                        "fp32": (FP32_TRAINING, {"fp32": True})}[part]
         bench.run("dataset prompt", name, batch, dyod_setup(batch, **option), shapes.train_iters, warmup=2, optional=True)
         return
     if part == "checkpointing":
@@ -703,6 +722,7 @@ def main(argv=None) -> str:
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
                            compile_checkpointing=compile_checkpointing[1:])
         if "training" in sections:
+            bench_training(bench, model, part="fp32")
             bench_training(bench, model, part="checkpointing", checkpointing=checkpointing[1:])
             bench_training(bench, model, part="channels-last")
         if sampling:  # self-attention at 64 x 64 latents: 16 % of the FLOPs, at head size 40 (flash pads it to 64)

@@ -29,6 +29,7 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         # optional rows, by priority (compiled ones are not run on the CPU)
         ("dataset prompt", "dyod with autograd's own frozen layers (before)", "2"),
         ("dataset prompt", "dyod + checkpointing 1 finest level", "2"),
+        ("dataset prompt", "dyod in fp32, TF32 off (the reference)", "2"),
         ("dataset prompt", "dyod + checkpointing 2 finest levels", "2"),
         ("dataset prompt", "dyod + checkpointing all blocks", "2"),
         ("dataset prompt", "dyod + channels-last (eager)", "2"),
@@ -48,7 +49,8 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     training = notes["training_first_losses_relative_difference_vs_eager"]
     assert set(training) == {f"dyod + {v}, batch 2" for v in ("channels-last (eager)", "checkpointing 1 finest level",
                                                               "checkpointing 2 finest levels", "checkpointing all blocks")
-                             } | {"dyod with autograd's own frozen layers (before), batch 2"}
+                             } | {"dyod with autograd's own frozen layers (before), batch 2",
+                                  "dyod vs dyod in fp32, TF32 off (the reference), batch 2"}
     assert all(0 <= e < 1e-5 for e in training.values())
 
 
