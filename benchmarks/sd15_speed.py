@@ -74,6 +74,15 @@ SAMPLING_CALLS = {"dyod": round(T0 * STEPS), "img2img": int(T0 * STEPS), "txt2im
 # compiled sampling row took 70 s on an H100 (61 s of it compiling); a training step compiles a forward and a
 # backward graph (a guess until measured: twice that)
 COMPILED_SAMPLING_COST_S, COMPILED_TRAINING_COST_S = 75, 150
+CUDA_GRAPHS_COST_S = 60  # dyod's cuda-graphs mode traces (seconds) and records the eager kernels; no kernel generation
+
+
+def compile_label(mode: str) -> str:
+    return "CUDA graphs of the eager kernels" if mode == "cuda-graphs" else f"torch.compile({mode})"
+
+
+def compiled_cost_s(mode: str, stage_cost_s: float) -> float:
+    return CUDA_GRAPHS_COST_S if mode == "cuda-graphs" else stage_cost_s
 
 
 def build_model(folder: Path, shapes: Shapes, device) -> Path:
@@ -345,14 +354,14 @@ class SamplingRows:
             # timed: the whole sampler, z -> custom VAE -> Lanczos up -> encode -> DDIM from t0 -> decode -> down
             return (lambda: run(lambda: pipe.sample(b, config, seed=0, progress=False))), after
 
-        name = "dyod t0=0.7" + ("" if compile_mode == "none" else f" + torch.compile({compile_mode})")
+        name = "dyod t0=0.7" + ("" if compile_mode == "none" else f" + {compile_label(compile_mode)}")
         name += f" + {attention} attention" if attention else ""
         name += " + channels-last (eager)" if channels_last else ""
         warmup = 1 if compile_mode == "none" else 3  # compile, then CUDA-graph warm-up and recording
         bench.run("sampling", name, b, setup, shapes.iters, warmup=warmup,
                   flops_per_iter=self.unet_call * SAMPLING_CALLS["dyod"],
                   optional=compile_mode != "none" or bool(channels_last),
-                  cost_s=COMPILED_SAMPLING_COST_S if compile_mode != "none" else 60)
+                  cost_s=compiled_cost_s(compile_mode, COMPILED_SAMPLING_COST_S) if compile_mode != "none" else 60)
 
     def faithfulness(self):
         """fp16 / compiled paths vs the fp32 eager path: one UNet call, and the whole 35-step reverse process of every
@@ -385,7 +394,7 @@ class SamplingRows:
             result = {f"one UNet call, dyod {precision} optimized vs fp32": call_error}
             for key, value in self.latents.items():
                 mode, *extras = key.split("+")
-                label = " + ".join(["eager" if mode == "none" else f"torch.compile({mode})",
+                label = " + ".join(["eager" if mode == "none" else compile_label(mode),
                                     *(e if e == "channels-last" else f"{e} attention" for e in extras)])
                 result[f"{round(T0 * STEPS)}-step latents, dyod {precision} {label} vs fp32"] = rel_err(value, ref_latents)
             bench.notes["faithfulness_relative_l2"] = result
@@ -583,9 +592,10 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
         for batch in compile_batches:
             for levels in compile_checkpointing:
                 extra = "" if levels == "none" else f" + checkpointing {checkpointing_label(levels)}"
-                bench.run("dataset prompt", f"dyod + torch.compile({train_compile_mode}){extra}", batch,
+                bench.run("dataset prompt", f"dyod + {compile_label(train_compile_mode)}{extra}", batch,
                           dyod_setup(batch, compile_mode=train_compile_mode, gradient_checkpointing=levels),
-                          shapes.train_iters, warmup=3, optional=True, cost_s=COMPILED_TRAINING_COST_S)
+                          shapes.train_iters, warmup=3, optional=True,
+                          cost_s=compiled_cost_s(train_compile_mode, COMPILED_TRAINING_COST_S))
         return
     for batch in shapes.train_batches:
         peer_flops, dyod_flops = [], []
@@ -715,7 +725,9 @@ def main(argv=None) -> str:
         if "training" in sections and compile_batches:  # each compiles for a minute or two: the first setting now
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
                            compile_checkpointing=compile_checkpointing[:1])
-        if "training" in sections:  # quick rows (no compilation): what the frozen layers change, the first level
+        if "training" in sections:  # quick rows (no kernel generation): CUDA graphs of the eager kernels, what the
+            # frozen layers change, the first level checkpointed
+            bench_training(bench, model, (max(shapes.train_batches),), "cuda-graphs", part="compiled")
             bench_training(bench, model, part="before")
             bench_training(bench, model, part="checkpointing", checkpointing=checkpointing[:1])
         if "training" in sections and compile_batches and compile_checkpointing[1:]:
@@ -728,6 +740,7 @@ def main(argv=None) -> str:
         if sampling:  # self-attention at 64 x 64 latents: 16 % of the FLOPs, at head size 40 (flash pads it to 64)
             if attention and compile_modes:
                 sampling.dyod(compile_modes[0], attention=attention)
+            sampling.dyod("cuda-graphs")
             sampling.dyod("none", channels_last=True)
             sampling.faithfulness()  # adds the variants timed since the first check
     bench.notes["wall_s"] = time.time() - start

@@ -26,13 +26,15 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         ("dataset prompt", "diffusers example", "1"), ("dataset prompt", "dyod", "1"),
         ("dataset prompt", "diffusers example", "2"), ("dataset prompt", "dyod", "2"),
         ("encode dataset (once)", "dyod, fp32 VAE", "2"),
-        # optional rows, by priority (compiled ones are not run on the CPU)
+        # optional rows, by priority (compiled ones are not run on the CPU; CUDA graphs fall back to the traced graph)
+        ("dataset prompt", "dyod + CUDA graphs of the eager kernels", "2"),
         ("dataset prompt", "dyod with autograd's own frozen layers (before)", "2"),
         ("dataset prompt", "dyod + checkpointing 1 finest level", "2"),
         ("dataset prompt", "dyod in fp32, TF32 off (the reference)", "2"),
         ("dataset prompt", "dyod + checkpointing 2 finest levels", "2"),
         ("dataset prompt", "dyod + checkpointing all blocks", "2"),
         ("dataset prompt", "dyod + channels-last (eager)", "2"),
+        ("sampling", "dyod t0=0.7 + CUDA graphs of the eager kernels", "2"),
         ("sampling", "dyod t0=0.7 + channels-last (eager)", "2"),
     ]
     for c in cells:  # every row measured; sampling and training rows carry a ratio against their diffusers peer
@@ -43,13 +45,14 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     # The fast path computes what the fp32 path computes (on the CPU it is fp32 with channels-last and fused q/k/v).
     notes = json.loads((tmp_path / "rows.json").read_text())["notes"]
     errors = notes["faithfulness_relative_l2"]
-    assert len(errors) == 3  # one UNet call, then eager and eager channels-last (added by the second check)
+    assert len(errors) == 4  # one UNet call, eager, then CUDA graphs and eager channels-last (the second check)
     assert all(0 <= e < 1e-4 for e in errors.values())
     # The training variants draw the same batches: their first losses match eager dyod's (fp32 on the CPU).
     training = notes["training_first_losses_relative_difference_vs_eager"]
     assert set(training) == {f"dyod + {v}, batch 2" for v in ("channels-last (eager)", "checkpointing 1 finest level",
                                                               "checkpointing 2 finest levels", "checkpointing all blocks")
                              } | {"dyod with autograd's own frozen layers (before), batch 2",
+                                  "dyod + CUDA graphs of the eager kernels, batch 2",
                                   "dyod vs dyod in fp32, TF32 off (the reference), batch 2"}
     assert all(0 <= e < 1e-5 for e in training.values())
 

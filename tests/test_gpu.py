@@ -52,11 +52,12 @@ def test_training_step_never_waits_for_the_gpu(tiny_model, shapes):
     assert all(torch.isfinite(loss) for loss in losses)
 
 
-def test_cuda_graph_training_matches_eager(tiny_model, shapes):
+@pytest.mark.parametrize("mode", ["reduce-overhead", "cuda-graphs"])
+def test_cuda_graph_training_matches_eager(tiny_model, shapes, mode):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch._dynamo.reset()
     eager = trainer(tiny_model, shapes)
-    compiled = trainer(tiny_model, shapes, compile_unet="reduce-overhead", gradient_checkpointing="1")
+    compiled = trainer(tiny_model, shapes, compile_unet=mode, gradient_checkpointing="1")
     for _ in range(4):  # the same seeded batches: the losses agree step by step, S* too
         a, b = eager.step(), compiled.step()
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
@@ -75,13 +76,14 @@ def test_ddim_loop_never_waits_for_the_gpu(fitted_run):
     assert torch.isfinite(out).all()
 
 
-def test_cuda_graph_sampling_matches_eager(fitted_run):
+@pytest.mark.parametrize("mode", ["reduce-overhead", "cuda-graphs"])
+def test_cuda_graph_sampling_matches_eager(fitted_run, mode):
     torch._dynamo.reset()
     config = dyod.SampleConfig(t0=0.6, num_inference_steps=10)
     init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     eager = DyodPipeline.for_sampling(fitted_run, device=DEVICE, precision="fp32")
-    compiled = DyodPipeline.for_sampling(fitted_run, device=DEVICE, precision="fp32", compile="reduce-overhead")
+    compiled = DyodPipeline.for_sampling(fitted_run, device=DEVICE, precision="fp32", compile=mode)
     expected = eager.denoise_from(init, noise, config.t0, config)
     for _ in range(3):  # recording, then replays of the CUDA graphs
         torch.testing.assert_close(compiled.denoise_from(init, noise, config.t0, config), expected, rtol=1e-3, atol=1e-4)

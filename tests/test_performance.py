@@ -66,6 +66,7 @@ def test_channels_last_by_default_only_when_compiling():
     # eager CUDA group norm converts channels-last inputs to NCHW (and the convolutions convert back)
     assert use_channels_last(None, None) is False and use_channels_last(None, "none") is False
     assert use_channels_last(None, "reduce-overhead") is True
+    assert use_channels_last(None, "cuda-graphs") is False  # replays the eager kernels
     assert use_channels_last(True, None) is True and use_channels_last(False, "default") is False
 
 
@@ -105,6 +106,18 @@ def test_training_step_compiles_as_one_graph(tiny_model, levels):
     compiled = _embedding_gradient(tiny_model, gradient_checkpointing=levels, compile_mode="default",
                                    compile_backend="aot_eager")
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_cuda_graphs_mode_traces_the_training_step_as_one_graph(tiny_model, caplog):
+    # dynamo's cudagraphs backend: the traced forward and backward, replayed as CUDA graphs on a GPU (tests/test_gpu.py
+    # compares those with eager); on the CPU it runs the traced graph as it is, the same arithmetic as eager.
+    torch._dynamo.reset()
+    plain = _embedding_gradient(tiny_model, gradient_checkpointing="1")
+    with caplog.at_level("INFO", logger="dyod.performance"):
+        traced = _embedding_gradient(tiny_model, gradient_checkpointing="1", compile_mode="cuda-graphs")
+    assert "mode=cuda-graphs" in caplog.text and "seconds of tracing" in caplog.text
+    torch.testing.assert_close(traced, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_checkpointing_levels_pick_the_finest_resolution_blocks(tiny_model):

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="weights of the frozen prior (default auto: fp16 on CUDA, fp32 on the CPU)")
         p.add_argument("--compile", choices=COMPILE_MODES, default="none",
-                       help="torch.compile the UNet (GPU; reduce-overhead adds CUDA graphs; compiles once per batch size)")
+                       help="torch.compile the UNet and the autoencoder (GPU; reduce-overhead adds CUDA graphs; compiles "
+                            "once per batch size; cuda-graphs: CUDA graphs of the eager kernels, no kernel generation)")
         add_config_flags(p, SampleConfig, skip=skip)
         return p
 

@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 C = TypeVar("C")
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the frozen prior when sampling
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's inductor modes, and cuda-graphs: CUDA graphs of the eager kernels (dynamo's "cudagraphs" backend),
+# seconds of tracing instead of a minute or more of kernel generation
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graphs")
 
 
 def canonical_checkpointing(value: Any) -> str:
@@ -73,8 +75,9 @@ class InversionConfig:
         "the N finest resolutions, which hold most of the memory) | auto (the least that lets a first step fit in the "
         "accelerator's memory: none, then 1, 2, all): less GPU memory, more compute")
     compile_unet: str = field(
-        "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs) (GPU; compiles once)",
-        choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs; GPU; compiles once, a "
+        "minute or two at SD scale) | cuda-graphs (CUDA graphs of the eager kernels: no kernel generation)",
+        choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graphs"),
     )
     checkpoint_every: int = field(500, "write a resumable checkpoint every N steps (0: only at the end)", min=0)
     sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")

@@ -70,27 +70,40 @@ def fuse_qkv(unet) -> bool:
     return True
 
 
+CUDA_GRAPHS = "cuda-graphs"
+
+
 def compile_module(module: torch.nn.Module, mode: str | None, backend: str = "inductor") -> torch.nn.Module:
     """``torch.compile`` with fixed shapes (the loop's batch and resolution do not change), as one graph: a graph
-    break would silently cost the CUDA graphs their point, so it is an error (tests trace with ``aot_eager``)."""
+    break would silently cost the CUDA graphs their point, so it is an error (tests trace with ``aot_eager``).
+
+    ``cuda-graphs``: dynamo's ``cudagraphs`` backend, which records the eager kernels (traced forward and backward)
+    as CUDA graphs and replays them: the host's per-kernel work goes, as with ``reduce-overhead``, without inductor's
+    kernel generation (tracing takes seconds); the kernels, and so the numbers, are eager PyTorch's. Off CUDA it
+    runs the traced graph as it is."""
     mode = check_compile_mode(mode)
     if mode is None:
         return module
-    logger.info("torch.compile(%s, mode=%s): the first call compiles (a minute or more at SD scale, once per shape)",
-                type(module).__name__, mode)
+    if mode == CUDA_GRAPHS and backend == "inductor":
+        backend = "cudagraphs"
+    logger.info("torch.compile(%s, mode=%s): the first call compiles (%s, once per shape)", type(module).__name__,
+                mode, "seconds of tracing" if mode == CUDA_GRAPHS else "a minute or more at SD scale")
     if backend != "inductor":  # modes are inductor's
         return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
     return torch.compile(module, mode=mode, fullgraph=True, dynamic=False)
 
 
 def use_channels_last(channels_last: bool | None, compile_mode: str | None) -> bool:
-    """``None`` (the default): channels-last only for a compiled model. Eager, PyTorch's CUDA group norm works on
+    """``None`` (the default): channels-last only for a model inductor compiles. Eager (and ``cuda-graphs``, which
+    replays the eager kernels), PyTorch's CUDA group norm works on
     contiguous (NCHW) tensors only (pytorch/pytorch#111824), so in the GroupNorm -> SiLU -> conv blocks of a diffusion
     UNet every norm converts a channels-last input and every convolution converts back: copies in each block. On the
     SD-1.5 H100 run the channels-last training step kept 0.77 GiB per image where the contiguous peer kept 0.74 (and
     the same step measures 0.73 on the CPU), and eager sampling took 2.32 s a batch where img2img took 2.13. Compiled,
     inductor chooses the layouts and fuses the conversions."""
-    return check_compile_mode(compile_mode) is not None if channels_last is None else channels_last
+    if channels_last is not None:
+        return channels_last
+    return check_compile_mode(compile_mode) not in (None, CUDA_GRAPHS)  # cuda-graphs replays the eager kernels
 
 
 def optimize_for_sampling(prior, channels_last: bool | None = None, fuse_projections: bool = True,
