@@ -730,11 +730,11 @@ def main(argv=None) -> str:
             bench_training(bench, model, (max(shapes.train_batches),), "cuda-graphs", part="compiled")
             bench_training(bench, model, part="before")
             bench_training(bench, model, part="checkpointing", checkpointing=checkpointing[:1])
+            bench_training(bench, model, part="fp32")
         if "training" in sections and compile_batches and compile_checkpointing[1:]:
             bench_training(bench, model, compile_batches, train_compile, part="compiled",
                            compile_checkpointing=compile_checkpointing[1:])
         if "training" in sections:
-            bench_training(bench, model, part="fp32")
             bench_training(bench, model, part="checkpointing", checkpointing=checkpointing[1:])
             bench_training(bench, model, part="channels-last")
         if sampling:  # self-attention at 64 x 64 latents: 16 % of the FLOPs, at head size 40 (flash pads it to 64)
