@@ -12,8 +12,10 @@ weight gets one. PyTorch's autograd still keeps what a weight gradient would nee
 The backward passes call the kernels autograd itself calls (``convolution_backward`` for the input alone,
 ``gelu_backward``): each layer's gradient is the same bit for bit on the CPU (tested). Where gradients from several
 layers add up (the text condition feeds every cross-attention layer), autograd may add them in another order, a
-rounding-level difference (about 1e-7 relative in fp32). Without gradients (sampling) the layers run as before. Only ``nn.Conv2d`` with zero padding and diffusers' ``GEGLU`` are changed, by swapping the
-class of each instance in place (weights, state dict and hooks stay as they are); ``restore`` undoes it.
+rounding-level difference (about 1e-7 relative in fp32). Without gradients (sampling) the layers run as before.
+
+Only ``nn.Conv2d`` with zero padding and diffusers' ``GEGLU`` are changed, by swapping the class of each instance in
+place (weights, state dict and hooks stay as they are); ``restore`` undoes it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class _FrozenConvolution(torch.autograd.Function):
 
 
 class FrozenConv2d(torch.nn.Conv2d):
-    """``nn.Conv2d`` whose backward pass, while its weight and bias are frozen, keeps the weight instead of the input."""
+    """``nn.Conv2d`` whose backward pass, while its weight and bias are frozen, keeps the weight, not the input."""
 
     def _conv_forward(self, x, weight, bias):
         if (torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
