@@ -252,7 +252,7 @@ def main(argv=None) -> str:
     parser.add_argument("--tiny", action="store_true", help="tiny widths at a 64 × 64 latent (seconds, for the test)")
     parser.add_argument("--batches", default="1,2", help="the two batch sizes measured (default 1,2)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all but the compiled one)")
+                        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all but the compiled ones)")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead: what an eager step keeps for its backward pass, by operation, and the share of "
                              "the UNet's forward FLOPs in each resolution level (quick: one step at 32 x 32 latents)")
