@@ -7,15 +7,18 @@ weight gets one. PyTorch's autograd still keeps what a weight gradient would nee
   input gradient needs only the weight and the input's shape (a transposed convolution), so a frozen convolution here
   keeps the weight alone — 16 % of what an SD-1.5 step keeps (``benchmarks/training_memory.py --breakdown``);
 * GEGLU's product ``hidden * gelu(gate)`` keeps both factors, though ``gelu(gate)`` is one pointwise pass over
-  ``gate``, which is kept anyway: recomputing it in the backward pass saves another 12 %.
+  ``gate``, which is kept anyway: recomputing it in the backward pass saves another 12 %;
+* a resnet block's ``silu(group_norm(x))`` keeps both ``x`` (for the norm) and the normalized ``x`` (for the SiLU),
+  though the second is one pointwise pass over the first: recomputing it saves another 11 % of what is left.
 
 The backward passes call the kernels autograd itself calls (``convolution_backward`` for the input alone,
-``gelu_backward``): each layer's gradient is the same bit for bit on the CPU (tested). Where gradients from several
+``gelu_backward``, ``silu_backward``, ``native_group_norm_backward``): each layer's gradient is the same bit for bit on the CPU (tested). Where gradients from several
 layers add up (the text condition feeds every cross-attention layer), autograd may add them in another order, a
 rounding-level difference (about 1e-7 relative in fp32). Without gradients (sampling) the layers run as before.
 
-Only ``nn.Conv2d`` with zero padding and diffusers' ``GEGLU`` are changed, by swapping the class of each instance in
-place (weights, state dict and hooks stay as they are); ``restore`` undoes it.
+Only ``nn.Conv2d`` with zero padding, diffusers' ``GEGLU`` and its ``ResnetBlock2D`` in Stable Diffusion's form (group
+norms, SiLU, the time embedding added before the second norm, no resampling inside) are changed, by swapping the class
+of each instance in place (weights, state dict and hooks stay as they are); ``restore`` undoes it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
+from diffusers.models.resnet import ResnetBlock2D
 
 
 class _FrozenConvolution(torch.autograd.Function):
@@ -80,21 +84,80 @@ class LeanGEGLU(GEGLU):
         return super().forward(hidden_states, *args, **kwargs)
 
 
-_LEAN = {torch.nn.Conv2d: FrozenConv2d, GEGLU: LeanGEGLU}
+class _GroupNormSiLU(torch.autograd.Function):
+    """``silu(group_norm(x))`` keeping ``x``, which the norm's backward pass needs anyway, not the normalized ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        batch, channels = x.shape[:2]
+        geometry = batch, channels, x.numel() // (batch * channels), groups
+        normalized, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, *geometry, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.geometry, ctx.eps = geometry, eps
+        return F.silu(normalized)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        # the same deterministic kernel again: the normalized x autograd would have kept, bit for bit
+        normalized = torch.ops.aten.native_group_norm(x, weight, bias, *ctx.geometry, ctx.eps)[0]
+        grad_normalized = torch.ops.aten.silu_backward(grad, normalized)
+        grad_x = torch.ops.aten.native_group_norm_backward(grad_normalized, x, mean, rstd, weight, *ctx.geometry,
+                                                           [True, False, False])[0]
+        return grad_x, None, None, None, None
+
+
+def _group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    return _GroupNormSiLU.apply(x.contiguous(), norm.weight, norm.bias, norm.num_groups, norm.eps)  # as group_norm
+
+
+class LeanResnetBlock2D(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` whose two ``silu(group_norm(·))`` recompute the norm in the backward pass.
+
+    Its forward pass is diffusers' for the blocks ``eligible`` says it covers (``tests/test_frozen_layers.py`` compares
+    the two, output and gradient, bit for bit, so a change in diffusers shows there)."""
+
+    @staticmethod
+    def eligible(block: ResnetBlock2D) -> bool:
+        return (block.time_embedding_norm == "default" and block.upsample is None and block.downsample is None
+                and type(block.nonlinearity) is torch.nn.SiLU
+                and type(block.norm1) is torch.nn.GroupNorm and type(block.norm2) is torch.nn.GroupNorm)
+
+    def forward(self, input_tensor, temb, *args, **kwargs):
+        x = input_tensor
+        frozen_norms = not any(p.requires_grad for p in (*self.norm1.parameters(), *self.norm2.parameters()))
+        if (args or kwargs or not (torch.is_grad_enabled() and x.requires_grad and frozen_norms) or not x.is_contiguous()
+                or torch.is_autocast_enabled(x.device.type)):  # autocast would compute the norms in fp32
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        hidden_states = self.conv1(_group_norm_silu(x, self.norm1))
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+        if temb is not None:
+            hidden_states = hidden_states + temb
+        hidden_states = self.conv2(self.dropout(_group_norm_silu(hidden_states, self.norm2)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+        return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+_LEAN = {torch.nn.Conv2d: FrozenConv2d, GEGLU: LeanGEGLU, ResnetBlock2D: LeanResnetBlock2D}
 
 
 def _swap_classes(module: torch.nn.Module, classes: dict[type, type]) -> int:
     count = 0
     for layer in module.modules():
         new_class = classes.get(type(layer))  # exact types: a subclass with its own forward is left alone
-        if new_class is not None:
+        if new_class is not None and getattr(new_class, "eligible", lambda _: True)(layer):
             layer.__class__ = new_class
             count += 1
     return count
 
 
 def keep_less_for_backward(module: torch.nn.Module) -> int:
-    """In place: every plain ``nn.Conv2d`` and ``GEGLU`` in ``module`` becomes its lean twin. Returns how many."""
+    """In place: every plain ``nn.Conv2d``, ``GEGLU`` and eligible ``ResnetBlock2D`` in ``module`` becomes its lean
+    twin. Returns how many."""
     return _swap_classes(module, _LEAN)
 
 
