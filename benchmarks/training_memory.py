@@ -43,15 +43,13 @@ METHODS = {
     "diffusers example": ("peer", {}),
     "dyod": ("dyod", {}),
     "dyod with autograd's own frozen layers (before)": ("dyod", {"lean_layers": False}),
-    "dyod + checkpointing 1 finest level": ("dyod", {"gradient_checkpointing": "1"}),
-    "dyod + checkpointing 2 finest levels": ("dyod", {"gradient_checkpointing": "2"}),
-    "dyod + checkpointing all blocks": ("dyod", {"gradient_checkpointing": "all"}),
+    **{f"dyod + checkpointing {sd15_speed.checkpointing_label(setting)}": ("dyod", {"gradient_checkpointing": setting})
+       for setting in ("feed-forward", "1", "2", "all")},
     # not by default: inductor compiles the step on the CPU for minutes, and its CPU kernels are not the GPU's
-    "dyod + torch.compile(default)": ("dyod", {"compile_mode": "default"}),
-    "dyod + torch.compile(default) + checkpointing 1 finest level": (
-        "dyod", {"compile_mode": "default", "gradient_checkpointing": "1"}),
-    "dyod + torch.compile(default) + checkpointing 2 finest levels": (
-        "dyod", {"compile_mode": "default", "gradient_checkpointing": "2"}),
+    **{f"dyod + torch.compile(default){'' if setting == 'none' else ' + checkpointing '}"
+       f"{'' if setting == 'none' else sd15_speed.checkpointing_label(setting)}": (
+           "dyod", {"compile_mode": "default", "gradient_checkpointing": setting})
+       for setting in ("none", "feed-forward", "1")},
 }
 DEFAULT_METHODS = [m for m in METHODS if "compile" not in m]
 SMALL = sd15_speed.Shapes(  # tiny widths at a real latent size: activations dominate, as at full scale

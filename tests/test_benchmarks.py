@@ -29,9 +29,10 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         # optional rows, by priority (compiled ones are not run on the CPU; CUDA graphs fall back to the traced graph)
         ("dataset prompt", "dyod + CUDA graphs of the eager kernels", "2"),
         ("dataset prompt", "dyod with autograd's own frozen layers (before)", "2"),
-        ("dataset prompt", "dyod + checkpointing 1 finest level", "2"),
+        ("dataset prompt", "dyod + checkpointing the feed-forward projections", "2"),
         ("dataset prompt", "dyod in fp32, TF32 off (the reference)", "2"),
-        ("dataset prompt", "dyod + checkpointing 2 finest levels", "2"),
+        ("dataset prompt", "dyod + checkpointing 1 finest level + feed-forwards", "2"),
+        ("dataset prompt", "dyod + checkpointing 2 finest levels + feed-forwards", "2"),
         ("dataset prompt", "dyod + checkpointing all blocks", "2"),
         ("dataset prompt", "dyod + channels-last (eager)", "2"),
         ("sampling", "dyod t0=0.7 + CUDA graphs of the eager kernels", "2"),
@@ -49,9 +50,10 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     assert all(0 <= e < 1e-4 for e in errors.values())
     # The training variants draw the same batches: their first losses match eager dyod's (fp32 on the CPU).
     training = notes["training_first_losses_relative_difference_vs_eager"]
-    assert set(training) == {f"dyod + {v}, batch 2" for v in ("channels-last (eager)", "checkpointing 1 finest level",
-                                                              "checkpointing 2 finest levels", "checkpointing all blocks")
-                             } | {"dyod with autograd's own frozen layers (before), batch 2",
+    checkpointed = ("the feed-forward projections", "1 finest level + feed-forwards", "2 finest levels + feed-forwards",
+                    "all blocks")
+    assert set(training) == {f"dyod + {v}, batch 2" for v in ("channels-last (eager)",)} | {
+        f"dyod + checkpointing {v}, batch 2" for v in checkpointed} | {"dyod with autograd's own frozen layers (before), batch 2",
                                   "dyod + CUDA graphs of the eager kernels, batch 2",
                                   "dyod vs dyod in fp32, TF32 off (the reference), batch 2"}
     assert all(0 <= e < 1e-5 for e in training.values())

@@ -117,5 +117,6 @@ def test_bad_gradient_checkpointing_names_the_flag(tmp_path, shapes, tiny_model,
     out = tmp_path / "r"
     assert main(["invert", str(shapes), "--model", str(tiny_model), "--out", str(out),
                  "--gradient-checkpointing", "half"]) == 2
-    assert "--gradient-checkpointing must be none, all, auto or a number of resolution levels" in capsys.readouterr().err
+    assert ("--gradient-checkpointing must be none, feed-forward, all, auto or a number of resolution levels"
+            in capsys.readouterr().err)
     assert not (out / "inversion").exists()  # refused before any work

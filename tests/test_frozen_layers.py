@@ -3,9 +3,18 @@
 import pytest
 import torch
 from diffusers.models.activations import GEGLU
+from diffusers.models.attention import FeedForward
 from diffusers.models.resnet import ResnetBlock2D
 
-from dyod.frozen_layers import FrozenConv2d, LeanGEGLU, LeanResnetBlock2D, keep_less_for_backward, restore
+from dyod.frozen_layers import (
+    FrozenConv2d,
+    LeanGEGLU,
+    LeanResnetBlock2D,
+    RecomputedFeedForward,
+    keep_less_for_backward,
+    recompute_feed_forwards,
+    restore,
+)
 
 LEAN_CLASSES = (FrozenConv2d, LeanGEGLU, LeanResnetBlock2D)
 from dyod.prior import load_prior
@@ -172,3 +181,27 @@ def test_the_unet_keeps_less_and_gives_the_text_condition_the_same_gradient(tiny
     assert torch.equal(sample(), plain_sample)
     assert restore(unet) == n_layers
     assert not any(type(m) in LEAN_CLASSES for m in unet.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_feed_forward_keeps_its_input_alone_and_gives_the_same_gradient(dtype):
+    torch.manual_seed(0)
+    ff = FeedForward(16, activation_fn="geglu").to(dtype).requires_grad_(False).eval()
+    keep_less_for_backward(ff)  # as in training: the lean GEGLU keeps the projection
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(3, 5, 16, dtype=dtype)
+
+    def run():
+        out, kept = kept_for_backward(lambda: ff(x), exclude=ff.parameters())
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        return out, kept, grad
+
+    plain_out, plain_kept, plain_grad = run()
+    assert recompute_feed_forwards(ff) == 1 and type(ff) is RecomputedFeedForward
+    recomputed_out, recomputed_kept, recomputed_grad = run()
+    assert plain_kept == 3 * 5 * 2 * 64 * x.element_size()  # the GEGLU projection: hidden and gate, 4 x 16 each
+    assert recomputed_kept == x.numel() * x.element_size()  # the input alone
+    assert torch.equal(recomputed_out, plain_out) and torch.equal(recomputed_grad, plain_grad)
+    with torch.no_grad():
+        assert torch.equal(ff(x), plain_out.detach())
+    assert recompute_feed_forwards(ff, on=False) == 0 and type(ff) is FeedForward

@@ -2,18 +2,20 @@
 
 import pytest
 import torch
+from diffusers.models.attention import FeedForward
 
 from dyod import InversionConfig, SampleConfig
 from dyod.config import from_dict
 from dyod.embeddings import add_placeholder_tokens, install_placeholder
 from dyod.errors import DyodError
+from dyod.frozen_layers import RecomputedFeedForward
 from dyod.inversion import inversion_loss
 from dyod.performance import (
     check_compile_mode,
     enable_checkpointing,
     new_accelerator,
     optimize_for_training,
-    parse_checkpoint_levels,
+    parse_checkpointing,
     resolve_mixed_precision,
     resolve_precision,
     store_linears_in,
@@ -90,14 +92,14 @@ def _embedding_gradient(model, autocast_dtype=None, store_text_linears=False, **
     return emb.learned.grad.clone()
 
 
-@pytest.mark.parametrize("levels", ["1", "all"])
+@pytest.mark.parametrize("levels", ["feed-forward", "1", "all"])
 def test_gradient_checkpointing_gives_the_same_embedding_gradient(tiny_model, levels):
     plain, checkpointed = _embedding_gradient(tiny_model), _embedding_gradient(tiny_model, gradient_checkpointing=levels)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("levels", ["none", "1"])
+@pytest.mark.parametrize("levels", ["none", "feed-forward", "1"])
 def test_training_step_compiles_as_one_graph(tiny_model, levels):
     # fullgraph=True: a graph break (which would cost the CUDA graphs of reduce-overhead their point) is an error.
     # aot_eager traces forward and backward as inductor would, without generating kernels (CPU CI stays quick).
@@ -126,16 +128,25 @@ def test_checkpointing_levels_pick_the_finest_resolution_blocks(tiny_model):
     def flagged(block):
         return {m.gradient_checkpointing for m in block.modules() if hasattr(m, "gradient_checkpointing")}
 
-    assert enable_checkpointing(unet, 0) == 0 and flagged(unet) == {False}
-    assert enable_checkpointing(unet, 1) == 2
+    def recomputed(block):  # the feed-forwards that recompute their projection
+        return {type(m) is RecomputedFeedForward for m in block.modules() if isinstance(m, FeedForward)}
+
+    assert enable_checkpointing(unet, 0) == 0 and flagged(unet) == {False} and recomputed(unet) == {False}
+    assert enable_checkpointing(unet, 0, feed_forwards=True) == 0 and flagged(unet) == {False}
+    assert recomputed(unet) == {True}
+    assert enable_checkpointing(unet, 1, feed_forwards=True) == 2
     assert flagged(unet.down_blocks[0]) == flagged(unet.up_blocks[1]) == {True}
     assert flagged(unet.down_blocks[1]) == flagged(unet.up_blocks[0]) == flagged(unet.mid_block) == {False}
-    every = enable_checkpointing(unet, None)
-    assert flagged(unet) == {True} and enable_checkpointing(unet, 5) == every  # more levels than the UNet has: all
-    assert parse_checkpoint_levels("none") == parse_checkpoint_levels(False) == 0
-    assert parse_checkpoint_levels("all") is None and parse_checkpoint_levels("2") == 2
-    with pytest.raises(DyodError, match="--gradient-checkpointing must be none, all or a number"):
-        parse_checkpoint_levels("some")
+    assert recomputed(unet.down_blocks[1]) == recomputed(unet.up_blocks[0]) == recomputed(unet.mid_block) == {True}
+    # blocks recomputed whole do not checkpoint their feed-forwards again inside
+    every = enable_checkpointing(unet, None, feed_forwards=True)
+    assert flagged(unet) == {True} and recomputed(unet) == {False}
+    assert enable_checkpointing(unet, 5) == every  # more levels than the UNet has: all
+    assert parse_checkpointing("none") == parse_checkpointing(False) == (0, False)
+    assert parse_checkpointing("feed-forward") == parse_checkpointing("ff") == (0, True)
+    assert parse_checkpointing("all") == (None, False) and parse_checkpointing("2") == (2, True)
+    with pytest.raises(DyodError, match="--gradient-checkpointing must be none, feed-forward, all, auto or a number"):
+        parse_checkpointing("some")
 
 
 def test_gradient_checkpointing_setting_reads_old_and_new_spellings():

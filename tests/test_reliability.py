@@ -147,6 +147,27 @@ def test_auto_checkpointing_takes_the_least_that_fits(tmp_path, tiny_model, shap
     torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_checkpointing_tries_the_feed_forwards_before_whole_blocks(tmp_path, tiny_model, shapes, monkeypatch):
+    import dyod.inversion as inversion
+    from dyod.frozen_layers import RecomputedFeedForward
+
+    real, tried = inversion.inversion_loss, []
+
+    def loss(prior, *args, **kwargs):  # fits once the feed-forwards recompute their projection
+        unet = getattr(prior.unet, "_orig_mod", prior.unet)
+        recomputing = any(type(m) is RecomputedFeedForward for m in unet.modules())
+        tried.append(recomputing)
+        if not recomputing:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(prior, *args, **kwargs)
+
+    monkeypatch.setattr(inversion, "inversion_loss", loss)
+    dyod.invert(shapes, tiny_model, tmp_path / "run", dyod.InversionConfig(steps=2, batch_size=2, checkpoint_every=0),
+                progress=False, device="cpu")
+    stage = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["inversion"]
+    assert stage["gradient_checkpointing"] == "feed-forward" and tried[:2] == [False, True]
+
+
 def test_auto_checkpointing_that_never_fits_says_what_to_do(tmp_path, tiny_model, shapes, monkeypatch):
     import dyod.inversion as inversion
 

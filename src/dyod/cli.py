@@ -56,7 +56,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
         dest = f"{cls.__name__}.{f.name}"
-        hint, help_text = hints[f.name], f.metadata.get("help", "")
+        hint, help_text = hints[f.name], f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {f.default!r})"}
         if hint is bool:
             kwargs.update(type=_parse_bool, metavar="BOOL")

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
-from .config import DataConfig, InversionConfig, from_dict, to_dict, write_json
+from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, from_dict, to_dict, write_json
 from .data import load_image_folder, pil_to_tensor, resize_lanczos
 from .embeddings import (
     add_placeholder_tokens,
@@ -36,7 +36,7 @@ from .performance import (
     enable_checkpointing,
     new_accelerator,
     optimize_for_training,
-    parse_checkpoint_levels,
+    parse_checkpointing,
     resolve_mixed_precision,
     to_device_async,
 )
@@ -144,7 +144,7 @@ def _out_of_memory_advice(config: InversionConfig, checkpoint: Path | None, chec
     """What to do when the accelerator runs out of memory (``checkpointing``: the setting the steps ran with)."""
     checkpointing = checkpointing or config.gradient_checkpointing
     ways = []
-    if checkpointing in ("none", "1"):
+    if checkpointing in ("none", "feed-forward", "1"):
         ways.append("--gradient-checkpointing 2 (recompute the two finest UNet levels: about 55 % less memory per "
                     "image at SD-1.5 scale, a third more arithmetic) or all")
     elif checkpointing not in ("all", "auto"):
@@ -215,7 +215,8 @@ class PromptTrainer:
 
     def _least_checkpointing_that_fits(self) -> str:
         """``--gradient-checkpointing auto``: try a step's forward and backward on a probe batch without checkpointing,
-        then with the finest 1, 2 levels, then every block, and keep the first that does not run out of memory. The
+        then with the feed-forwards recomputed, the finest 1, 2 levels (and the feed-forwards elsewhere), then every
+        block, and keep the first that does not run out of memory. The
         probe draws from its own generator and leaves no gradient, so training is what it would be with that setting
         given explicitly."""
         if self.accelerator.num_processes > 1:  # one process running out alone would leave the others waiting
@@ -223,8 +224,8 @@ class PromptTrainer:
             return "none"
         unet = getattr(self.prior.unet, "_orig_mod", self.prior.unet)  # the flags live on the (compiled) UNet's modules
         generator = torch.Generator().manual_seed(self.config.seed + 1_000_003)
-        for setting in ("none", "1", "2", "all"):
-            enable_checkpointing(unet, parse_checkpoint_levels(setting))
+        for setting in CHECKPOINTING_LADDER:
+            enable_checkpointing(unet, *parse_checkpointing(setting))
             try:
                 self._probe(generator)
             except torch.OutOfMemoryError:

@@ -123,44 +123,53 @@ def optimize_for_sampling(prior, channels_last: bool | None = None, fuse_project
     prior.vae.decoder = compile_module(prior.vae.decoder, compile_mode, compile_backend)
 
 
-def parse_checkpoint_levels(value: str | bool | int) -> int | None:
-    """``--gradient-checkpointing`` (any spelling ``config.canonical_checkpointing`` reads): none -> 0, all -> None
-    (every block), ``N`` -> the N finest resolution levels."""
+def parse_checkpointing(value: str | bool | int) -> tuple[int | None, bool]:
+    """``--gradient-checkpointing`` (any spelling ``config.canonical_checkpointing`` reads) as (levels, feed-forwards):
+    the number of finest resolution levels whose blocks are recomputed entirely (0: none, None: every block), and
+    whether the feed-forwards elsewhere recompute their projection. none -> (0, False), feed-forward -> (0, True),
+    ``N`` -> (N, True), all -> (None, False)."""
     try:
         text = canonical_checkpointing(value)
-    except ValueError:
-        raise DyodError(f"--gradient-checkpointing must be none, all or a number of resolution levels (1, 2, ...), "
-                        f"got {value!r}") from None
+    except ValueError as e:
+        raise DyodError(str(e)) from None
     if text == "auto":
         raise DyodError("--gradient-checkpointing auto is chosen by dyod.inversion.PromptTrainer (it tries a step); "
-                        "here give none, all or a number of levels")
-    if text == "none":
-        return 0
-    return None if text == "all" else int(text)
+                        "here give none, feed-forward, all or a number of levels")
+    if text in ("none", "feed-forward"):
+        return 0, text == "feed-forward"
+    return (None, False) if text == "all" else (int(text), True)
 
 
-def enable_checkpointing(unet, levels: int | None) -> int:
+def enable_checkpointing(unet, levels: int | None, feed_forwards: bool = False) -> int:
     """Recompute, in the backward pass, the activations of the blocks at the ``levels`` finest resolutions of the UNet
-    (its outermost down and up blocks; ``None``: every block, the middle one included) instead of keeping them.
+    (its outermost down and up blocks; ``None``: every block, the middle one included) instead of keeping them, and
+    with ``feed_forwards`` the GEGLU projections of the transformer blocks elsewhere
+    (``dyod.frozen_layers.RecomputedFeedForward``). Each call replaces the previous setting.
 
     The finest levels hold most of the activation memory for a share of the FLOPs (SD 1.5 at 512 px, measured by
     ``benchmarks/training_memory.py``: level 1 holds a third of it for 38 % of the forward FLOPs, levels 1-2 56 % for
-    68 %), so checkpointing them buys most of the memory for part of the recomputation. Returns the number of
-    checkpointed blocks."""
-    if levels == 0:
-        return 0
-    unet.enable_gradient_checkpointing()  # installs the (non-reentrant) checkpoint function on every block
-    n_levels = len(unet.down_blocks)
-    if levels is None or levels >= n_levels:
-        chosen = {id(m) for m in unet.modules()}
-    else:
-        blocks = [*unet.down_blocks[:levels], *unet.up_blocks[n_levels - levels:]]
-        chosen = {id(m) for block in blocks for m in block.modules()}
+    68 %), so checkpointing them buys most of the memory for part of the recomputation; the feed-forward projections
+    hold 39 % of it for 13 %. Returns the number of checkpointed blocks."""
+    from .frozen_layers import recompute_feed_forwards  # imports diffusers
+
+    chosen_blocks = []
+    if levels != 0:
+        unet.enable_gradient_checkpointing()  # installs the (non-reentrant) checkpoint function on every block
+        n_levels = len(unet.down_blocks)
+        if levels is None or levels >= n_levels:
+            chosen_blocks = [unet]
+        else:
+            chosen_blocks = [*unet.down_blocks[:levels], *unet.up_blocks[n_levels - levels:]]
+    chosen = {id(m) for block in chosen_blocks for m in block.modules()}
     count = 0
     for module in unet.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = id(module) in chosen
             count += module.gradient_checkpointing
+    recomputed = recompute_feed_forwards(unet, feed_forwards, skip=chosen_blocks)
+    if levels != 0 or feed_forwards:
+        logger.info("gradient checkpointing: %s resolution levels of the UNet, %d blocks recomputed in the backward "
+                    "pass, and %d feed-forward projections", "all" if levels is None else levels, count, recomputed)
     return count
 
 
@@ -194,11 +203,7 @@ def optimize_for_training(prior, channels_last: bool | None = None, gradient_che
         prior.unet.to(memory_format=torch.channels_last)
     lean = keep_less_for_backward(prior.unet)
     logger.debug("%d frozen convolutions and GEGLUs of the UNet keep less for the backward pass", lean)
-    levels = parse_checkpoint_levels(gradient_checkpointing)
-    if levels != 0:
-        blocks = enable_checkpointing(prior.unet, levels)
-        logger.info("gradient checkpointing: %s resolution levels of the UNet, %d blocks recomputed in the backward pass",
-                    "all" if levels is None else levels, blocks)
+    enable_checkpointing(prior.unet, *parse_checkpointing(gradient_checkpointing))
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         store_linears_in(prior.text_encoder, autocast_dtype)
     prior.unet = compile_module(prior.unet, compile_mode, compile_backend)
