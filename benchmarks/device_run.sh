@@ -15,7 +15,7 @@
 set -o pipefail
 sections=${1:-training}
 default_budget=300
-[[ $sections == training ]] && default_budget=480   # two compiled rows: the finest level checkpointed, then none
+[[ $sections == training ]] && default_budget=480   # two compiled rows: the feed-forwards recomputed, then none
 budget=${2:-$default_budget}
 out=${OUT:-/tmp/dyod-bench}
 mkdir -p "$out"
