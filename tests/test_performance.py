@@ -177,3 +177,26 @@ def test_each_training_stage_gets_its_own_accelerator_settings():
     assert first.mixed_precision == "bf16"
     second = new_accelerator(mixed_precision="no", cpu=True)  # plain Accelerator() would refuse or inherit bf16
     assert second.mixed_precision == "no"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_new_checkpointing_setting_recompiles_the_compiled_unet(tiny_model):
+    # --gradient-checkpointing auto changes the setting of an already compiled UNet between its probe steps: each
+    # setting must be traced anew (dynamo guards on the flags and the swapped classes), and a setting seen before reuses
+    # its graph
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet = load_prior(tiny_model).unet.requires_grad_(False)
+    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, requires_grad=True)
+    graphs, gradients = [], []
+    for setting in ["none", "feed-forward", "1", "none"]:
+        enable_checkpointing(unet, *parse_checkpointing(setting))
+        out = compiled(x, torch.tensor([10, 500]), encoder_hidden_states=context).sample
+        gradients.append(torch.autograd.grad(out.pow(2).mean(), context)[0])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 2, 3, 3]
+    assert all(torch.equal(g, gradients[0]) for g in gradients)
