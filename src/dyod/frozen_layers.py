@@ -12,13 +12,17 @@ weight gets one. PyTorch's autograd still keeps what a weight gradient would nee
   though the second is one pointwise pass over the first: recomputing it saves another 11 % of what is left.
 
 The backward passes call the kernels autograd itself calls (``convolution_backward`` for the input alone,
-``gelu_backward``, ``silu_backward``, ``native_group_norm_backward``): each layer's gradient is the same bit for bit on the CPU (tested). Where gradients from several
-layers add up (the text condition feeds every cross-attention layer), autograd may add them in another order, a
-rounding-level difference (about 1e-7 relative in fp32). Without gradients (sampling) the layers run as before.
+``gelu_backward``, ``silu_backward``, ``native_group_norm_backward``): each layer's gradient is the same bit for bit
+on the CPU (tested). Where gradients from several layers add up (the text condition feeds every cross-attention
+layer), autograd may add them in another order, a rounding-level difference (about 1e-7 relative in fp32). Without
+gradients (sampling) the layers run as before.
 
 Only ``nn.Conv2d`` with zero padding, diffusers' ``GEGLU`` and its ``ResnetBlock2D`` in Stable Diffusion's form (group
 norms, SiLU, the time embedding added before the second norm, no resampling inside) are changed, by swapping the class
 of each instance in place (weights, state dict and hooks stay as they are); ``restore`` undoes it.
+
+``RecomputedFeedForward`` is here too, though it is not free: it trades 6 % more arithmetic for a quarter of the
+memory, so ``--gradient-checkpointing feed-forward`` turns it on (``dyod.performance.enable_checkpointing``).
 """
 
 from __future__ import annotations
