@@ -104,3 +104,15 @@ def test_results_page_script_runs_small(tmp_path):
     assert [row["dataset"] for row in summary] == ["faces"]
     assert len(summary[0]["diagnosis"]) == 5  # floor, VAE through the autoencoder, two guidance scales, no S*
     assert all(d["kid_x100"] == d["kid_x100"] for d in summary[0]["diagnosis"])  # no NaN
+
+
+def test_host_overhead_script_times_every_method():
+    """benchmarks/host_overhead.py at one round of one step: every method's step runs at SD 1.5's topology and gets a
+    row with its ratio to the peer (the times themselves are the script's to report, not the test's to judge)."""
+    module = load_script("host_overhead")
+    text = module.main(["--steps", "1", "--rounds", "1"])
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].strip() for r in rows] == list(module.METHODS)
+    assert rows[0][2].strip() == "×1.00" and all(float(r[1]) > 0 for r in rows)
+    unet = module.TOPOLOGY.unet  # SD 1.5's topology: the UNet's defaults but for the widths
+    assert "down_block_types" not in unet and len(unet["block_out_channels"]) == 4
