@@ -163,19 +163,58 @@ def _swap_classes(module: torch.nn.Module, classes: dict[type, type]) -> int:
     return count
 
 
+def _linear_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``F.linear`` on a contiguous 3-D input, as autograd computes it: ``linear`` flattens the
+    input to 2-D for ``addmm``, whose first-operand gradient is ``grad @ weight``."""
+    return grad.reshape(-1, grad.shape[-1]).mm(weight).view(*grad.shape[:-1], weight.shape[1])
+
+
+class _RecomputedGegluFeedForward(torch.autograd.Function):
+    """``out(hidden * gelu(gate))`` for ``[hidden, gate] = proj(x)``, keeping ``x`` alone: the projection (8 channels
+    per channel of ``x``) is recomputed in the backward pass, whose kernels are the ones autograd would call."""
+
+    @staticmethod
+    def forward(ctx, x, proj_weight, proj_bias, out_weight, out_bias):
+        ctx.save_for_backward(x, proj_weight, proj_bias, out_weight)
+        hidden, gate = F.linear(x, proj_weight, proj_bias).chunk(2, dim=-1)
+        return F.linear(hidden * F.gelu(gate), out_weight, out_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, proj_weight, proj_bias, out_weight = ctx.saved_tensors
+        hidden, gate = F.linear(x, proj_weight, proj_bias).chunk(2, dim=-1)  # the same kernel: the same values
+        grad_product = _linear_input_grad(grad, out_weight)
+        grad_hidden = grad_product * F.gelu(gate)
+        grad_gate = torch.ops.aten.gelu_backward(grad_product * hidden, gate)
+        return _linear_input_grad(torch.cat([grad_hidden, grad_gate], dim=-1), proj_weight), None, None, None, None
+
+
 class RecomputedFeedForward(FeedForward):
     """diffusers' ``FeedForward`` (GEGLU projection, gated product, output projection) that keeps its input for the
-    backward pass and recomputes the rest there (non-reentrant ``torch.utils.checkpoint``, so the gradient is the same
-    bit for bit).
+    backward pass and recomputes the rest there, with the same gradient bit for bit.
 
     Not a free change like the layers above, so it is a level of ``--gradient-checkpointing`` (``feed-forward``):
     the GEGLU projection is 8 channels per channel of the input, 39 % of what an SD-1.5 step keeps with the lean
     layers, and recomputing it costs 13 % of the forward FLOPs, +6 % of a training step's arithmetic
-    (``benchmarks/training_memory.py --breakdown``), where checkpointing the finest level entirely costs +18 %."""
+    (``benchmarks/training_memory.py --breakdown``), where checkpointing the finest level entirely costs +18 %.
+    Stable Diffusion's form (GEGLU with biases, no active dropout, a contiguous 3-D input, no autocast) runs as one
+    autograd function, tens of microseconds of Python; any other form through ``torch.utils.checkpoint``
+    (non-reentrant), whose bookkeeping costs the host about 0.4 ms per call (``benchmarks/host_overhead.py``)."""
+
+    def _geglu_form(self, x: torch.Tensor) -> bool:
+        act, *rest = self.net
+        out = rest[1] if len(rest) >= 2 else None
+        return (type(act) in (GEGLU, LeanGEGLU) and act.proj.bias is not None and type(out) is torch.nn.Linear
+                and out.bias is not None and len(rest) in (2, 3) and type(rest[0]) is torch.nn.Dropout
+                and all(not d.training or d.p == 0 for d in rest[::2]) and x.dim() == 3 and x.is_contiguous()
+                and not torch.is_autocast_enabled(x.device.type))
 
     def forward(self, hidden_states, *args, **kwargs):
         if (torch.is_grad_enabled() and hidden_states.requires_grad and not args and not kwargs
                 and not any(p.requires_grad for p in self.parameters())):
+            if self._geglu_form(hidden_states):
+                proj, out = self.net[0].proj, self.net[2]
+                return _RecomputedGegluFeedForward.apply(hidden_states, proj.weight, proj.bias, out.weight, out.bias)
             return checkpoint(super().forward, hidden_states, use_reentrant=False)
         return super().forward(hidden_states, *args, **kwargs)
 
