@@ -95,7 +95,7 @@ def test_cuda_graph_sampling_matches_eager(fitted_run, mode):
 
 
 def test_frozen_layers_keep_less_with_the_same_gradient(tiny_model):
-    from dyod.frozen_layers import keep_less_for_backward, restore
+    from dyod.frozen_layers import keep_less_for_backward, recompute_feed_forwards, restore
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     unet = load_prior(tiny_model).unet.to(DEVICE).requires_grad_(False)
@@ -119,3 +119,8 @@ def test_frozen_layers_keep_less_with_the_same_gradient(tiny_model):
     assert lean_kept < 0.9 * plain_kept or DEVICE == "cpu"  # the CPU test counts the kept tensors instead
     assert plain_grad.abs().sum() > 0
     torch.testing.assert_close(lean_grad, plain_grad, rtol=1e-5, atol=1e-8)  # cuDNN may pick another algorithm
+    assert recompute_feed_forwards(unet) > 0  # --gradient-checkpointing feed-forward
+    step()
+    recomputed_kept, recomputed_grad = step()
+    assert recomputed_kept < lean_kept or DEVICE == "cpu"
+    torch.testing.assert_close(recomputed_grad, lean_grad, rtol=1e-5, atol=1e-8)

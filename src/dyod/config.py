@@ -77,7 +77,7 @@ class InversionConfig:
     )
     gradient_checkpointing: str = field(
         "auto", "recompute UNet activations in the backward pass instead of keeping them: none | feed-forward (the "
-        "transformer blocks' GEGLU projections: 26 % less memory per image at SD-1.5 scale for 6 % more arithmetic) | "
+        "transformer blocks' GEGLU projections: 25 % less memory per image at SD-1.5 scale for 6 % more arithmetic) | "
         "N (the blocks at the N finest resolutions entirely, which hold most of the memory, and the feed-forwards "
         "elsewhere) | all | auto (the least that lets a first step fit in the accelerator's memory: none, then "
         "feed-forward, 1, 2, all): less GPU memory, more compute")

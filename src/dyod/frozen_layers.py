@@ -197,9 +197,10 @@ class RecomputedFeedForward(FeedForward):
     the GEGLU projection is 8 channels per channel of the input, 39 % of what an SD-1.5 step keeps with the lean
     layers, and recomputing it costs 13 % of the forward FLOPs, +6 % of a training step's arithmetic
     (``benchmarks/training_memory.py --breakdown``), where checkpointing the finest level entirely costs +18 %.
-    Stable Diffusion's form (GEGLU with biases, no active dropout, a contiguous 3-D input, no autocast) runs as one
-    autograd function, tens of microseconds of Python; any other form through ``torch.utils.checkpoint``
-    (non-reentrant), whose bookkeeping costs the host about 0.4 ms per call (``benchmarks/host_overhead.py``)."""
+    Eager, Stable Diffusion's form (GEGLU with biases, no active dropout, a contiguous 3-D input, no autocast) runs as
+    one autograd function, tens of microseconds of Python; any other form, and any compiled one, through
+    ``torch.utils.checkpoint`` (non-reentrant), whose bookkeeping costs the host about 0.4 ms per call when eager
+    (``benchmarks/host_overhead.py``) and which ``torch.compile`` honours."""
 
     def _geglu_form(self, x: torch.Tensor) -> bool:
         act, *rest = self.net
@@ -212,7 +213,9 @@ class RecomputedFeedForward(FeedForward):
     def forward(self, hidden_states, *args, **kwargs):
         if (torch.is_grad_enabled() and hidden_states.requires_grad and not args and not kwargs
                 and not any(p.requires_grad for p in self.parameters())):
-            if self._geglu_form(hidden_states):
+            # compiled, the partitioner would keep what the function's backward pass uses (the projection: it never
+            # recomputes a matrix product); a checkpointed region it recomputes as told
+            if self._geglu_form(hidden_states) and not torch.compiler.is_compiling():
                 proj, out = self.net[0].proj, self.net[2]
                 return _RecomputedGegluFeedForward.apply(hidden_states, proj.weight, proj.bias, out.weight, out.bias)
             return checkpoint(super().forward, hidden_states, use_reentrant=False)
