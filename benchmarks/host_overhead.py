@@ -70,18 +70,22 @@ def main(argv=None) -> str:
                         help="rounds, each timing every method once in turn; the table gives the median (default 5)")
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the host's work is one thread's
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = sd15_speed.build_model(Path(tmp) / "sd15-topology", TOPOLOGY, torch.device("cpu"))
-        steps = build_steps(model, args.batch)
-        times = {name: [] for name in steps}
-        for _ in range(args.rounds):  # interleaved, so that a slow moment of the machine hits every method alike
-            for name, step in steps.items():
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                times[name].append((time.perf_counter() - start) / args.steps)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = sd15_speed.build_model(Path(tmp) / "sd15-topology", TOPOLOGY, torch.device("cpu"))
+            steps = build_steps(model, args.batch)
+            times = {name: [] for name in steps}
+            for _ in range(args.rounds):  # interleaved, so that a slow moment of the machine hits every method alike
+                for name, step in steps.items():
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        step()
+                    times[name].append((time.perf_counter() - start) / args.steps)
+    finally:  # called in-process (the test): the caller's thread count, which its numbers depend on, comes back
+        torch.set_num_threads(threads)
     medians = {name: statistics.median(t) for name, t in times.items()}
     peer = medians[next(iter(METHODS))]
     lines = [f"host time of one training step, SD-1.5 topology at tiny widths on the CPU (batch {args.batch}, one "

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 
 def load_script(name: str):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
@@ -110,7 +112,9 @@ def test_host_overhead_script_times_every_method():
     """benchmarks/host_overhead.py at one round of one step: every method's step runs at SD 1.5's topology and gets a
     row with its ratio to the peer (the times themselves are the script's to report, not the test's to judge)."""
     module = load_script("host_overhead")
+    threads = torch.get_num_threads()
     text = module.main(["--steps", "1", "--rounds", "1"])
+    assert torch.get_num_threads() == threads  # timed on one thread, the caller's setting restored
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r[0].strip() for r in rows] == list(module.METHODS)
     assert rows[0][2].strip() == "×1.00" and all(float(r[1]) > 0 for r in rows)
