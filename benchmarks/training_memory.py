@@ -46,10 +46,10 @@ METHODS = {
     **{f"dyod + checkpointing {sd15_speed.checkpointing_label(setting)}": ("dyod", {"gradient_checkpointing": setting})
        for setting in ("feed-forward", "1", "2", "all")},
     # not by default: inductor compiles the step on the CPU for minutes, and its CPU kernels are not the GPU's
-    **{f"dyod + torch.compile(default){'' if setting == 'none' else ' + checkpointing '}"
-       f"{'' if setting == 'none' else sd15_speed.checkpointing_label(setting)}": (
+    "dyod + torch.compile(default)": ("dyod", {"compile_mode": "default"}),
+    **{f"dyod + torch.compile(default) + checkpointing {sd15_speed.checkpointing_label(setting)}": (
            "dyod", {"compile_mode": "default", "gradient_checkpointing": setting})
-       for setting in ("none", "feed-forward", "1")},
+       for setting in ("feed-forward", "1")},
 }
 DEFAULT_METHODS = [m for m in METHODS if "compile" not in m]
 SMALL = sd15_speed.Shapes(  # tiny widths at a real latent size: activations dominate, as at full scale

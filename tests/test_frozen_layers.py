@@ -37,6 +37,13 @@ def kept_for_backward(fn, exclude=()):
     return out, sum(kept.values())
 
 
+def output_kept_and_gradient(layer, x, grad_out):
+    """``layer(x)``, the bytes it keeps for the backward pass beyond its weights, and the gradient reaching ``x``."""
+    out, kept = kept_for_backward(lambda: layer(x), exclude=layer.parameters())
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    return out, kept, grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel,stride,padding,groups", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 1, 0, 2)])
 def test_frozen_convolution_keeps_no_input_and_gives_the_same_gradient(dtype, kernel, stride, padding, groups):
@@ -82,15 +89,9 @@ def test_lean_geglu_recomputes_gelu_and_gives_the_same_gradient(dtype):
     geglu = GEGLU(16, 24).to(dtype).requires_grad_(False)
     x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(3, 5, 24, dtype=dtype)
-
-    def run():
-        out, kept = kept_for_backward(lambda: geglu(x), exclude=geglu.parameters())
-        (grad,) = torch.autograd.grad(out, x, grad_out)
-        return out, kept, grad
-
-    plain_out, plain_kept, plain_grad = run()
+    plain_out, plain_kept, plain_grad = output_kept_and_gradient(geglu, x, grad_out)
     assert keep_less_for_backward(geglu) == 1 and type(geglu) is LeanGEGLU
-    lean_out, lean_kept, lean_grad = run()
+    lean_out, lean_kept, lean_grad = output_kept_and_gradient(geglu, x, grad_out)
     projected = 3 * 5 * 48 * x.element_size()
     assert plain_kept == projected + projected // 2  # the projection and gelu(gate)
     assert lean_kept == projected  # the projection alone
@@ -191,15 +192,9 @@ def test_recomputed_feed_forward_keeps_its_input_alone_and_gives_the_same_gradie
     keep_less_for_backward(ff)  # as in training: the lean GEGLU keeps the projection
     x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(3, 5, 16, dtype=dtype)
-
-    def run():
-        out, kept = kept_for_backward(lambda: ff(x), exclude=ff.parameters())
-        (grad,) = torch.autograd.grad(out, x, grad_out)
-        return out, kept, grad
-
-    plain_out, plain_kept, plain_grad = run()
+    plain_out, plain_kept, plain_grad = output_kept_and_gradient(ff, x, grad_out)
     assert recompute_feed_forwards(ff) == 1 and type(ff) is RecomputedFeedForward
-    recomputed_out, recomputed_kept, recomputed_grad = run()
+    recomputed_out, recomputed_kept, recomputed_grad = output_kept_and_gradient(ff, x, grad_out)
     one_function = "RecomputedGegluFeedForward" in type(recomputed_out.grad_fn).__name__
     assert one_function == (activation == "geglu")  # else torch.utils.checkpoint
     if activation == "geglu":

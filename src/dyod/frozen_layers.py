@@ -153,11 +153,15 @@ class LeanResnetBlock2D(ResnetBlock2D):
 _LEAN = {torch.nn.Conv2d: FrozenConv2d, GEGLU: LeanGEGLU, ResnetBlock2D: LeanResnetBlock2D}
 
 
-def _swap_classes(module: torch.nn.Module, classes: dict[type, type]) -> int:
+def _swap_classes(module: torch.nn.Module, classes: dict[type, type], skip: Iterable[torch.nn.Module] = ()) -> int:
+    """Swap the class of every layer of ``module`` whose exact type is in ``classes`` (and that the new class finds
+    ``eligible``, where it says), but those inside the modules in ``skip``. Returns how many changed."""
+    skipped = {id(m) for block in skip for m in block.modules()}
     count = 0
     for layer in module.modules():
         new_class = classes.get(type(layer))  # exact types: a subclass with its own forward is left alone
-        if new_class is not None and getattr(new_class, "eligible", lambda _: True)(layer):
+        if (new_class is not None and id(layer) not in skipped
+                and getattr(new_class, "eligible", lambda _: True)(layer)):
             layer.__class__ = new_class
             count += 1
     return count
@@ -203,11 +207,12 @@ class RecomputedFeedForward(FeedForward):
     (``benchmarks/host_overhead.py``) and which ``torch.compile`` honours."""
 
     def _geglu_form(self, x: torch.Tensor) -> bool:
-        act, *rest = self.net
-        out = rest[1] if len(rest) >= 2 else None
+        if len(self.net) not in (3, 4):  # GEGLU, dropout, output projection, and the optional final dropout
+            return False
+        act, dropout, out, *final = self.net
         return (type(act) in (GEGLU, LeanGEGLU) and act.proj.bias is not None and type(out) is torch.nn.Linear
-                and out.bias is not None and len(rest) in (2, 3) and type(rest[0]) is torch.nn.Dropout
-                and all(not d.training or d.p == 0 for d in rest[::2]) and x.dim() == 3 and x.is_contiguous()
+                and out.bias is not None and type(dropout) is torch.nn.Dropout
+                and all(not d.training or d.p == 0 for d in (dropout, *final)) and x.dim() == 3 and x.is_contiguous()
                 and not torch.is_autocast_enabled(x.device.type))
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -226,13 +231,8 @@ def recompute_feed_forwards(module: torch.nn.Module, on: bool = True, skip: Iter
     """In place: every ``FeedForward`` in ``module`` recomputes in the backward pass (``on``), but those inside the
     blocks in ``skip`` (checkpointed whole anyway), or keeps what autograd keeps (``not on``). Returns how many
     recompute."""
-    skipped = {id(m) for block in skip for m in block.modules()}
-    count = 0
-    for layer in module.modules():
-        if type(layer) in (FeedForward, RecomputedFeedForward):
-            layer.__class__ = RecomputedFeedForward if on and id(layer) not in skipped else FeedForward
-            count += type(layer) is RecomputedFeedForward
-    return count
+    _swap_classes(module, {RecomputedFeedForward: FeedForward})
+    return _swap_classes(module, {FeedForward: RecomputedFeedForward}, skip) if on else 0
 
 
 def keep_less_for_backward(module: torch.nn.Module) -> int:

@@ -216,9 +216,8 @@ class PromptTrainer:
     def _least_checkpointing_that_fits(self) -> str:
         """``--gradient-checkpointing auto``: try a step's forward and backward on a probe batch without checkpointing,
         then with the feed-forwards recomputed, the finest 1, 2 levels (and the feed-forwards elsewhere), then every
-        block, and keep the first that does not run out of memory. The
-        probe draws from its own generator and leaves no gradient, so training is what it would be with that setting
-        given explicitly."""
+        block, and keep the first that does not run out of memory. The probe draws from its own generator and leaves
+        no gradient, so training is what it would be with that setting given explicitly."""
         if self.accelerator.num_processes > 1:  # one process running out alone would leave the others waiting
             logger.info("gradient checkpointing auto: none (several processes; pass a level to choose)")
             return "none"
