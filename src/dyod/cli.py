@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights of the frozen prior (default auto: fp16 on CUDA, fp32 on the CPU)")
         p.add_argument("--compile", choices=COMPILE_MODES, default="none",
                        help="torch.compile the UNet and the autoencoder (GPU; reduce-overhead adds CUDA graphs; compiles "
-                            "once per batch size; cuda-graphs: CUDA graphs of the eager kernels, no kernel generation)")
+                            "once: the last batch is padded to --batch-size; cuda-graphs: CUDA graphs of the eager kernels, no kernel generation)")
         add_config_flags(p, SampleConfig, skip=skip)
         return p
 

@@ -46,6 +46,7 @@ class DyodPipeline:
         self.custom_vae = custom_vae
         self.output_resolution = output_resolution or prior.resolution
         self.last_unet_calls = 0
+        self.compiled = False  # set by optimize(compile=...): batches are then padded to one shape
 
     @classmethod
     def from_run(cls, run: str | os.PathLike | Run, device: str | None = None, dtype: torch.dtype = torch.float32) -> "DyodPipeline":
@@ -82,11 +83,13 @@ class DyodPipeline:
         projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet and the autoencoder in a mode
         ("default", "reduce-overhead" for CUDA graphs, "max-autotune"), with channels-last convolutions (``None``:
         only when compiling, see ``performance.use_channels_last``). The denoising loop has fixed shapes, so it
-        compiles once per batch size."""
-        from .performance import optimize_for_sampling
+        compiles once per batch size (``_batched`` pads the last
+        batch to the full size)."""
+        from .performance import check_compile_mode, optimize_for_sampling
 
         optimize_for_sampling(self.prior, channels_last=channels_last, fuse_projections=fuse_projections,
                               compile_mode=compile, compile_backend=compile_backend)
+        self.compiled = self.compiled or check_compile_mode(compile) is not None
         return self
 
     @property
@@ -108,7 +111,9 @@ class DyodPipeline:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] at the model's resolution -> scaled latents (posterior mean: no extra randomness)."""
         vae = self.prior.vae
-        latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
+        # one memory format whatever the pixels came from (PIL arrays arrive channels-last): a compiled encoder
+        # guards on strides and would compile again
+        latents = vae.encode(images.to(self.device, vae.dtype).contiguous()).latent_dist.mean
         return latents.float() * self.prior.scaling_factor
 
     @torch.no_grad()
@@ -161,9 +166,18 @@ class DyodPipeline:
         return tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
 
     def _batched(self, n: int, config: SampleConfig, progress: bool, fn) -> list[Image.Image]:
+        """``fn(indices)`` over batches of ``config.batch_size`` items. Compiled, every batch runs at that size, the
+        last one padded with copies of its last item (whose outputs are dropped): a compiled UNet and autoencoder
+        compile again for each new batch shape (about a minute for reduce-overhead at SD scale), so a run of 100
+        images at batch 8 would otherwise compile twice. Each item's randomness comes from its own seed, so the
+        padding changes no output beyond rounding."""
         out = []
         for start in tqdm(range(0, n, config.batch_size), disable=not progress, desc="sampling", leave=False):
-            out.extend(fn(slice(start, min(n, start + config.batch_size))))
+            indices = list(range(start, min(n, start + config.batch_size)))
+            kept = len(indices)
+            if self.compiled:
+                indices += indices[-1:] * (config.batch_size - kept)
+            out.extend(fn(indices)[:kept])
         return out
 
     def generate(self, z: torch.Tensor | None, noise: torch.Tensor, config: SampleConfig = SampleConfig(),
@@ -172,7 +186,7 @@ class DyodPipeline:
         t0 = config.t0
         num_denoising_steps(t0, config.num_inference_steps)
 
-        def run(batch: slice) -> list[Image.Image]:
+        def run(batch: list[int]) -> list[Image.Image]:
             init = None
             if t0 < 1.0:
                 x_prime = self.vae_images(z[batch])  # z -> x'
@@ -203,7 +217,7 @@ class DyodPipeline:
         x = pil_to_tensor([resize_lanczos(im, self.prior.resolution) for im in images])
         noise = self.noise(list(range(seed, seed + len(images))))
 
-        def run(batch: slice) -> list[Image.Image]:
+        def run(batch: list[int]) -> list[Image.Image]:
             latents = self.denoise_from(self.encode(x[batch]), noise[batch], config.t0, config)
             return self._to_output(self.decode(latents), output_size)
 
