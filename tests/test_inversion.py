@@ -152,9 +152,11 @@ def test_large_latent_cache_is_memory_mapped_on_disk(tmp_path, tiny_model, shape
     torch.testing.assert_close(a, b)
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, monkeypatch):
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "fp16-gradient-scaler"])
+def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, monkeypatch, scaled):
     """PromptTrainer.step never turns a tensor into a Python value: on a GPU each such read waits for the queued work
-    to finish, and the host could not prepare the next step while the GPU runs this one."""
+    to finish, and the host could not prepare the next step while the GPU runs this one. Under fp16 (GPUs without
+    bf16) a gradient scaler decides whether to skip each step: it must not read its overflow flag back either."""
     from dyod.inversion import LatentCache, PromptTrainer
     from dyod.performance import new_accelerator
 
@@ -164,7 +166,10 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, 
         posterior = prior.vae.encode(x).latent_dist
     cache = LatentCache(posterior.mean, posterior.std)
     config = dyod.InversionConfig(batch_size=2, gradient_accumulation_steps=2)
-    trainer = PromptTrainer(prior, cache, config, new_accelerator(cpu=True, gradient_accumulation_steps=2))
+    accelerator = new_accelerator(cpu=True, gradient_accumulation_steps=2)
+    if scaled:  # what Accelerate sets up for fp16 on a GPU (the scaler's logic is the same in fp32 on the CPU)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer = PromptTrainer(prior, cache, config, accelerator)
     losses = [trainer.step()]  # AdamW's state exists from here on
     before = trainer.embedding.learned.detach().clone()
     # AdamW's step counter is a CPU tensor even when training on a GPU (reading it waits for nothing)
@@ -185,6 +190,16 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, 
     monkeypatch.undo()
     assert all(loss.ndim == 0 and torch.isfinite(loss) for loss in losses)
     assert not torch.equal(trainer.embedding.learned, before)  # the steps did train S*
+    assert bool(trainer.optimizer.param_groups[0]["fused"]) is scaled
+    if scaled:  # an overflowing gradient still skips the step, decided on the device, and halves the scale
+        scale, trained = accelerator.scaler.get_scale(), trainer.embedding.learned.detach().clone()
+        steps = [state["step"].clone() for state in trainer.optimizer.state.values()]
+        finite_loss = trainer._loss
+        monkeypatch.setattr(trainer, "_loss", lambda generator: finite_loss(generator) * float("inf"))
+        trainer.step()
+        assert accelerator.scaler.get_scale() == scale / 2  # one optimizer step (of two accumulated losses)
+        assert torch.equal(trainer.embedding.learned, trained)
+        assert all(torch.equal(state["step"], s) for state, s in zip(trainer.optimizer.state.values(), steps))
 
 
 def test_bf16_mixed_precision_trains_with_the_frozen_parts_in_bf16(tmp_path, tiny_model, shapes):

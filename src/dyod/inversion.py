@@ -180,8 +180,9 @@ class PromptTrainer:
     ``step()`` runs one optimizer step (with gradient accumulation) and returns its loss as a tensor on the device,
     without waiting for the GPU: nothing in it reads a value back, and the batch is copied without synchronizing,
     so the host prepares the next step while the GPU runs this one. The caller checks the losses every few steps.
-    (One exception: under fp16 mixed precision, on GPUs without bf16, Accelerate's gradient scaler reads its overflow
-    flag at every optimizer step.)"""
+    Under fp16 mixed precision (GPUs without bf16) AdamW is the fused kernel, to which the gradient scaler hands its
+    overflow flag on the device: with the usual AdamW the scaler reads that flag back at every step, to decide on
+    the host whether to skip it."""
 
     def __init__(self, prior: Prior, cache: LatentCache, config: InversionConfig, accelerator):
         self.prior, self.cache, self.config, self.accelerator = prior, cache, config, accelerator
@@ -205,7 +206,7 @@ class PromptTrainer:
                               autocast_dtype=weight_dtype)
         prior.text_encoder.to(device)
         self.optimizer = torch.optim.AdamW([self.embedding.learned], lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=accelerator.scaler is not None)
         self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
         self.text_encoder, self.optimizer = accelerator.prepare(prior.text_encoder, self.optimizer)
         self.text_encoder.train()
