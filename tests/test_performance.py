@@ -11,6 +11,7 @@ from dyod.errors import DyodError
 from dyod.frozen_layers import RecomputedFeedForward
 from dyod.inversion import inversion_loss
 from dyod.performance import (
+    check_compile_device,
     check_compile_mode,
     enable_checkpointing,
     new_accelerator,
@@ -37,6 +38,25 @@ def test_precision_and_compile_mode_are_checked():
     assert check_compile_mode("reduce-overhead") == "reduce-overhead"
     with pytest.raises(DyodError, match="--compile must be one of"):
         check_compile_mode("fastest")
+
+
+def test_compiling_on_a_gpu_too_old_for_triton_is_refused_before_any_work(fitted_run, monkeypatch):
+    # the paper's GTX 1080 Ti (compute capability 6.1): inductor's Triton kernels need 7.0
+    capability = {"value": (6, 1)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080 Ti")
+    with pytest.raises(DyodError, match=r"--compile-unet reduce-overhead: .*GTX 1080 Ti is 6\.1\. Use --compile-unet "
+                                        r"cuda-graphs"):
+        check_compile_device("reduce-overhead", "cuda", "--compile-unet")
+    loaded = []
+    monkeypatch.setattr(DyodPipeline, "from_run", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    with pytest.raises(DyodError, match="--compile default: .* Use --compile cuda-graphs .* or --compile none"):
+        DyodPipeline.for_sampling(fitted_run, device="cuda", compile="default")
+    assert not loaded  # refused before loading the prior
+    for mode, device in [("cuda-graphs", "cuda"), ("none", "cuda"), ("reduce-overhead", "cpu")]:
+        check_compile_device(mode, device)  # PyTorch's own kernels, no compiling, or no GPU: nothing to refuse
+    capability["value"] = (7, 5)  # a T4
+    check_compile_device("reduce-overhead", "cuda")
 
 
 @pytest.mark.parametrize("compile_mode", [None, "default"])

@@ -399,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="weights of the frozen prior (default auto: fp16 on CUDA, fp32 on the CPU)")
         p.add_argument("--compile", choices=COMPILE_MODES, default="none",
-                       help="torch.compile the UNet and the autoencoder (GPU; reduce-overhead adds CUDA graphs; compiles "
-                            "once: the last batch is padded to --batch-size; cuda-graphs: CUDA graphs of the eager kernels, no kernel generation)")
+                       help="torch.compile the UNet and the autoencoder (a GPU of compute capability 7.0+; reduce-overhead "
+                            "adds CUDA graphs; compiles once: the last batch is padded to --batch-size; cuda-graphs: "
+                            "CUDA graphs of the eager kernels, no kernel generation, any CUDA GPU)")
         add_config_flags(p, SampleConfig, skip=skip)
         return p
 

@@ -82,8 +82,9 @@ class InversionConfig:
         "elsewhere) | all | auto (the least that lets a first step fit in the accelerator's memory: none, then "
         "feed-forward, 1, 2, all): less GPU memory, more compute")
     compile_unet: str = field(
-        "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs; GPU; compiles once, a "
-        "minute or two at SD scale) | cuda-graphs (CUDA graphs of the eager kernels: no kernel generation)",
+        "none", "torch.compile the frozen UNet: none | default | reduce-overhead (CUDA graphs; a GPU of compute "
+        "capability 7.0+; compiles once, a minute or two at SD scale) | cuda-graphs (CUDA graphs of the eager kernels: "
+        "no kernel generation, any CUDA GPU)",
         choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graphs"),
     )
     checkpoint_every: int = field(500, "write a resumable checkpoint every N steps (0: only at the end)", min=0)

@@ -33,6 +33,7 @@ from .embeddings import (
 )
 from .errors import DyodError
 from .performance import (
+    check_compile_device,
     enable_checkpointing,
     new_accelerator,
     optimize_for_training,
@@ -296,6 +297,7 @@ def invert(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=device == "cpu",
     )
+    check_compile_device(config.compile_unet, accelerator.device, "--compile-unet")  # before any work
     run = Run.open_or_create(out)
     folder = run.inversion_path
     checkpoint = folder / CHECKPOINT_FILE

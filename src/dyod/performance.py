@@ -15,6 +15,8 @@ from .errors import DyodError
 
 logger = logging.getLogger(__name__)
 
+CUDA_GRAPHS = "cuda-graphs"
+
 
 def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype:
     """``auto``: fp16 on CUDA (what Stable Diffusion is run in), fp32 elsewhere (CPU half convolutions are slow)."""
@@ -40,6 +42,22 @@ def check_compile_mode(mode: str | None) -> str | None:
     if mode not in COMPILE_MODES:
         raise DyodError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     return mode
+
+
+def check_compile_device(mode: str | None, device: torch.device | str, flag: str = "--compile") -> None:
+    """torch.compile's kernels are Triton's, which need a CUDA GPU of compute capability 7.0 (Volta) or newer: on an
+    older one (the paper's GTX 1080 Ti is 6.1) the first call would fail inside inductor, after the set-up. Say so
+    before any work, naming the flag and what runs there instead."""
+    mode = check_compile_mode(mode)
+    device = torch.device(device)
+    if mode in (None, CUDA_GRAPHS) or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (7, 0):
+        raise DyodError(
+            f"{flag} {mode}: torch.compile generates Triton kernels, which need a GPU of compute capability 7.0 or "
+            f"newer, and {torch.cuda.get_device_name(device)} is {major}.{minor}. Use {flag} cuda-graphs (CUDA graphs "
+            f"of PyTorch's own kernels, which run on it) or {flag} none")
 
 
 def to_device_async(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -69,8 +87,6 @@ def fuse_qkv(unet) -> bool:
         return False
     return True
 
-
-CUDA_GRAPHS = "cuda-graphs"
 
 
 def compile_module(module: torch.nn.Module, mode: str | None, backend: str = "inductor") -> torch.nn.Module:
@@ -112,6 +128,8 @@ def optimize_for_sampling(prior, channels_last: bool | None = None, fuse_project
     and the autoencoder's encoder and decoder (a batch's pass through them costs a fifth of the compiled loop at SD
     scale); each compiles once per batch size."""
     device = prior.unet.device
+    if compile_backend == "inductor":
+        check_compile_device(compile_mode, device)
     use_fast_kernels(device)
     if use_channels_last(channels_last, compile_mode):
         prior.unet.to(memory_format=torch.channels_last)
@@ -198,6 +216,8 @@ def optimize_for_training(prior, channels_last: bool | None = None, gradient_che
     ``autocast_dtype``: the mixed precision the text encoder runs under (its frozen linear layers are stored in it)."""
     from .frozen_layers import keep_less_for_backward  # imports diffusers
 
+    if compile_backend == "inductor":
+        check_compile_device(compile_mode, prior.unet.device, "--compile-unet")
     use_fast_kernels(prior.unet.device)
     if use_channels_last(channels_last, compile_mode):
         prior.unet.to(memory_format=torch.channels_last)

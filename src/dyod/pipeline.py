@@ -68,11 +68,12 @@ class DyodPipeline:
                      compile: str | None = None) -> "DyodPipeline":
         """``from_run`` with the sampling defaults of the command line: the prior in ``precision`` (auto: fp16 on
         CUDA, fp32 on the CPU) and, on CUDA or when ``compile`` is given, ``optimize()``."""
-        from .performance import check_compile_mode, resolve_precision
+        from .performance import check_compile_device, check_compile_mode, resolve_precision
 
         device = device or default_device()
-        pipe = cls.from_run(run, device=device, dtype=resolve_precision(precision, device))
         compile = check_compile_mode(compile)
+        check_compile_device(compile, device)  # before loading anything
+        pipe = cls.from_run(run, device=device, dtype=resolve_precision(precision, device))
         if torch.device(device).type == "cuda" or compile is not None:
             pipe.optimize(compile=compile)
         return pipe
