@@ -48,7 +48,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_model, shapes, precision):
     # fp16 (what GPUs without bf16 train in) brings Accelerate's gradient scaler, which must not read back either
     if precision == "fp16" and DEVICE != "cuda":
         pytest.skip("fp16 autocast and the gradient scaler are set up on CUDA only")
-    bf16 = DEVICE == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = DEVICE == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     run = trainer(tiny_model, shapes, mixed_precision=precision if precision != "auto" else "bf16" if bf16 else "no")
     run.step()  # warm-up: cuDNN's algorithm search, AdamW's state, the pinned blocks
     with never_synchronizes():

@@ -40,6 +40,15 @@ def test_precision_and_compile_mode_are_checked():
         check_compile_mode("fastest")
 
 
+def test_auto_mixed_precision_takes_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
+    # before Ampere (a T4, a V100, the paper's GTX 1080 Ti) PyTorch reports bf16 as supported by emulating it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, expected in [(False, "fp16"), (True, "bf16")]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+        assert resolve_mixed_precision("auto") == expected
+        assert resolve_mixed_precision("auto", "cpu") == "no" and resolve_mixed_precision("bf16") == "bf16"
+
+
 def test_compiling_on_a_gpu_too_old_for_triton_is_refused_before_any_work(fitted_run, monkeypatch):
     # the paper's GTX 1080 Ti (compute capability 6.1): inductor's Triton kernels need 7.0
     capability = {"value": (6, 1)}

@@ -72,7 +72,8 @@ class InversionConfig:
     learning_rate: float = field(5e-3, "AdamW learning rate for the new embedding rows", min=0.0)
     weight_decay: float = field(0.0, "AdamW weight decay on the new rows", min=0.0)
     mixed_precision: str = field(
-        "auto", "auto | no | fp16 | bf16, through Accelerate (auto: bf16 or fp16 on CUDA, no on the CPU)",
+        "auto", "auto | no | fp16 | bf16, through Accelerate (auto: bf16 on Ampere and newer GPUs, fp16 on older ones, no "
+        "on the CPU)",
         choices=("auto", "no", "fp16", "bf16"),
     )
     gradient_checkpointing: str = field(

@@ -28,12 +28,14 @@ def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype
 
 
 def resolve_mixed_precision(mixed_precision: str, device: str | None = None) -> str:
-    """Training's ``auto``: bf16 on a CUDA GPU that has it (fp16 on older ones), fp32 ("no") on the CPU."""
+    """Training's ``auto``: bf16 on a CUDA GPU that computes in it (compute capability 8.0, Ampere, and newer), fp16 on
+    older ones (the paper's GTX 1080 Ti, a T4, a V100), fp32 ("no") on the CPU. PyTorch reports bf16 as supported on
+    the older GPUs too, where it only emulates it: slowly, and without tensor cores."""
     if mixed_precision != "auto":
         return mixed_precision
     if device == "cpu" or not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def check_compile_mode(mode: str | None) -> str | None:
