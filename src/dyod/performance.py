@@ -90,7 +90,6 @@ def fuse_qkv(unet) -> bool:
     return True
 
 
-
 def compile_module(module: torch.nn.Module, mode: str | None, backend: str = "inductor") -> torch.nn.Module:
     """``torch.compile`` with fixed shapes (the loop's batch and resolution do not change), as one graph: a graph
     break would silently cost the CUDA graphs their point, so it is an error (tests trace with ``aot_eager``).

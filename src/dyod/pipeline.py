@@ -84,8 +84,7 @@ class DyodPipeline:
         projections, cuDNN autotuning, and optionally ``torch.compile`` of the UNet and the autoencoder in a mode
         ("default", "reduce-overhead" for CUDA graphs, "max-autotune"), with channels-last convolutions (``None``:
         only when compiling, see ``performance.use_channels_last``). The denoising loop has fixed shapes, so it
-        compiles once per batch size (``_batched`` pads the last
-        batch to the full size)."""
+        compiles once per batch size, and ``_batched`` pads the last batch to the full size."""
         from .performance import check_compile_mode, optimize_for_sampling
 
         optimize_for_sampling(self.prior, channels_last=channels_last, fuse_projections=fuse_projections,
