@@ -202,6 +202,14 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, 
         assert all(torch.equal(state["step"], s) for state, s in zip(trainer.optimizer.state.values(), steps))
 
 
+def test_fp16_mixed_precision_on_the_cpu_is_refused_before_any_work(tmp_path, tiny_model, shapes):
+    out = tmp_path / "run"
+    with pytest.raises(dyod.DyodError, match="--mixed-precision fp16 needs a CUDA GPU.*--mixed-precision bf16"):
+        dyod.invert(shapes, tiny_model, out, dyod.InversionConfig(steps=2, mixed_precision="fp16"), progress=False,
+                    device="cpu")
+    assert not out.exists()
+
+
 def test_bf16_mixed_precision_trains_with_the_frozen_parts_in_bf16(tmp_path, tiny_model, shapes):
     """--mixed-precision bf16 (what auto picks on recent GPUs) end to end on the CPU: the frozen UNet and the text
     encoder's frozen linear layers in bf16, S* in fp32, and the loss still falls."""

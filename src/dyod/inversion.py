@@ -34,6 +34,7 @@ from .embeddings import (
 from .errors import DyodError
 from .performance import (
     check_compile_device,
+    check_mixed_precision,
     enable_checkpointing,
     new_accelerator,
     optimize_for_training,
@@ -297,7 +298,8 @@ def invert(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=device == "cpu",
     )
-    check_compile_device(config.compile_unet, accelerator.device, "--compile-unet")  # before any work
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device)  # before any work
+    check_compile_device(config.compile_unet, accelerator.device, "--compile-unet")
     run = Run.open_or_create(out)
     folder = run.inversion_path
     checkpoint = folder / CHECKPOINT_FILE

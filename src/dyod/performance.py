@@ -38,6 +38,14 @@ def resolve_mixed_precision(mixed_precision: str, device: str | None = None) -> 
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
+def check_mixed_precision(mixed_precision: str, device: torch.device | str) -> None:
+    """fp16 mixed precision is CUDA's: on the CPU Accelerate runs no fp16 autocast, so the fp16 UNet would meet fp32
+    inputs at its first layer. Say so before any work, naming the flag and what runs there instead."""
+    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise DyodError("--mixed-precision fp16 needs a CUDA GPU (Accelerate has no fp16 autocast on the CPU); on the "
+                        "CPU use --mixed-precision bf16, or no (what auto picks there)")
+
+
 def check_compile_mode(mode: str | None) -> str | None:
     if mode in (None, "none"):
         return None
