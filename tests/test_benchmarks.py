@@ -120,3 +120,17 @@ def test_host_overhead_script_times_every_method():
     assert rows[0][2].strip() == "×1.00" and all(float(r[1]) > 0 for r in rows)
     unet = module.TOPOLOGY.unet  # SD 1.5's topology: the UNet's defaults but for the widths
     assert "down_block_types" not in unet and len(unet["block_out_channels"]) == 4
+
+
+def test_compile_time_script_compiles_each_way_in_its_own_process():
+    """benchmarks/compile_time.py on a toy UNet: three processes, each compiling once; the second one finds the first
+    one's inductor cache (it compiles in a fraction of the time, here by far more than timing noise) and every
+    compiled UNet computes what the eager one does."""
+    module = load_script("compile_time")
+    text = module.main(["--tiny", "--calls", "1"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0] for r in rows] == list(module.METHODS)
+    cold, warm, _ = (float(r[1]) for r in rows)
+    assert warm < cold / 2
+    assert all(float(r[4]) < 1e-4 for r in rows)
