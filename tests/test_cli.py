@@ -113,6 +113,21 @@ def test_bad_flag_values_exit_2(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
 
 
+def test_a_device_this_machine_lacks_is_named(cli_run, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["sample", str(cli_run), "-n", "1", "--out", str(tmp_path / "s"), "--device", "cuda"]) == 2
+    assert "--device cuda: " in (err := capsys.readouterr().err) and "leave --device out" in err
+    assert main(["sample", str(cli_run), "-n", "1", "--out", str(tmp_path / "s"), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device name" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["invert", "d", "--model", "m", "--out", str(tmp_path / "r"), "--device", "cuda:1"]) == 2
+    assert "--device cuda:1: this machine has 1 CUDA GPU(s)" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()  # refused before any work
+
+
 def test_bad_gradient_checkpointing_names_the_flag(tmp_path, shapes, tiny_model, capsys):
     out = tmp_path / "r"
     assert main(["invert", str(shapes), "--model", str(tiny_model), "--out", str(out),

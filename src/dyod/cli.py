@@ -518,12 +518,33 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_device(device: str | None) -> None:
+    """``--device`` names a device this machine has: PyTorch's own answer to a missing GPU is a traceback from deep
+    inside the first tensor moved there."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise DyodError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DyodError(f"--device {device}: {why}; leave --device out (or give cpu) to run on the CPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DyodError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            "numbered from 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
+        _check_device(getattr(args, "device", None))
         args.func(args)
     except DyodError as e:
         print(f"dyod {args.command}: error: {e}", file=sys.stderr)
