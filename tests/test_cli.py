@@ -111,6 +111,10 @@ def test_bad_flag_values_exit_2(capsys):
         main(["invert", "d", "--model", "m", "--out", "o", "--steps", "-3"])
     assert e.value.code == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+    for value in ("nan", "inf"):  # float() reads them; a guidance scale of nan made NaN images
+        with pytest.raises(SystemExit):
+            main(["sample", "run", "--out", "o", "--guidance-scale", value])
+        assert f"--guidance-scale takes a finite number, got '{value}'" in capsys.readouterr().err
 
 
 def test_a_device_this_machine_lacks_is_named(cli_run, tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -41,6 +42,8 @@ def _ranged(kind, name: str, low: float | None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} takes a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+        if not math.isfinite(value):  # float() reads "nan" and "inf"; no setting means either
+            raise argparse.ArgumentTypeError(f"{name} takes a finite number, got {text!r}")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
         return value
