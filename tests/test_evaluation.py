@@ -96,3 +96,25 @@ def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypa
     other_kid = json.loads((tmp_path / "other.json").read_text())["kid_x100"]
     assert other_kid > 5 * max(same_kid, 0.05)
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
+
+
+def test_feature_extractors_take_images_of_mixed_sizes(tmp_path):
+    """A folder of photos rarely has one size: each extractor resizes the images of each size together, keeps their
+    order, and gives a folder of one size the numbers of stacking it whole."""
+    import numpy as np
+    from PIL import Image
+
+    from dyod.data import pil_to_tensor
+    from dyod.inception import FIDInceptionV3, InceptionFeatures
+    from dyod.world.features import EmojiFeatures
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for side in (48, 80, 48, 64, 80)]
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().eval().state_dict(), tmp_path / "pt_inception.pth")
+    for extractor in (EmojiFeatures.bundled(), InceptionFeatures(tmp_path / "pt_inception.pth")):
+        mixed = extractor(images, batch_size=4)  # batches that mix sizes, and a size split across two batches
+        one_by_one = torch.cat([extractor([im]) for im in images])
+        torch.testing.assert_close(mixed, one_by_one, rtol=1e-5, atol=1e-6)
+        same_size = [images[0], images[2]]
+        assert torch.equal(extractor(same_size), extractor(pil_to_tensor(same_size)))  # as stacking them whole

@@ -165,6 +165,26 @@ def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def pil_to_resized_tensor(images: list[Image.Image], resize) -> torch.Tensor:
+    """PIL images of any sizes -> one tensor [B, 3, h, w] in [-1, 1], in their order: the images of each size are
+    stacked and passed to ``resize`` (a [b, 3, H, W] tensor -> [b, 3, h, w]) together. A folder of one size is one
+    group, so it gets the very numbers of stacking it whole."""
+    if not images:
+        raise ValueError("pil_to_resized_tensor: no images")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.size, []).append(i)
+    if len(groups) == 1:  # as it comes, memory layout included (a network's kernels may depend on it)
+        return resize(pil_to_tensor(images))
+    out: torch.Tensor | None = None
+    for indices in groups.values():
+        resized = resize(pil_to_tensor([images[i] for i in indices]))
+        if out is None:
+            out = resized.new_empty((len(images), *resized.shape[1:]))
+        out[indices] = resized
+    return out
+
+
 def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     """Float tensor [B, C, H, W] in [-1, 1] -> PIL RGB images."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

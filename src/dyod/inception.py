@@ -208,12 +208,15 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images, batch_size: int = 64) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            from .data import pil_to_tensor
+        """PIL images (of any sizes) or a [B, 3, H, W] tensor in [-1, 1] -> [B, 2048] features."""
+        from .data import pil_to_resized_tensor
 
-            images = pil_to_tensor([im.convert("RGB") for im in images])
+        def resize(x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+
         out = []
-        for i in range(0, len(images), batch_size):
-            x = F.interpolate(images[i:i + batch_size].float(), size=(299, 299), mode="bilinear", align_corners=False)
+        for i in range(0, len(images), batch_size):  # resized a batch at a time: 1 MiB an image at 299 px
+            batch = images[i:i + batch_size]
+            x = resize(batch) if isinstance(batch, torch.Tensor) else pil_to_resized_tensor(batch, resize)
             out.append(self.model(x.to(self.device)).cpu())
         return torch.cat(out).double()

@@ -100,11 +100,11 @@ class FeatureTrainConfig:
 
 
 def to_input(images) -> torch.Tensor:
-    """PIL images or a [B, 3, H, W] tensor in [-1, 1] -> the network's 64 × 64 input."""
+    """PIL images (of any sizes) or a [B, 3, H, W] tensor in [-1, 1] -> the network's 64 × 64 input."""
     if not isinstance(images, torch.Tensor):
-        from ..data import pil_to_tensor
+        from ..data import pil_to_resized_tensor
 
-        images = pil_to_tensor([im.convert("RGB") for im in images])
+        return pil_to_resized_tensor(images, to_input)
     if images.shape[-1] != INPUT_SIZE or images.shape[-2] != INPUT_SIZE:
         images = F.interpolate(images.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True,
                                align_corners=False)
