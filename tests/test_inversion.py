@@ -202,6 +202,39 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model, shapes, 
         assert all(torch.equal(state["step"], s) for state, s in zip(trainer.optimizer.state.values(), steps))
 
 
+def test_a_gradient_scaler_with_fused_adamw_trains_what_plain_adamw_trains(tiny_model, shapes):
+    """Under fp16 the gradient scaler multiplies the loss and the fused AdamW divides the gradient back inside its
+    kernel: the same S*, step by step, as the unscaled step (fp32 on the CPU, so only the scaling differs). AdamW's
+    step hardly depends on the gradient's size, but for its eps: a large eps makes it depend, so that a gradient left
+    scaled (1024 times too large) would show."""
+    from dyod.inversion import LatentCache, PromptTrainer
+    from dyod.performance import new_accelerator
+
+    learned = []
+    for scaled in (False, True, "left scaled"):
+        prior = load_prior(tiny_model)
+        x = pil_to_tensor([resize_lanczos(im, prior.resolution) for im in load_image_folder(shapes).images[:4]])
+        with torch.no_grad():
+            posterior = prior.vae.encode(x).latent_dist
+        accelerator = new_accelerator(cpu=True)
+        if scaled is True:
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        trainer = PromptTrainer(prior, LatentCache(posterior.mean, posterior.std),
+                                dyod.InversionConfig(batch_size=2, learning_rate=0.05), accelerator)
+        trainer.optimizer.param_groups[0]["eps"] = 1e-3
+        if scaled == "left scaled":  # what a scaler whose factor never came off would give
+            loss = trainer._loss
+            trainer._loss = lambda generator: loss(generator) * 2.0**10
+        initial = trainer.embedding.learned.detach().clone()
+        for _ in range(3):
+            trainer.step()
+        learned.append(trainer.embedding.learned.detach().clone())
+    plain, fused_scaled, left_scaled = learned
+    assert not torch.equal(plain, initial)  # it trained
+    torch.testing.assert_close(fused_scaled, plain, rtol=1e-5, atol=1e-6)
+    assert (left_scaled - plain).abs().max() > 100 * (fused_scaled - plain).abs().max() + 1e-5
+
+
 def test_fp16_mixed_precision_on_the_cpu_is_refused_before_any_work(tmp_path, tiny_model, shapes):
     out = tmp_path / "run"
     with pytest.raises(dyod.DyodError, match="--mixed-precision fp16 needs a CUDA GPU.*--mixed-precision bf16"):
