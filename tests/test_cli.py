@@ -32,7 +32,8 @@ def test_fit_writes_a_complete_run_folder(cli_run, tiny_model):
     assert list((cli_run / "vae" / "samples").glob("epoch-*.png"))
 
 
-def test_sample_records_start_and_unet_calls(cli_run, tmp_path):
+def test_sample_records_start_and_unet_calls(cli_run, shapes, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYOD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "samples"
     assert main(["sample", str(cli_run), "--t0", "0.7", "-n", "3", "--seed", "5", "--out", str(out),
                  "--num-inference-steps", "10", "--device", "cpu"]) == 0
@@ -42,6 +43,10 @@ def test_sample_records_start_and_unet_calls(cli_run, tmp_path):
     assert sorted(p.name for p in out.glob("seed-*.png")) == ["seed-000005.png", "seed-000006.png", "seed-000007.png"]
     assert Image.open(out / "seed-000005.png").size == (32, 32)
     assert (out / "grid.png").exists()
+    assert record["images"] == ["seed-000005.png", "seed-000006.png", "seed-000007.png"]
+    # the grid is not a sample: KID counts the three
+    assert main(["eval", str(out), "--ref", str(shapes), "--json", str(tmp_path / "kid.json")]) == 0
+    assert json.loads((tmp_path / "kid.json").read_text())["n_samples"] == 3
 
 
 def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_path):

@@ -1,13 +1,22 @@
 """The dataset loader: recursive search, EXIF orientation, odd formats, unreadable files, empty folders."""
 
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dyod.data import lanczos_resize_tensor, load_image, load_image_folder, pil_to_tensor, tensor_to_pil
+from dyod.data import (
+    OUTPUT_RECORD,
+    find_image_files,
+    lanczos_resize_tensor,
+    load_image,
+    load_image_folder,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 from dyod.errors import DyodError
 
 
@@ -40,6 +49,27 @@ def test_empty_folder_and_unreadable_only_folder_are_clear_errors(tmp_path):
         load_image_folder(tmp_path)
     with pytest.raises(DyodError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
+
+
+def test_the_grid_beside_dyod_results_is_not_an_image_of_the_folder(tmp_path):
+    """A folder `dyod sample` wrote holds its samples and grid.png: evaluating it, or training on it, takes the
+    results its record lists; other folders, and other files in the tree, are taken whole."""
+    samples, plain = tmp_path / "samples", tmp_path / "plain"
+    for folder in (samples, plain):
+        folder.mkdir()
+        for name in ("seed-000000.png", "seed-000001.png", "grid.png"):
+            Image.new("RGB", (8, 8)).save(folder / name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "top.png")
+    (samples / OUTPUT_RECORD).write_text(json.dumps({"images": ["seed-000000.png", "seed-000001.png"]}))
+    names = [p.relative_to(tmp_path).as_posix() for p in find_image_files(tmp_path)]
+    assert names == ["plain/grid.png", "plain/seed-000000.png", "plain/seed-000001.png",
+                     "samples/seed-000000.png", "samples/seed-000001.png", "top.png"]
+    assert len(load_image_folder(samples)) == 2
+    (samples / OUTPUT_RECORD).write_text(json.dumps({"images": ["seed-000001.png"]}))  # the record decides
+    assert [p.name for p in find_image_files(samples)] == ["seed-000001.png"]
+    for record in ('{"command": "sample"}', "not json"):  # a record from before the list, or a broken one
+        (samples / OUTPUT_RECORD).write_text(record)
+        assert [p.name for p in find_image_files(samples)] == ["seed-000000.png", "seed-000001.png"]
 
 
 def test_exif_orientation_is_applied(tmp_path):

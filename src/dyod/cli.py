@@ -126,11 +126,12 @@ def _quiet_libraries() -> None:
 
 
 def _save_outputs(images, names, out: Path, ncols: int | None, record: dict) -> None:
+    from .data import OUTPUT_RECORD
     from .images import make_grid, save_images, save_png
 
     save_images(images, out, names)
     save_png(make_grid(images, ncols), out / "grid.png")
-    write_json(out / "dyod_output.json", record)
+    write_json(out / OUTPUT_RECORD, {**record, "images": names})  # what `dyod eval OUT` counts (not the grid)
     logger.info("wrote %d images and grid.png to %s", len(images), out)
 
 

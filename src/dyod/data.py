@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import logging
 import os
 import warnings
@@ -21,6 +22,7 @@ from .errors import DyodError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+OUTPUT_RECORD = "dyod_output.json"  # beside the images `dyod sample|transform|interpolate|traverse` write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +68,29 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         raise DyodError(f"data folder {root} does not exist")
     if root.is_file():
         return [root]
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(files)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # A folder dyod wrote results to also holds their grid: `dyod eval` of it, or a dataset made of it, would count
+    # the grid as one more image.
+    results = {folder: _result_images(folder) for folder in {f.parent for f in files}}
+    kept = [f for f in files if results[f.parent] is None or f.name in results[f.parent]]
+    if len(kept) < len(files):
+        logger.info("%s: left out %d image(s) that are not results in dyod output folders (%s lists the results)",
+                    root, len(files) - len(kept), OUTPUT_RECORD)
+    return kept
+
+
+def _result_images(folder: Path) -> set[str] | None:
+    """The names of the result images in a folder dyod wrote results to; None for any other folder."""
+    record = folder / OUTPUT_RECORD
+    if not record.is_file():
+        return None
+    try:
+        names = json.loads(record.read_text()).get("images")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    if not isinstance(names, list):  # a record written before it listed the images: everything but the grid
+        return {p.name for p in folder.iterdir()} - {"grid.png"}
+    return set(map(str, names))
 
 
 def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
