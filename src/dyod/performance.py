@@ -180,10 +180,12 @@ def enable_checkpointing(unet, levels: int | None, feed_forwards: bool = False) 
     from .frozen_layers import recompute_feed_forwards  # imports diffusers
 
     chosen_blocks = []
+    n_levels = len(unet.down_blocks)
+    if levels is not None and levels >= n_levels:
+        levels = None  # every level: the whole UNet
     if levels != 0:
         unet.enable_gradient_checkpointing()  # installs the (non-reentrant) checkpoint function on every block
-        n_levels = len(unet.down_blocks)
-        if levels is None or levels >= n_levels:
+        if levels is None:
             chosen_blocks = [unet]
         else:
             chosen_blocks = [*unet.down_blocks[:levels], *unet.up_blocks[n_levels - levels:]]
