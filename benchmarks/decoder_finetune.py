@@ -68,7 +68,7 @@ def finetune_decoder(vae, images_uint8: torch.Tensor, steps: int, batch_size: in
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     vae.eval()
     vae.requires_grad_(False)
     return losses

@@ -122,6 +122,18 @@ def test_bad_flag_values_exit_2(capsys):
         assert f"--guidance-scale takes a finite number, got '{value}'" in capsys.readouterr().err
 
 
+def test_bad_pretrain_settings_exit_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "prior"
+    with pytest.raises(SystemExit) as e:
+        main(["reference", "pretrain", "--out", str(out), "--checkpoint-every", "0"])  # was a modulo by zero
+    assert e.value.code == 2 and "--checkpoint-every must be >= 1" in capsys.readouterr().err
+    for flags, message in ((["--caption-dropout", "2"], "--caption-dropout must be in [0, 1], got 2.0"),
+                           (["--text-heads", "3"], "--text-width (128) must be a multiple of --text-heads (3)")):
+        assert main(["reference", "pretrain", "--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_device_this_machine_lacks_is_named(cli_run, tmp_path, capsys, monkeypatch):
     import torch
 

@@ -53,7 +53,7 @@ def _ranged(kind, name: str, low: float | None):
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     hints = get_type_hints(cls)
-    group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__)
+    group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip(".") if cls.__doc__ else cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue

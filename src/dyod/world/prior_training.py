@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_training_state, save_training_state
-from ..config import write_json
+from ..config import field, write_json
 from ..errors import DyodError
 from ..testing import bytes_to_unicode
 from .atlas import EmojiAtlas
@@ -40,27 +40,38 @@ logger = logging.getLogger(__name__)
 class PretrainConfig:
     """Sizes and schedule of the reference prior (defaults: about an hour on 2 CPU cores)."""
 
-    resolution: int = 64
-    corpus_size: int = 30000
-    corpus_seed: int = 0
-    emphasis_weight: float = 0.5  # share of sprites drawn from the bundled datasets' emoji (fruits, faces)
-    vocab_size: int = 4096
-    max_length: int = 64
-    text_width: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    vae_steps: int = 2000
-    vae_batch_size: int = 16
-    vae_learning_rate: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_steps: int = 10000
-    unet_batch_size: int = 16
-    unet_learning_rate: float = 5e-4
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 1000
-    seed: int = 0
+    resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
+    corpus_size: int = field(30000, "captioned scenes rendered to train on", min=1)
+    corpus_seed: int = field(0, "seed of the scene corpus (scene i of a seed is always the same)")
+    emphasis_weight: float = field(0.5, "share of sprites drawn from the bundled datasets' emoji (fruits, faces), in "
+                                        "[0, 1]", min=0.0)
+    vocab_size: int = field(4096, "size of the BPE vocabulary trained on the captions", min=1)
+    max_length: int = field(64, "tokens per caption (longer captions are truncated)", min=2)
+    text_width: int = field(128, "width of the CLIP text encoder (a multiple of --text-heads)", min=1)
+    text_layers: int = field(4, "transformer layers of the text encoder", min=1)
+    text_heads: int = field(4, "attention heads of the text encoder", min=1)
+    vae_channels: tuple[int, ...] = field((32, 64, 64), "autoencoder channels per level; each level after the first "
+                                                        "halves the resolution")
+    vae_steps: int = field(2000, "autoencoder training steps", min=1)
+    vae_batch_size: int = field(16, "images per autoencoder step", min=1)
+    vae_learning_rate: float = field(1e-3, "AdamW learning rate of the autoencoder", min=0.0)
+    vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
+    unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
+    unet_steps: int = field(10000, "UNet and text encoder training steps", min=1)
+    unet_batch_size: int = field(16, "images per UNet step", min=1)
+    unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
+                                            "cosine decay)", min=0.0)
+    caption_dropout: float = field(0.1, "share of captions replaced by the empty one, so that classifier-free guidance "
+                                        "works, in [0, 1]", min=0.0)
+    checkpoint_every: int = field(1000, "write a resumable checkpoint of the stage in training every N steps", min=1)
+    seed: int = field(0, "training seed")
+
+    def __post_init__(self):
+        for name in ("emphasis_weight", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"--text-width ({self.text_width}) must be a multiple of --text-heads ({self.text_heads})")
 
 
 def corpus(config: PretrainConfig) -> SceneGenerator:
@@ -153,7 +164,7 @@ def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(rec))
+        losses.append(rec.item())
         if step % 20 == 0:
             bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % config.checkpoint_every == 0:
@@ -284,7 +295,7 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
