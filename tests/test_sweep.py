@@ -75,3 +75,18 @@ def test_sweep_transform_with_and_without_the_prompt(fitted_run, shapes, tmp_pat
     assert [(r["t0"], r["prompt"]) for r in rows] == [(0.5, "with S*"), (0.5, "without S*")]
     assert rows[1]["prompt_text"] == "a photo of object"
     assert "| KID × 100, with S* |" in (tmp_path / "sweep_transform.md").read_text()
+
+
+def test_sweep_transform_of_one_input_is_refused_before_loading_the_model(fitted_run, shapes, tmp_path, capsys,
+                                                                          monkeypatch):
+    from dyod.pipeline import DyodPipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model for a sweep that cannot be scored")
+
+    monkeypatch.setattr(DyodPipeline, "for_sampling", no_loading)
+    one = sorted(shapes.glob("*.png"))[0]
+    out = tmp_path / "st"
+    assert main(["sweep-transform", str(fitted_run), str(one), "--t0", "0.5", "--out", str(out)]) == 2
+    assert "KID, which needs at least 2 of them; got 1 readable input image(s)" in capsys.readouterr().err
+    assert not out.exists()

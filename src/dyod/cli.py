@@ -222,11 +222,12 @@ def cmd_tune(args) -> None:
 
 def cmd_sweep_transform(args) -> None:
     from .pipeline import load_input_images
-    from .sweep import sweep_transform
+    from .sweep import check_transform_inputs, sweep_transform
 
     images, _, skipped = load_input_images(args.inputs)
     for path, reason in skipped:
         logger.warning("skipping input %s (%s)", path, reason)
+    check_transform_inputs(images)  # before loading the model
     out = _prepare_output(Path(args.out), args.overwrite)
     sweep_transform(args.run, images, _t0_list(args.t0s), seed=args.seed, config=config_from_args(args, SampleConfig),
                     baseline_prompt=args.baseline_prompt, out=out, pipe=_pipeline(args))

@@ -176,6 +176,12 @@ def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed:
     return best.t0, rows
 
 
+def check_transform_inputs(inputs: list) -> None:
+    if len(inputs) < 2:
+        raise DyodError(f"sweep-transform scores the transformed inputs with KID, which needs at least 2 of them; "
+                        f"got {len(inputs)} readable input image(s)")
+
+
 def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0.6, 0.7, 0.8), seed: int = 0,
                     config: SampleConfig = SampleConfig(), baseline_prompt: str | None = None,
                     out: str | os.PathLike | None = None, progress: bool = True, pipe=None) -> list[dict]:
@@ -183,6 +189,7 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
     from .evaluation import feature_extractor, kid
     from .pipeline import DyodPipeline
 
+    check_transform_inputs(inputs)
     run = run if isinstance(run, Run) else Run.open(run)
     pipe = pipe or DyodPipeline.for_sampling(run)
     extractor = feature_extractor("emoji")
