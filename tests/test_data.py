@@ -10,11 +10,15 @@ from PIL import Image
 
 from dyod.data import (
     OUTPUT_RECORD,
+    dataset_files,
     find_image_files,
+    image_features,
     lanczos_resize_tensor,
     load_image,
     load_image_folder,
     pil_to_tensor,
+    read_size,
+    resize_lanczos,
     tensor_to_pil,
 )
 from dyod.errors import DyodError
@@ -82,6 +86,53 @@ def test_exif_orientation_is_applied(tmp_path):
     assert loaded.size == (20, 40)
     top = np.asarray(loaded)[:8].mean(axis=(0, 1))
     assert top[0] > 200 and top[1] < 80  # the red strip is now on top
+
+
+def _photos(folder):
+    """Non-square images of several sizes, one of them EXIF-rotated, and one unreadable file."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i, (w, h) in enumerate([(90, 60), (90, 60), (90, 60), (48, 80), (200, 150)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 70 x 50 on disk is 50 x 70
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(folder / "5.jpg", exif=exif.tobytes())
+    (folder / "6.png").write_text("not an image")
+    return folder
+
+
+def test_loading_at_a_size_resizes_each_image_as_it_is_read(tmp_path):
+    """With ``size`` the images are what resizing the full images gives, pixel for pixel, and never held at full
+    size; the dataset's own sizes (stats, resolution) are those of the files."""
+    folder = _photos(tmp_path / "photos")
+    full = load_image_folder(folder)
+    small = load_image_folder(folder, size=32)
+    assert small.size == 32 and [im.size for im in small.images] == [(32, 32)] * 6
+    for a, b in zip(full.images, small.images):
+        assert np.array_equal(np.asarray(resize_lanczos(a, 32)), np.asarray(b))
+    assert small.sizes == full.sizes == [(90, 60)] * 3 + [(48, 80), (200, 150), (50, 70)]
+    assert small.stats() == full.stats() and small.resolution == full.resolution == 60
+    assert [s.path.split("/")[-1] for s in small.skipped] == ["6.png"]
+    # a size chosen from the dataset's resolution (the custom VAE's) is chosen before any image is read
+    seen = []
+    chosen = load_image_folder(folder, size=lambda resolution: seen.append(resolution) or 16)
+    assert seen == [60] and chosen.size == 16 and chosen.images[0].size == (16, 16)
+    assert [read_size(p) for p in full.paths] == full.sizes  # headers give the sizes load_image gives
+
+
+def test_features_of_a_folder_read_in_chunks_are_those_of_reading_it_whole(tmp_path):
+    folder = _photos(tmp_path / "photos")
+    files = dataset_files(folder)
+
+    def extractor(images):  # any per-image function shows the order and the skipping
+        return torch.tensor([[float(np.asarray(im).mean()), im.size[0]] for im in images], dtype=torch.float64)
+
+    whole = extractor(load_image_folder(folder).images)
+    for chunk in (1, 2, 4, 256):
+        features, skipped = image_features(folder, files, extractor, chunk=chunk)
+        assert torch.equal(features, whole) and [s.path.split("/")[-1] for s in skipped] == ["6.png"]
+    with pytest.raises(DyodError, match="none of the 1 image files .* could be read; first problem: .*6.png"):
+        image_features(folder, [folder / "6.png"], extractor)
 
 
 def test_modes_become_rgb_and_grayscale_on_request(tmp_path):

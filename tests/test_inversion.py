@@ -259,3 +259,21 @@ def test_bf16_mixed_precision_trains_with_the_frozen_parts_in_bf16(tmp_path, tin
     start = init.text_encoder.get_input_embeddings().weight[init.tokenizer("object", add_special_tokens=False).input_ids]
     assert fixed_batch_loss(tiny_model, shapes, token, learned) < fixed_batch_loss(tiny_model, shapes, token,
                                                                                     start.detach().float())
+
+
+def test_the_latent_cache_of_images_read_at_the_model_size_is_that_of_the_full_images(tmp_path, tiny_model):
+    """invert reads each image straight to the model's resolution (a folder of photos is never held at full size):
+    the cached posteriors are those of the full-size images, bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from dyod.inversion import LatentCache
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i, (w, h) in enumerate([(90, 60), (37, 51), (16, 16), (8, 12)]):  # larger, smaller and at the model's 16
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    prior = load_prior(tiny_model)
+    caches = [LatentCache.build(load_image_folder(tmp_path / "photos", size=size).images, prior, tmp_path / "cache",
+                                max_ram_mb=1024, progress=False) for size in (None, prior.resolution)]
+    assert torch.equal(caches[0].mean, caches[1].mean) and torch.equal(caches[0].std, caches[1].std)

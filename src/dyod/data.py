@@ -12,10 +12,11 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from .errors import DyodError
 
@@ -31,24 +32,31 @@ class SkippedFile:
     reason: str
 
 
+def dataset_resolution(sizes: list[tuple[int, int]]) -> int:
+    """A dataset's own resolution: the shorter side of its most common image size."""
+    (w, h), _ = collections.Counter(sizes).most_common(1)[0]
+    return min(w, h)
+
+
 @dataclasses.dataclass
 class ImageFolder:
-    """The readable images of a folder, loaded as RGB PIL images (grayscale ones replicated to 3 channels)."""
+    """The readable images of a folder, loaded as RGB PIL images (grayscale ones replicated to 3 channels), at their
+    own sizes or, when loaded with a ``size``, centre-cropped and resized to it."""
 
     root: Path
     images: list[Image.Image]
     paths: list[Path]
     skipped: list[SkippedFile]
+    sizes: list[tuple[int, int]]  # each image's own size, as read
+    size: int | None = None  # the side every image was resized to, if any
 
     @property
     def resolution(self) -> int:
         """The dataset's own resolution: the shorter side of its most common image size."""
-        sizes = collections.Counter(im.size for im in self.images)
-        (w, h), _ = sizes.most_common(1)[0]
-        return min(w, h)
+        return dataset_resolution(self.sizes)
 
     def stats(self) -> dict:
-        sizes = collections.Counter(f"{w}x{h}" for w, h in (im.size for im in self.images))
+        sizes = collections.Counter(f"{w}x{h}" for w, h in self.sizes)
         return {
             "root": str(self.root.resolve()),
             "num_images": len(self.images),
@@ -129,12 +137,18 @@ def is_heldout(path: Path, root: Path, fraction: float) -> bool:
     return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_images: int = 0,
-                      holdout_fraction: float = 0.0, split: str = "train") -> ImageFolder:
-    """Load every readable image under ``root``; unreadable files are skipped and listed with their reason.
+def read_size(path: str | os.PathLike) -> tuple[int, int]:
+    """An image's size as ``load_image`` gives it (EXIF rotation applied), read from its header alone."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: the sides swap
+            w, h = h, w
+    return w, h
 
-    With ``holdout_fraction`` > 0, ``split`` picks the training files ("train"), the held-out ones ("heldout"),
-    or both ("all")."""
+
+def dataset_files(root: str | os.PathLike, holdout_fraction: float = 0.0, split: str = "train") -> list[Path]:
+    """The image files under ``root`` (see ``find_image_files``); with ``holdout_fraction`` > 0, ``split`` picks the
+    training files ("train"), the held-out ones ("heldout"), or both ("all"). An empty selection is an error."""
     root = Path(root)
     if not 0.0 <= holdout_fraction < 1.0:
         raise DyodError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
@@ -149,23 +163,69 @@ def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_imag
             f"no image files found in {root} (searched recursively for {', '.join(IMAGE_SUFFIXES)}); "
             "point DATA_DIR at a folder of images"
         )
-    images, paths, skipped = [], [], []
+    return files
+
+
+def read_images(root: str | os.PathLike, files: list[Path], grayscale: bool = False, max_images: int = 0,
+                size: int | None = None, allow_empty: bool = False) -> ImageFolder:
+    """Read ``files`` (found under ``root``); unreadable ones are skipped and listed with their reason. With ``size``,
+    each image is centre-cropped and resized to size × size with Lanczos as soon as it is read (``resize_lanczos``,
+    what the stages that take ``size`` do with it anyway), so a folder of large photos is never held at full size."""
+    root = Path(root)
+    folder = ImageFolder(root=root, images=[], paths=[], skipped=[], sizes=[], size=size)
     for path in files:
-        if max_images and len(images) >= max_images:
+        if max_images and len(folder) >= max_images:
             break
         try:
-            images.append(load_image(path, grayscale=grayscale))
-            paths.append(path)
+            image = load_image(path, grayscale=grayscale)
         except Exception as e:  # noqa: BLE001 - any decoder failure skips the file; the run goes on
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            skipped.append(SkippedFile(str(path), reason))
+            folder.skipped.append(SkippedFile(str(path), reason))
             logger.warning("skipping %s (%s)", path, reason)
-    if not images:
+            continue
+        folder.sizes.append(image.size)
+        folder.images.append(image if size is None else resize_lanczos(image, size))
+        folder.paths.append(path)
+    if not folder.images and not allow_empty:
         raise DyodError(
             f"none of the {len(files)} image files in {root} could be read; first problem: "
-            f"{skipped[0].path}: {skipped[0].reason}"
+            f"{folder.skipped[0].path}: {folder.skipped[0].reason}"
         )
-    return ImageFolder(root=root, images=images, paths=paths, skipped=skipped)
+    return folder
+
+
+def image_features(root: str | os.PathLike, files: list[Path], extractor,
+                   chunk: int = 256) -> tuple[torch.Tensor, list[SkippedFile]]:
+    """``extractor``'s features of the readable images among ``files``, read ``chunk`` at a time, so that a folder of
+    large photos is never held whole (256 is a multiple of the extractors' batch sizes, and each image is resized
+    on its own: the numbers of reading them all at once)."""
+    features, skipped = [], []
+    for start in range(0, len(files), chunk):
+        part = read_images(root, files[start:start + chunk], allow_empty=True)
+        skipped += part.skipped
+        if part.images:
+            features.append(extractor(part.images))
+    if not features:
+        read_images(root, files)  # raises the error that names the first problem
+    return torch.cat(features), skipped
+
+
+def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_images: int = 0,
+                      holdout_fraction: float = 0.0, split: str = "train",
+                      size: int | Callable[[int], int] | None = None) -> ImageFolder:
+    """Load every readable image under ``root`` (``dataset_files``, ``read_images``). ``size`` may be a function of
+    the dataset's resolution (the custom VAE's training resolution is one): it is then read from the files'
+    headers first."""
+    files = dataset_files(root, holdout_fraction, split)
+    if callable(size):
+        sizes = []
+        for path in files[:max_images or None]:
+            try:
+                sizes.append(read_size(path))
+            except Exception:  # noqa: BLE001 - unreadable files are skipped, and reported, by read_images
+                pass
+        size = size(dataset_resolution(sizes)) if sizes else None
+    return read_images(root, files, grayscale, max_images, size)
 
 
 def center_crop_square(im: Image.Image) -> Image.Image:

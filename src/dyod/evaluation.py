@@ -109,18 +109,17 @@ def folder_features(folder, extractor, cache_dir=None) -> tuple[torch.Tensor, di
 
     from safetensors.torch import load_file, save_file
 
-    from .data import find_image_files, load_image_folder
+    from .data import dataset_files, image_features
 
-    files = find_image_files(folder)
+    files = dataset_files(folder)
     cache_dir = Path(cache_dir or os.environ.get("DYOD_CACHE", Path.home() / ".cache" / "dyod")) / "features"
     key = _folder_key(files, extractor.name)
     path = cache_dir / f"{key}.safetensors"
     if path.exists():
         return load_file(str(path))["features"], {"cached": True, "n": len(files)}
-    data = load_image_folder(folder)
-    feats = extractor(data.images)
+    feats, skipped = image_features(folder, files, extractor)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"features": feats.contiguous()}, str(tmp))
     os.replace(tmp, path)
-    return feats, {"cached": False, "n": len(data), "skipped": len(data.skipped)}
+    return feats, {"cached": False, "n": len(feats), "skipped": len(skipped)}

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, from_dict, to_dict, write_json
-from .data import load_image_folder, pil_to_tensor, resize_lanczos
+from .data import dataset_files, pil_to_tensor, read_images, resize_lanczos
 from .embeddings import (
     add_placeholder_tokens,
     expand_prompt,
@@ -312,9 +312,9 @@ def invert(
     if overwrite and not resume:
         checkpoint.unlink(missing_ok=True)
 
-    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
-                             holdout_fraction=data_config.holdout_fraction)
+    files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before the model loads
     prior = load_prior(model)
+    data = read_images(data_dir, files, data_config.grayscale, data_config.max_images, size=prior.resolution)
     run.bind_model(str(model), prior.describe())
     run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
     write_json(run.path / "data.json", data.stats())

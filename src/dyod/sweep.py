@@ -34,7 +34,21 @@ class SweepRow:
 
 def reference_images(run: Run, split: str = "all", ref_dir: str | os.PathLike | None = None):
     """The dataset a run was fitted on (or ``ref_dir``); ``split="heldout"`` gives the images kept out of training."""
-    from .data import load_image_folder
+    from .data import read_images
+
+    return read_images(*_reference_files(run, split, ref_dir)).images
+
+
+def reference_features(run: Run, extractor, split: str = "all", ref_dir: str | os.PathLike | None = None):
+    """``extractor``'s features of ``reference_images``, read a chunk at a time (a folder of large photos is never
+    held whole)."""
+    from .data import image_features
+
+    return image_features(*_reference_files(run, split, ref_dir), extractor)[0]
+
+
+def _reference_files(run: Run, split: str, ref_dir: str | os.PathLike | None):
+    from .data import dataset_files
 
     data = run.info.get("data", {})
     root = ref_dir or data.get("root")
@@ -43,7 +57,7 @@ def reference_images(run: Run, split: str = "all", ref_dir: str | os.PathLike | 
     fraction = run.info.get("data_config", {}).get("holdout_fraction", 0.0) if ref_dir is None else 0.0
     if split == "heldout" and not fraction:
         raise DyodError(f"run {run.path} holds no images out; fit it with --holdout-fraction 0.2 (or use --choose-t0)")
-    return load_image_folder(root, holdout_fraction=fraction, split=split if fraction else "all").images
+    return root, dataset_files(root, holdout_fraction=fraction, split=split if fraction else "all")
 
 
 def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int = 0,
@@ -59,7 +73,7 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
     if n < 2:
         raise DyodError(f"-n must be >= 2 for KID, got {n}")
     extractor = feature_extractor(features, inception_weights)
-    ref_features = extractor(reference_images(run, reference, ref_dir))
+    ref_features = reference_features(run, extractor, reference, ref_dir)
     pipe = pipe or DyodPipeline.for_sampling(run)
     seeds = list(range(seed, seed + n))
     out = Path(out) if out else None
@@ -193,7 +207,7 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
     run = run if isinstance(run, Run) else Run.open(run)
     pipe = pipe or DyodPipeline.for_sampling(run)
     extractor = feature_extractor("emoji")
-    ref_features = extractor(reference_images(run))
+    ref_features = reference_features(run, extractor)
     if baseline_prompt is None:
         initializer = run.info.get("stages", {}).get("inversion", {}).get("config", {}).get("initializer", "object")
         baseline_prompt = f"a photo of {initializer}"

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DataConfig, VAEConfig, to_dict, write_json
-from .data import load_image_folder, pil_to_tensor, resize_lanczos, tensor_to_pil
+from .data import load_image_folder, pil_to_tensor, tensor_to_pil
 from .errors import DyodError
 from .images import make_grid, save_png
 from .run import Run
@@ -50,8 +50,9 @@ def train_vae(
     if (folder / "model.safetensors").exists() and not overwrite:
         raise DyodError(f"{folder} already holds a trained VAE; pass --overwrite to train a new one")
     data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
-                             holdout_fraction=data_config.holdout_fraction)
-    resolution = vae_resolution(config, data.resolution)
+                             holdout_fraction=data_config.holdout_fraction,
+                             size=config.resolution or (lambda data_resolution: vae_resolution(config, data_resolution)))
+    resolution = data.size or vae_resolution(config, data.resolution)  # no header was readable: from the images
     hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
     check_resolution(resolution, hidden_dims)
     if "data" not in run.info:
@@ -59,7 +60,7 @@ def train_vae(
         write_json(run.path / "data.json", data.stats())
 
     torch.manual_seed(config.seed)
-    x_all = pil_to_tensor([resize_lanczos(im, resolution) for im in data.images])
+    x_all = pil_to_tensor(data.images)
     n = len(x_all)
     model = VanillaVAE(resolution, config.latent_dim, hidden_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
