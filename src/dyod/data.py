@@ -187,11 +187,13 @@ def read_images(root: str | os.PathLike, files: list[Path], grayscale: bool = Fa
         folder.images.append(image if size is None else resize_lanczos(image, size))
         folder.paths.append(path)
     if not folder.images and not allow_empty:
-        raise DyodError(
-            f"none of the {len(files)} image files in {root} could be read; first problem: "
-            f"{folder.skipped[0].path}: {folder.skipped[0].reason}"
-        )
+        raise _nothing_readable(root, files, folder.skipped)
     return folder
+
+
+def _nothing_readable(root: Path, files: list[Path], skipped: list[SkippedFile]) -> DyodError:
+    return DyodError(f"none of the {len(files)} image files in {root} could be read; first problem: "
+                     f"{skipped[0].path}: {skipped[0].reason}")
 
 
 def image_features(root: str | os.PathLike, files: list[Path], extractor,
@@ -206,7 +208,7 @@ def image_features(root: str | os.PathLike, files: list[Path], extractor,
         if part.images:
             features.append(extractor(part.images))
     if not features:
-        read_images(root, files)  # raises the error that names the first problem
+        raise _nothing_readable(Path(root), files, skipped)
     return torch.cat(features), skipped
 
 

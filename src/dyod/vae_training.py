@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DataConfig, VAEConfig, to_dict, write_json
-from .data import load_image_folder, pil_to_tensor, tensor_to_pil
+from .data import load_image_folder, pil_to_tensor, resize_lanczos, tensor_to_pil
 from .errors import DyodError
 from .images import make_grid, save_png
 from .run import Run
@@ -60,7 +60,7 @@ def train_vae(
         write_json(run.path / "data.json", data.stats())
 
     torch.manual_seed(config.seed)
-    x_all = pil_to_tensor(data.images)
+    x_all = pil_to_tensor([resize_lanczos(im, resolution) for im in data.images])  # read at that size: a no-op
     n = len(x_all)
     model = VanillaVAE(resolution, config.latent_dim, hidden_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
