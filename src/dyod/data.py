@@ -196,13 +196,16 @@ def _nothing_readable(root: Path, files: list[Path], skipped: list[SkippedFile])
                      f"{skipped[0].path}: {skipped[0].reason}")
 
 
-def image_features(root: str | os.PathLike, files: list[Path], extractor,
-                   chunk: int = 256) -> tuple[torch.Tensor, list[SkippedFile]]:
+def image_features(root: str | os.PathLike, files: list[Path], extractor, chunk: int = 256,
+                   progress: bool = True) -> tuple[torch.Tensor, list[SkippedFile]]:
     """``extractor``'s features of the readable images among ``files``, read ``chunk`` at a time, so that a folder of
     large photos is never held whole (256 is a multiple of the extractors' batch sizes, and each image is resized
     on its own: the numbers of reading them all at once)."""
+    from tqdm.auto import tqdm
+
     features, skipped = [], []
-    for start in range(0, len(files), chunk):
+    chunks = range(0, len(files), chunk)
+    for start in tqdm(chunks, desc=f"features of {Path(root).name}", disable=not progress or len(chunks) < 2, leave=False):
         part = read_images(root, files[start:start + chunk], allow_empty=True)
         skipped += part.skipped
         if part.images:
