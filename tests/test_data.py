@@ -76,6 +76,20 @@ def test_the_grid_beside_dyod_results_is_not_an_image_of_the_folder(tmp_path):
         assert [p.name for p in find_image_files(samples)] == ["seed-000000.png", "seed-000001.png"]
 
 
+
+def test_a_run_folder_inside_the_data_folder_is_not_data(tmp_path):
+    """`dyod fit DATA --out DATA/run`: the VAE's sample grids and t0 sweeps the run folder collects are not images
+    of the dataset (a run.json that dyod did not write leaves its folder in)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    for folder, record in (("run", {"dyod_version": "0.1.0", "stages": {}}), ("other", {"name": "not dyod"})):
+        (tmp_path / folder / "vae" / "samples").mkdir(parents=True)
+        (tmp_path / folder / "run.json").write_text(json.dumps(record))
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "vae" / "samples" / "epoch-0001.png")
+    names = [p.relative_to(tmp_path).as_posix() for p in find_image_files(tmp_path)]
+    assert names == ["other/vae/samples/epoch-0001.png", "photo.png"]
+    assert len(find_image_files(tmp_path / "run")) == 1  # the run folder itself, given as the folder, is read
+
+
 def test_exif_orientation_is_applied(tmp_path):
     im = Image.new("RGB", (40, 20), (255, 255, 255))
     im.paste((255, 0, 0), (0, 0, 10, 20))  # red strip on the left

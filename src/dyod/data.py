@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_RECORD = "dyod_output.json"  # beside the images `dyod sample|transform|interpolate|traverse` write
+RUN_FILE = "run.json"  # in every run folder (``dyod.run``), with the dyod version that made it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,15 +77,25 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         raise DyodError(f"data folder {root} does not exist")
     if root.is_file():
         return [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = [p for p in root.rglob("*") if p.is_file()]
+    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
     # A folder dyod wrote results to also holds their grid: `dyod eval` of it, or a dataset made of it, would count
-    # the grid as one more image.
+    # the grid as one more image. A run folder inside the data folder (`--out DATA/run`) holds only dyod's grids.
     results = {folder: _result_images(folder) for folder in {f.parent for f in files}}
     kept = [f for f in files if results[f.parent] is None or f.name in results[f.parent]]
+    runs = [p.parent for p in found if p.name == RUN_FILE and p.parent != root and _is_run_record(p)]
+    kept = [f for f in kept if not any(run in f.parents for run in runs)]
     if len(kept) < len(files):
-        logger.info("%s: left out %d image(s) that are not results in dyod output folders (%s lists the results)",
-                    root, len(files) - len(kept), OUTPUT_RECORD)
+        logger.info("%s: left out %d image(s) that dyod wrote: the grids beside its results (%s lists the results) "
+                    "and what run folders inside it hold", root, len(files) - len(kept), OUTPUT_RECORD)
     return kept
+
+
+def _is_run_record(path: Path) -> bool:
+    try:
+        return "dyod_version" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _result_images(folder: Path) -> set[str] | None:

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import read_json, write_json
+from .data import RUN_FILE
 from .embeddings import EMBEDDINGS_FILE
 from .errors import DyodError
-
-RUN_FILE = "run.json"
 
 
 class Run:
