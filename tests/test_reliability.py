@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -192,10 +193,17 @@ def test_odd_images_are_used_or_skipped_with_a_reason(tmp_path, monkeypatch):
     Image.new("RGB", (1, 1), (0, 0, 255)).save(tmp_path / "tiny.png")
     Image.new("RGB", (300, 20), (0, 0, 0)).save(tmp_path / "wide.png")
     Image.new("RGB", (200, 200), (9, 9, 9)).save(tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 now counts as a decompression bomb
+    Image.new("RGB", (120, 120), (9, 9, 9)).save(tmp_path / "large.png")
+    # 200 x 200 is now a decompression bomb (over twice the limit: Pillow refuses it); 120 x 120 is over the limit
+    # alone, where Pillow only warns, as it does for a 108-MP photo: read (and without the warning)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = load_image_folder(tmp_path, size=lambda resolution: 16)
+    loaded = {p.name: im for p, im in zip(folder.paths, folder.images)}
+    assert set(loaded) == {"anim.gif", "tiny.png", "wide.png", "large.png"}
     folder = load_image_folder(tmp_path)
     loaded = {p.name: im for p, im in zip(folder.paths, folder.images)}
-    assert set(loaded) == {"anim.gif", "tiny.png", "wide.png"}
     assert np.asarray(loaded["anim.gif"])[0, 0].tolist() == [255, 0, 0]  # the first frame
     assert [s.path.endswith("bomb.png") and "DecompressionBomb" in s.reason for s in folder.skipped] == [True]
     from dyod.data import resize_lanczos

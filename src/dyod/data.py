@@ -5,6 +5,7 @@ A file that cannot be read is skipped and recorded with its reason; it never sto
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -112,16 +113,24 @@ def _result_images(folder: Path) -> set[str] | None:
     return set(map(str, names))
 
 
+@contextlib.contextmanager
+def _open_image(path: str | os.PathLike):
+    # Pillow warns above Image.MAX_IMAGE_PIXELS (89 MP) and refuses twice that as a decompression bomb. A 108-MP phone
+    # photo is a photo: only the refusal stands (images are decoded one at a time and resized as they are read).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            yield im
+
+
 def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
     """Open an image, apply its EXIF orientation, flatten transparency on white, return RGB (or L as RGB).
 
     Raises ``ValueError``/``OSError`` (with PIL's reason) when the file cannot be decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im.seek(0)  # first frame of an animation
-            im.load()
-            im = ImageOps.exif_transpose(im)
+    with _open_image(path) as im:
+        im.seek(0)  # first frame of an animation
+        im.load()
+        im = ImageOps.exif_transpose(im)
     if im.width < 1 or im.height < 1:
         raise ValueError("image has no pixels")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -150,7 +159,7 @@ def is_heldout(path: Path, root: Path, fraction: float) -> bool:
 
 def read_size(path: str | os.PathLike) -> tuple[int, int]:
     """An image's size as ``load_image`` gives it (EXIF rotation applied), read from its header alone."""
-    with Image.open(path) as im:
+    with _open_image(path) as im:
         w, h = im.size
         if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: the sides swap
             w, h = h, w
