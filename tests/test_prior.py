@@ -43,3 +43,28 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
     with pytest.raises(DyodError, match="not empty; pass --resume"):
         pretrain(tmp_path / "prior", config, progress=False, device="cpu")
     assert pretrain(tmp_path / "prior", config, resume=True, progress=False, device="cpu") == out
+
+
+def test_a_folder_of_fp16_variant_weights_loads(tmp_path, tiny_model):
+    """A download of a model's fp16 variant holds only `*.fp16.safetensors` files, which from_pretrained finds only
+    when told the variant: dyod tells it, and loads the fp16 numbers (in the dtype asked for)."""
+    import shutil
+
+    folder = tmp_path / "tiny-fp16"
+    shutil.copytree(tiny_model, folder)
+    original = load_prior(tiny_model)
+    for component in ("text_encoder", "unet", "vae"):
+        for f in (folder / component).glob("*.safetensors"):
+            f.unlink()
+        getattr(original, component).half().save_pretrained(folder / component, variant="fp16")
+    assert sorted(p.name for p in (folder / "unet").glob("*.safetensors")) == ["diffusion_pytorch_model.fp16.safetensors"]
+    prior = load_prior(folder)
+    assert prior.unet.dtype == torch.float32
+    for component in ("text_encoder", "unet", "vae"):
+        for (name, a), b in zip(getattr(original, component).state_dict().items(),
+                                getattr(prior, component).state_dict().values()):
+            assert torch.equal(a.float(), b), (component, name)
+    with pytest.raises(DyodError, match="could not load the diffusers model"):  # weights missing: still explained
+        for f in (folder / "vae").glob("*.safetensors"):
+            f.unlink()
+        load_prior(folder)

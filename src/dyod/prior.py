@@ -106,6 +106,16 @@ def _model_not_found(model: str, reason: str) -> DyodError:
     )
 
 
+def weights_variant(folder: Path) -> str | None:
+    """The variant of a component folder's weights when it holds only variant files, as a download of a model's fp16
+    variant does (``diffusion_pytorch_model.fp16.safetensors``): "fp16"; None when the plain files are there."""
+    names = [p.name.removesuffix(".safetensors") for p in folder.glob("*.safetensors")]
+    if not names or any("." not in n for n in names):
+        return None
+    variants = {n.rsplit(".", 1)[1] for n in names}
+    return variants.pop() if len(variants) == 1 else None
+
+
 def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Prior:
     """Load the frozen prior from a local diffusers folder or a hub id, with a clear error when it is missing."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -127,10 +137,17 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
     try:
         from diffusers import DDIMScheduler
 
+        def variant(component: str) -> dict:
+            found = weights_variant(local / component) if looks_local else None
+            if found:
+                logger.info("%s: loading the %r variant of the weights (the folder holds no others)", component, found)
+            return {"variant": found} if found else {}
+
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
+                                                     **variant("text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **variant("unet"))
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **variant("vae"))
         scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
     except DyodError:
         raise
