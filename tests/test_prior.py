@@ -68,3 +68,17 @@ def test_a_folder_of_fp16_variant_weights_loads(tmp_path, tiny_model):
         for f in (folder / "vae").glob("*.safetensors"):
             f.unlink()
         load_prior(folder)
+
+
+def test_pickled_model_weights_are_refused_with_the_way_out(tmp_path, tiny_model):
+    import shutil
+
+    folder = tmp_path / "tiny-bin"
+    shutil.copytree(tiny_model, folder)
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    load_prior(tiny_model).unet.save_pretrained(folder / "unet", safe_serialization=False)
+    assert [p.suffix for p in (folder / "unet").iterdir() if p.suffix != ".json"] == [".bin"]
+    with pytest.raises(DyodError, match=r"unet/ hold only pickled weights \(.bin\), which dyod does not load .*"
+                                        r"save_pretrained"):
+        load_prior(folder)

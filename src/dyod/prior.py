@@ -134,6 +134,13 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
         missing = [c for c in COMPONENTS if not (local / c).is_dir()]
         if missing:
             raise _model_not_found(model, f"the folder lacks {', '.join(c + '/' for c in missing)}")
+        pickled = [c for c in ("text_encoder", "unet", "vae")
+                   if not any((local / c).glob("*.safetensors")) and any((local / c).glob("*.bin"))]
+        if pickled:
+            raise _model_not_found(model, f"{', '.join(c + '/' for c in pickled)} hold only pickled weights (.bin), "
+                                          "which dyod does not load (a pickle can run code); convert the model to "
+                                          "safetensors where you trust it: "
+                                          "`StableDiffusionPipeline.from_pretrained(FOLDER).save_pretrained(NEW)`")
     try:
         from diffusers import DDIMScheduler
 
@@ -145,9 +152,11 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
 
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
-                                                     **variant("text_encoder"))
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **variant("unet"))
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **variant("vae"))
+                                                     use_safetensors=True, **variant("text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, use_safetensors=True,
+                                                    **variant("unet"))
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, use_safetensors=True,
+                                            **variant("vae"))
         scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
     except DyodError:
         raise
