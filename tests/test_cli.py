@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from dyod.cli import main
+from dyod.errors import DyodError
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,34 @@ def test_sample_records_start_and_unet_calls(cli_run, shapes, tmp_path, monkeypa
     # the grid is not a sample: KID counts the three
     assert main(["eval", str(out), "--ref", str(shapes), "--json", str(tmp_path / "kid.json")]) == 0
     assert json.loads((tmp_path / "kid.json").read_text())["n_samples"] == 3
+
+
+def test_a_long_sample_run_writes_as_it_goes_and_keeps_what_it_made(cli_run, tmp_path, monkeypatch, capsys):
+    """Samples are written a batch at a time: a run stopped midway keeps its finished batches; grid.png shows the
+    first 64 of a large run (a grid of every sample of a 50,000-sample run would be gigapixels)."""
+    from dyod.pipeline import DyodPipeline
+
+    flags = ["--t0", "1.0", "--num-inference-steps", "2", "--batch-size", "32", "--device", "cpu"]
+    out = tmp_path / "many"
+    assert main(["sample", str(cli_run), "-n", "70", "--out", str(out), *flags]) == 0
+    assert len(list(out.glob("seed-*.png"))) == 70
+    assert len(json.loads((out / "dyod_output.json").read_text())["images"]) == 70
+    side = Image.open(out / "seed-000000.png").size[0]
+    assert Image.open(out / "grid.png").size == (8 * side + 9 * 2,) * 2  # 8 x 8 images and their padding
+
+    generate, calls = DyodPipeline.generate, []
+
+    def fail_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DyodError("the machine went away")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DyodPipeline, "generate", fail_on_the_second_batch)
+    stopped = tmp_path / "stopped"
+    assert main(["sample", str(cli_run), "-n", "70", "--out", str(stopped), *flags]) == 2
+    assert "the machine went away" in capsys.readouterr().err
+    assert sorted(p.name for p in stopped.glob("*.png")) == [f"seed-{i:06d}.png" for i in range(32)]
 
 
 def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_path):

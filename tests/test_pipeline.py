@@ -1,5 +1,6 @@
 """DYOD sampling on a fitted run, against diffusers' own pipelines on the same latents and noise."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
@@ -70,6 +71,16 @@ def test_sample_is_batch_size_invariant_and_seeded(pipe):
     for a, b in zip(one[1:], shifted):  # seed 5 is seed 5, wherever it sits in the batch
         assert (pil_to_tensor([a]) - pil_to_tensor([b])).abs().max() <= 2 / 127.5
     assert (pil_to_tensor([one[0]]) - pil_to_tensor([one[1]])).abs().max() > 0.05  # different seeds differ
+
+
+def test_samples_come_a_batch_at_a_time_as_sample_makes_them(pipe):
+    config = SampleConfig(t0=0.6, num_inference_steps=10, batch_size=2)
+    batches = list(pipe.iter_samples(5, config, seed=4, progress=False))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    whole = pipe.sample(5, config, seed=4, progress=False)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole, [i for b in batches for i in b]))
+    with pytest.raises(DyodError, match="t0 must be a fraction"):  # before any work, on the first batch
+        next(pipe.iter_samples(5, SampleConfig(t0=1.5), progress=False))
 
 
 def test_fixed_noise_gives_identical_outputs(pipe):

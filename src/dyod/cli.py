@@ -125,14 +125,23 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _save_outputs(images, names, out: Path, ncols: int | None, record: dict) -> None:
+GRID_MAX = 64  # grid.png shows the first 64 results: a grid of 50,000 samples would be gigapixels
+
+
+def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict) -> None:
+    """Write each batch of images as it comes (a long run stopped midway keeps what it made), then grid.png of the
+    first GRID_MAX and the record that lists the images."""
     from .data import OUTPUT_RECORD
     from .images import make_grid, save_images, save_png
 
-    save_images(images, out, names)
-    save_png(make_grid(images, ncols), out / "grid.png")
-    write_json(out / OUTPUT_RECORD, {**record, "images": names})  # what `dyod eval OUT` counts (not the grid)
-    logger.info("wrote %d images and grid.png to %s", len(images), out)
+    shown, written = [], 0
+    for images in batches:
+        save_images(images, out, names[written:written + len(images)])
+        written += len(images)
+        shown += images[:GRID_MAX - len(shown)]
+    save_png(make_grid(shown, ncols), out / "grid.png")
+    write_json(out / OUTPUT_RECORD, {**record, "images": names[:written]})  # what `dyod eval OUT` counts (not the grid)
+    logger.info("wrote %d images and grid.png to %s", written, out)
 
 
 def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict:
@@ -262,10 +271,10 @@ def cmd_sample(args) -> None:
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
-    images = pipe.sample(args.n, config, seed=args.seed, noise_seed=args.noise_seed)
     seeds = list(range(args.seed, args.seed + args.n))
-    _save_outputs(images, [f"seed-{s:06d}.png" for s in seeds], out, None,
-                  _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed))
+    record = _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed)
+    _save_outputs(pipe.iter_samples(args.n, config, seed=args.seed, noise_seed=args.noise_seed),
+                  [f"seed-{s:06d}.png" for s in seeds], out, None, record)
 
 
 def cmd_transform(args) -> None:
@@ -279,7 +288,7 @@ def cmd_transform(args) -> None:
     pipe = _pipeline(args)
     results = pipe.transform(images, config, seed=args.seed, grayscale=args.grayscale)
     names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
-    _save_outputs(results, names, out, None,
+    _save_outputs([results], names, out, None,
                   _sample_record(args, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
                                  seed=args.seed, grayscale=args.grayscale))
 
@@ -290,7 +299,7 @@ def cmd_interpolate(args) -> None:
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
-    _save_outputs(images, [f"frame-{i:03d}.png" for i in range(len(images))], out, len(images),
+    _save_outputs([images], [f"frame-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
                   _sample_record(args, Path(args.run), config, pipe, seeds=[seed_a, seed_b], steps=args.steps,
                                  fix_noise=args.fix_noise))
 
@@ -304,7 +313,7 @@ def cmd_traverse(args) -> None:
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.traverse(args.seed, args.dim, values, config)
-    _save_outputs(images, [f"value-{i:03d}.png" for i in range(len(images))], out, len(images),
+    _save_outputs([images], [f"value-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
                   _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dim=args.dim, values=values))
 
 

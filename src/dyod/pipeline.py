@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -200,12 +201,22 @@ class DyodPipeline:
     def sample(self, n: int, config: SampleConfig = SampleConfig(), seed: int = 0, noise_seed: int | None = None,
                progress: bool = True) -> list[Image.Image]:
         """n samples with seeds seed..seed+n-1 (z and ε from each seed; ``noise_seed`` fixes ε for all)."""
+        return [image for batch in self.iter_samples(n, config, seed, noise_seed, progress) for image in batch]
+
+    def iter_samples(self, n: int, config: SampleConfig = SampleConfig(), seed: int = 0, noise_seed: int | None = None,
+                     progress: bool = True) -> Iterator[list[Image.Image]]:
+        """``sample``, a batch of ``config.batch_size`` images at a time, each batch as soon as it is made: a run of
+        50,000 samples holds one batch's randomness and images, and can write them as they come. Each sample's
+        randomness comes from its own seed, so the images are ``sample``'s."""
         if n < 1:
             raise DyodError(f"the number of samples must be >= 1, got {n}")
-        seeds = list(range(seed, seed + n))
-        z = self.z(seeds) if config.t0 < 1.0 else None
-        noise = self.noise([noise_seed] * n if noise_seed is not None else seeds)
-        return self.generate(z, noise, config, progress)
+        num_denoising_steps(config.t0, config.num_inference_steps)  # before any work
+        starts = range(seed, seed + n, config.batch_size)
+        for start in tqdm(starts, disable=not progress or len(starts) < 2, desc="sampling", leave=False):
+            seeds = list(range(start, min(seed + n, start + config.batch_size)))
+            z = self.z(seeds) if config.t0 < 1.0 else None
+            noise = self.noise([noise_seed] * len(seeds) if noise_seed is not None else seeds)
+            yield self.generate(z, noise, config, progress=False)
 
     def transform(self, images: list[Image.Image], config: SampleConfig = SampleConfig(), seed: int = 0,
                   grayscale: bool = False, progress: bool = True, output_size: int | None = None) -> list[Image.Image]:
