@@ -185,3 +185,28 @@ def test_bad_gradient_checkpointing_names_the_flag(tmp_path, shapes, tiny_model,
     assert ("--gradient-checkpointing must be none, feed-forward, all, auto or a number of resolution levels"
             in capsys.readouterr().err)
     assert not (out / "inversion").exists()  # refused before any work
+
+
+def test_fit_under_a_multi_process_launch(tmp_path, tiny_model, shapes):
+    """`torchrun`/`accelerate launch` run every stage in every process (two CPU processes here, gloo): the run folder
+    is written once, by the main process, and a second launch resumes it."""
+    import os
+
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dyod.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fit = [*launch, "fit", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "4",
+           "--checkpoint-every", "2", "--batch-size", "2", "--vae-epochs", "2", "--vae-latent-dim", "6", "--device", "cpu"]
+    result = subprocess.run(fit, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "inversion" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one process logs
+    assert len((out / "vae" / "log.jsonl").read_text().splitlines()) == 2
+    assert set(json.loads((out / "run.json").read_text())["stages"]) == {"inversion", "vae"}
+    assert (out / "learned_embeds.safetensors").exists() and (out / "vae" / "model.safetensors").exists()
+    resume = [*launch, "invert", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "6",
+              "--checkpoint-every", "2", "--batch-size", "2", "--resume", "--device", "cpu"]
+    result = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "inversion" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

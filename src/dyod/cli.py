@@ -105,6 +105,10 @@ def _prepare_output(folder: Path, overwrite: bool) -> Path:
 
 
 def _attach_run_log(run: Path) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")):  # under a multi-process launch (torchrun, accelerate) the main process logs
+        return
     run.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run / "dyod.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -566,7 +570,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; completed checkpoints and outputs are kept", file=sys.stderr)
         return 130
+    finally:
+        _end_processes()
     return 0
+
+
+def _end_processes() -> None:
+    """Under a multi-process launch (torchrun, accelerate launch), leave the process group once every stage is done."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

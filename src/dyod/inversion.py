@@ -300,7 +300,11 @@ def invert(
     )
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)  # before any work
     check_compile_device(config.compile_unet, accelerator.device, "--compile-unet")
-    run = Run.open_or_create(out)
+    # Under a multi-process launch (accelerate launch, torchrun) every process runs this function; the run folder is
+    # written by the main process alone, the others read it.
+    main = accelerator.is_main_process
+    with accelerator.main_process_first():
+        run = Run.open_or_create(out)
     folder = run.inversion_path
     checkpoint = folder / CHECKPOINT_FILE
     if not resume and not overwrite and (checkpoint.exists() or run.embeddings_path.exists()):
@@ -309,20 +313,25 @@ def invert(
         )
     if resume and not checkpoint.exists():
         raise DyodError(f"--resume: {checkpoint} does not exist, so there is nothing to resume")
-    if overwrite and not resume:
+    accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
+    if overwrite and not resume and main:
         checkpoint.unlink(missing_ok=True)
 
     files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before the model loads
     prior = load_prior(model)
     data = read_images(data_dir, files, data_config.grayscale, data_config.max_images, size=prior.resolution)
-    run.bind_model(str(model), prior.describe())
-    run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
-    write_json(run.path / "data.json", data.stats())
-    write_json(folder / "config.json", to_dict(config))
+    if main:
+        run.bind_model(str(model), prior.describe())
+        run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
+        write_json(run.path / "data.json", data.stats())
+        write_json(folder / "config.json", to_dict(config))
 
-    # Each image through the frozen VAE once, in fp32; the VAE then leaves the accelerator.
+    # Each image through the frozen VAE once, in fp32; the VAE then leaves the accelerator. A cache on disk is written
+    # by the main process and read by the others.
     prior.vae.to(accelerator.device)
-    cache = LatentCache.build(data.images, prior, run.path / "cache", config.latent_cache_max_ram_mb, progress=progress)
+    with accelerator.main_process_first():
+        cache = LatentCache.build(data.images, prior, run.path / "cache", config.latent_cache_max_ram_mb,
+                                  progress=progress and main)
     prior.vae.to("cpu")
     del data
 
@@ -339,13 +348,14 @@ def invert(
                 return run.embeddings_path
         else:
             logger.info("resuming the dataset prompt at step %d of %d", start_step, config.steps)
-        _truncate_log(log_file, start_step)  # steps logged after the checkpoint will be redone
-    else:
+        if main:
+            _truncate_log(log_file, start_step)  # steps logged after the checkpoint will be redone
+    elif main:
         log_file.unlink(missing_ok=True)
 
     started = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
-               disable=not progress or not accelerator.is_main_process, desc="dataset prompt")
+               disable=not progress or not main, desc="dataset prompt")
     pending: list[torch.Tensor] = []  # losses of steps not yet read back: reading one waits for the GPU
     for step in bar:
         try:
@@ -372,7 +382,7 @@ def invert(
             )
         losses.extend(values)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if accelerator.is_main_process:
+        if main:
             with open(log_file, "a") as f:
                 f.writelines(json.dumps({"step": first + i + 1, "loss": v}) + "\n" for i, v in enumerate(values))
             if save:
@@ -381,7 +391,7 @@ def invert(
     text_encoder = trainer.text_encoder
     vectors = accelerator.unwrap_model(text_encoder).get_input_embeddings().learned.detach()
     uninstall_placeholder(accelerator.unwrap_model(text_encoder))
-    if accelerator.is_main_process:
+    if main:
         save_learned_embeds(run.embeddings_path, token, vectors)
         run.update(placeholder_token=token, num_vectors=k)
         run.set_stage(
@@ -396,7 +406,9 @@ def invert(
                 "config": to_dict(config),
             },
         )
-    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    # The next stage (fit's custom VAE) reads what the main process wrote. No end_training(): under a multi-process
+    # launch it would tear down the process group the next stage trains in (the command line does, at its end).
+    accelerator.wait_for_everyone()
     return run.embeddings_path
 
 

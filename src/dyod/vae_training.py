@@ -45,17 +45,20 @@ def train_vae(
     from .performance import new_accelerator
 
     accelerator = new_accelerator(mixed_precision="no", cpu=device == "cpu")
-    run = Run.open_or_create(out)
+    main = accelerator.is_main_process  # under a multi-process launch the main process alone writes the run folder
+    with accelerator.main_process_first():
+        run = Run.open_or_create(out)
     folder = run.vae_path
     if (folder / "model.safetensors").exists() and not overwrite:
         raise DyodError(f"{folder} already holds a trained VAE; pass --overwrite to train a new one")
+    accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
     data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
                              holdout_fraction=data_config.holdout_fraction,
                              size=config.resolution or (lambda data_resolution: vae_resolution(config, data_resolution)))
     resolution = data.size or vae_resolution(config, data.resolution)  # no header was readable: from the images
     hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
     check_resolution(resolution, hidden_dims)
-    if "data" not in run.info:
+    if "data" not in run.info and main:
         run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
         write_json(run.path / "data.json", data.stats())
 
@@ -74,9 +77,10 @@ def train_vae(
 
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "log.jsonl"
-    log_path.unlink(missing_ok=True)
+    if main:
+        log_path.unlink(missing_ok=True)
     started = time.time()
-    bar = tqdm(range(config.epochs), disable=not progress, desc="custom VAE")
+    bar = tqdm(range(config.epochs), disable=not progress or not main, desc="custom VAE")
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=generator)
@@ -95,6 +99,8 @@ def train_vae(
         if not math.isfinite(loss):
             raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; try a lower --learning-rate")
         bar.set_postfix(loss=f"{loss:.4f}", recon=f"{rec:.4f}")
+        if not main:
+            continue
         with open(log_path, "a") as f:
             f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
         if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
@@ -104,17 +110,19 @@ def train_vae(
             save_png(make_grid(tensor_to_pil(samples), 8), folder / "samples" / f"epoch-{epoch + 1:04d}.png")
 
     model = accelerator.unwrap_model(model).eval()
-    save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
-    run.set_stage(
-        "vae",
-        {
-            "resolution": resolution,
-            "epochs": config.epochs,
-            "final_loss": loss,
-            "final_recon": rec,
-            "wall_time_s": round(time.time() - started, 1),
-            "device": str(accelerator.device),
-            "config": to_dict(config),
-        },
-    )
+    if main:
+        save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
+        run.set_stage(
+            "vae",
+            {
+                "resolution": resolution,
+                "epochs": config.epochs,
+                "final_loss": loss,
+                "final_recon": rec,
+                "wall_time_s": round(time.time() - started, 1),
+                "device": str(accelerator.device),
+                "config": to_dict(config),
+            },
+        )
+    accelerator.wait_for_everyone()  # what the main process wrote is there for every process's next step
     return folder
