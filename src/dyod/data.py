@@ -75,7 +75,7 @@ class ImageFolder:
 def find_image_files(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.exists():
-        raise DyodError(f"data folder {root} does not exist")
+        raise DyodError(f"{root} does not exist; give a folder of images (searched recursively) or an image file")
     if root.is_file():
         return [root]
     found = [p for p in root.rglob("*") if p.is_file()]
