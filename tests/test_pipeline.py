@@ -106,6 +106,19 @@ def test_interpolation_and_traversal_shapes(pipe, fitted_run):
         pipe.traverse(0, 99, [0.0], SampleConfig(num_inference_steps=10), progress=False)
 
 
+
+def test_manipulating_z_at_t0_one_warns_that_z_is_unused(pipe, caplog):
+    config = SampleConfig(t0=1.0, num_inference_steps=2)
+    frames = pipe.interpolate(1, 2, steps=2, config=config, progress=False)
+    assert frames[0].tobytes() == frames[1].tobytes()  # what the warning says
+    pipe.traverse(0, 3, [-2.0, 2.0], config, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("leaves the VAE latent z unused" in w for w in warnings)
+    caplog.clear()
+    pipe.interpolate(1, 2, steps=2, config=SampleConfig(t0=0.5, num_inference_steps=2), progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_image_initialization_stays_near_the_input_at_small_t0(pipe, shapes, fitted_run):
     from dyod.data import load_image, resize_lanczos
 

@@ -239,6 +239,7 @@ class DyodPipeline:
         """Fig. 6: z = z1 + λ(z2 - z1) for λ in [0, 1]; ε the same for every frame when fix_noise."""
         if steps < 2:
             raise DyodError(f"interpolation needs at least 2 steps, got {steps}")
+        _warn_if_z_unused(config, "interpolation")
         z1, z2 = self.z([seed_a, seed_b])
         lambdas = torch.linspace(0, 1, steps)
         z = torch.stack([z1 + lam * (z2 - z1) for lam in lambdas])
@@ -250,12 +251,19 @@ class DyodPipeline:
                  progress: bool = True) -> list[Image.Image]:
         """Fig. 7: set one coordinate of z to each value, the rest of z and ε fixed."""
         latent_dim = self._require_vae().latent_dim
+        _warn_if_z_unused(config, "traversal")
         if not 0 <= dim < latent_dim:
             raise DyodError(f"--dim must be in [0, {latent_dim - 1}] for this VAE, got {dim}")
         z = self.z([seed]).repeat(len(values), 1)
         z[:, dim] = torch.tensor(values, dtype=z.dtype)
         noise = self.noise([seed] * len(values))
         return self.generate(z, noise, config, progress)
+
+
+def _warn_if_z_unused(config: SampleConfig, what: str) -> None:
+    if config.t0 == 1.0:
+        logger.warning("t0 = 1 starts from pure noise and leaves the VAE latent z unused: every frame of this %s comes "
+                       "out the same unless the noise changes (give a t0 below 1)", what)
 
 
 def load_input_images(paths: list[str | os.PathLike]) -> tuple[list[Image.Image], list[Path], list]:
