@@ -104,10 +104,15 @@ def _prepare_output(folder: Path, overwrite: bool) -> Path:
     return folder
 
 
-def _attach_run_log(run: Path) -> None:
+def _main_process() -> bool:
+    """False in the other processes of a multi-process launch (torchrun, accelerate launch set RANK)."""
     import os
 
-    if int(os.environ.get("RANK", "0")):  # under a multi-process launch (torchrun, accelerate) the main process logs
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _attach_run_log(run: Path) -> None:
+    if not _main_process():  # the main process keeps the run's log
         return
     run.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run / "dyod.log")
@@ -196,7 +201,7 @@ def cmd_fit(args) -> None:
         path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
                          overwrite=args.overwrite, device=args.device)
         print(f"custom VAE: {path}")
-    if args.choose_t0:
+    if args.choose_t0 and _main_process():  # sampling is one process's work
         from .sweep import DEFAULT_T0S, choose_t0
 
         t0, _ = choose_t0(args.out, DEFAULT_T0S, n=args.choose_t0_samples, out=Path(args.out) / "t0_sweep")
