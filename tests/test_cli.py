@@ -77,6 +77,22 @@ def test_a_long_sample_run_writes_as_it_goes_and_keeps_what_it_made(cli_run, tmp
     assert "the machine went away" in capsys.readouterr().err
     assert sorted(p.name for p in stopped.glob("*.png")) == [f"seed-{i:06d}.png" for i in range(32)]
 
+    # --resume samples the 38 missing seeds (the same images as the uninterrupted run's), then extends to -n 75
+    monkeypatch.setattr(DyodPipeline, "generate", generate)
+    assert main(["sample", str(cli_run), "-n", "70", "--out", str(stopped), "--resume", *flags]) == 0
+    pixels = {f.name: np.asarray(Image.open(f), dtype=np.int16) for f in out.glob("seed-*.png")}
+    resumed = {f.name: np.asarray(Image.open(f), dtype=np.int16) for f in stopped.glob("seed-*.png")}
+    assert resumed.keys() == pixels.keys() and all(np.abs(resumed[k] - pixels[k]).max() <= 1 for k in pixels)
+    assert np.array_equal(np.asarray(Image.open(stopped / "grid.png")), np.asarray(Image.open(out / "grid.png")))
+    record = json.loads((stopped / "dyod_output.json").read_text())
+    assert record["images"] == [f"seed-{i:06d}.png" for i in range(70)]
+    assert main(["sample", str(cli_run), "-n", "75", "--out", str(stopped), "--resume", *flags]) == 0
+    assert len(json.loads((stopped / "dyod_output.json").read_text())["images"]) == 75
+    assert main(["sample", str(cli_run), "-n", "80", "--out", str(stopped), "--resume", *flags[:-2],
+                 "--guidance-scale", "2", "--device", "cpu"]) == 2
+    assert "were made with another config" in capsys.readouterr().err
+    assert len(list(stopped.glob("seed-*.png"))) == 75  # nothing added
+
 
 def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_path):
     """--precision bf16 on the CPU: the same images as fp32 up to bf16 rounding (a few 8-bit levels at most)."""

@@ -137,19 +137,22 @@ def _quiet_libraries() -> None:
 GRID_MAX = 64  # grid.png shows the first 64 results: a grid of 50,000 samples would be gigapixels
 
 
-def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict) -> None:
+def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict, listed: list[str] | None = None) -> None:
     """Write each batch of images as it comes (a long run stopped midway keeps what it made), then grid.png of the
-    first GRID_MAX and the record that lists the images."""
+    first GRID_MAX results and the record that lists them (``listed``: all the folder's results, in order, when a
+    resumed run adds ``names`` to those it found)."""
+    from PIL import Image
+
     from .data import OUTPUT_RECORD
     from .images import make_grid, save_images, save_png
 
-    shown, written = [], 0
+    written = 0
     for images in batches:
         save_images(images, out, names[written:written + len(images)])
         written += len(images)
-        shown += images[:GRID_MAX - len(shown)]
-    save_png(make_grid(shown, ncols), out / "grid.png")
-    write_json(out / OUTPUT_RECORD, {**record, "images": names[:written]})  # what `dyod eval OUT` counts (not the grid)
+    listed = names[:written] if listed is None else listed
+    save_png(make_grid([Image.open(out / name) for name in listed[:GRID_MAX]], ncols), out / "grid.png")
+    write_json(out / OUTPUT_RECORD, {**record, "images": listed})  # what `dyod eval OUT` counts (not the grid)
     logger.info("wrote %d images and grid.png to %s", written, out)
 
 
@@ -272,18 +275,52 @@ def _run_default_t0(args) -> dict:
 
 
 def cmd_sample(args) -> None:
+    from .data import OUTPUT_RECORD
+
     if args.n < 1:
         raise DyodError(f"-n must be >= 1, got {args.n}")
     config = config_from_args(args, SampleConfig, **_run_default_t0(args))
     from .sampling import num_denoising_steps
 
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything
-    out = _prepare_output(Path(args.out), args.overwrite)
-    pipe = _pipeline(args)
     seeds = list(range(args.seed, args.seed + args.n))
+    names = [f"seed-{s:06d}.png" for s in seeds]
+    out = Path(args.out)
+    if args.resume:
+        _check_resumable(out, args, config)
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [s for s, name in zip(seeds, names) if not (out / name).exists()]
+        logger.info("--resume: %d of %d samples are in %s; sampling the other %d", len(seeds) - len(todo), len(seeds),
+                    out, len(todo))
+    else:
+        _prepare_output(out, args.overwrite)
+        todo = seeds
+    pipe = _pipeline(args)
     record = _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed)
-    _save_outputs(pipe.iter_samples(args.n, config, seed=args.seed, noise_seed=args.noise_seed),
-                  [f"seed-{s:06d}.png" for s in seeds], out, None, record)
+    write_json(out / OUTPUT_RECORD, {**record, "complete": False})  # the settings, for a --resume; no image list yet
+    _save_outputs(pipe.iter_seeds(todo, config, noise_seed=args.noise_seed) if todo else [],
+                  [f"seed-{s:06d}.png" for s in todo], out, None, record, listed=names)
+
+
+def _check_resumable(out: Path, args, config: SampleConfig) -> None:
+    """--resume continues only what the same run, settings and noise seed made, so that every image is of one run."""
+    from .config import read_json
+    from .data import OUTPUT_RECORD
+
+    record_path = out / OUTPUT_RECORD
+    if not record_path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise DyodError(f"--resume: {out} holds no {OUTPUT_RECORD}, so it is not a `dyod sample` folder; "
+                            "choose another --out")
+        return
+    record = read_json(record_path)
+    made = {"command": record.get("command"), "run": record.get("run"), "config": record.get("config"),
+            "noise_seed": record.get("noise_seed")}
+    asked = {"command": "sample", "run": str(Path(args.run)), "config": to_dict(config), "noise_seed": args.noise_seed}
+    differ = [k for k in made if made[k] != asked[k]]
+    if differ:
+        raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
+                        f"({', '.join(f'{k}={made[k]!r}' for k in differ)}); run with those, or choose another --out")
 
 
 def cmd_transform(args) -> None:
@@ -432,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=16, help="number of samples (default: 16)")
     p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed; sample i uses seed+i")
     p.add_argument("--noise-seed", type=_ranged(int, "--noise-seed", 0), default=None, help="fix ε to this seed for all samples")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run in --out (or extend one to a larger -n): sample only the seeds whose "
+                        "image is missing, with the settings the folder was made with")
     p.set_defaults(func=cmd_sample)
 
     p = sampling("transform", "image initialization (Eq. 11): perturb inputs to t0 and denoise with S*")

@@ -210,12 +210,18 @@ class DyodPipeline:
         randomness comes from its own seed, so the images are ``sample``'s."""
         if n < 1:
             raise DyodError(f"the number of samples must be >= 1, got {n}")
+        return self.iter_seeds(list(range(seed, seed + n)), config, noise_seed, progress)
+
+    def iter_seeds(self, seeds: list[int], config: SampleConfig = SampleConfig(), noise_seed: int | None = None,
+                   progress: bool = True) -> Iterator[list[Image.Image]]:
+        """The samples of any seeds (``iter_samples`` gives consecutive ones), a batch at a time: what a stopped run
+        left to do, say. A seed gives the same image whatever its batch (up to a level of rounding)."""
         num_denoising_steps(config.t0, config.num_inference_steps)  # before any work
-        starts = range(seed, seed + n, config.batch_size)
+        starts = range(0, len(seeds), config.batch_size)
         for start in tqdm(starts, disable=not progress or len(starts) < 2, desc="sampling", leave=False):
-            seeds = list(range(start, min(seed + n, start + config.batch_size)))
-            z = self.z(seeds) if config.t0 < 1.0 else None
-            noise = self.noise([noise_seed] * len(seeds) if noise_seed is not None else seeds)
+            batch = seeds[start:start + config.batch_size]
+            z = self.z(batch) if config.t0 < 1.0 else None
+            noise = self.noise([noise_seed] * len(batch) if noise_seed is not None else batch)
             yield self.generate(z, noise, config, progress=False)
 
     def transform(self, images: list[Image.Image], config: SampleConfig = SampleConfig(), seed: int = 0,
