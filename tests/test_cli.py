@@ -91,6 +91,8 @@ def test_a_long_sample_run_writes_as_it_goes_and_keeps_what_it_made(cli_run, tmp
     assert main(["sample", str(cli_run), "-n", "80", "--out", str(stopped), "--resume", *flags[:-2],
                  "--guidance-scale", "2", "--device", "cpu"]) == 2
     assert "were made with another config" in capsys.readouterr().err
+    assert main(["sample", str(cli_run), "-n", "80", "--out", str(stopped), "--resume", "--seed", "5", *flags]) == 2
+    assert "were made with another seed (seed=0)" in capsys.readouterr().err
     assert len(list(stopped.glob("seed-*.png"))) == 75  # nothing added
 
 

@@ -315,8 +315,9 @@ def _check_resumable(out: Path, args, config: SampleConfig) -> None:
         return
     record = read_json(record_path)
     made = {"command": record.get("command"), "run": record.get("run"), "config": record.get("config"),
-            "noise_seed": record.get("noise_seed")}
-    asked = {"command": "sample", "run": str(Path(args.run)), "config": to_dict(config), "noise_seed": args.noise_seed}
+            "noise_seed": record.get("noise_seed"), "seed": (record.get("seeds") or [None])[0]}
+    asked = {"command": "sample", "run": str(Path(args.run)), "config": to_dict(config), "noise_seed": args.noise_seed,
+             "seed": args.seed}
     differ = [k for k in made if made[k] != asked[k]]
     if differ:
         raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
