@@ -122,6 +122,31 @@ def test_transform_interpolate_traverse(cli_run, shapes, tmp_path):
     assert json.loads((tmp_path / "v" / "dyod_output.json").read_text())["values"] == [-3.0, -1.5, 0.0, 1.5, 3.0]
 
 
+def test_transform_reads_inputs_at_the_model_size_with_the_same_results(cli_run, tmp_path):
+    """The command reads each input straight to the model's resolution (in grayscale with --grayscale), so a folder
+    of photos is never held at full size: the results are those of transforming the full-size images."""
+    from dyod import DyodPipeline, SampleConfig
+    from dyod.data import load_image
+
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    photo = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    photo.save(inputs / "a.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(inputs / "b.png")
+    Image.fromarray(rng.integers(0, 256, (20, 12, 4), dtype=np.uint8), "RGBA").save(inputs / "c.png")
+    for grayscale in (False, True):
+        out = tmp_path / f"out-{grayscale}"
+        assert main(["transform", str(cli_run), str(inputs), "--t0", "0.6", "--num-inference-steps", "5", "--seed", "3",
+                     "--out", str(out), "--device", "cpu", *(["--grayscale"] if grayscale else [])]) == 0
+        full = [load_image(f) for f in sorted(inputs.glob("*.png"))]
+        expected = DyodPipeline.from_run(cli_run, device="cpu").transform(
+            full, SampleConfig(t0=0.6, num_inference_steps=5), seed=3, grayscale=grayscale, progress=False)
+        made = [Image.open(f) for f in sorted(out.glob("0*.png"))]
+        assert len(made) == 3
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(made, expected))
+
+
 def test_errors_exit_2_and_overwrite_nothing(cli_run, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()

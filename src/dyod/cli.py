@@ -245,14 +245,19 @@ def cmd_sweep_transform(args) -> None:
     from .pipeline import load_input_images
     from .sweep import check_transform_inputs, sweep_transform
 
-    images, _, skipped = load_input_images(args.inputs)
-    for path, reason in skipped:
-        logger.warning("skipping input %s (%s)", path, reason)
+    images, _, skipped = load_input_images(args.inputs, size=_model_resolution(args.run))
     check_transform_inputs(images)  # before loading the model
     out = _prepare_output(Path(args.out), args.overwrite)
     sweep_transform(args.run, images, _t0_list(args.t0s), seed=args.seed, config=config_from_args(args, SampleConfig),
                     baseline_prompt=args.baseline_prompt, out=out, pipe=_pipeline(args))
     print((out / "sweep_transform.md").read_text())
+
+
+def _model_resolution(run: str) -> int | None:
+    """The run's model resolution, from run.json, before the model loads (None for a run that does not record it)."""
+    from .run import Run
+
+    return Run.open(run).info.get("prior", {}).get("resolution")
 
 
 def _pipeline(args):
@@ -328,12 +333,10 @@ def cmd_transform(args) -> None:
     from .pipeline import load_input_images
 
     config = config_from_args(args, SampleConfig)
-    images, paths, skipped = load_input_images(args.inputs)
-    for path, reason in skipped:
-        logger.warning("skipping input %s (%s)", path, reason)
+    images, paths, skipped = load_input_images(args.inputs, grayscale=args.grayscale, size=_model_resolution(args.run))
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
-    results = pipe.transform(images, config, seed=args.seed, grayscale=args.grayscale)
+    results = pipe.transform(images, config, seed=args.seed)  # read in grayscale, at the model's size
     names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
     _save_outputs([results], names, out, None,
                   _sample_record(args, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
