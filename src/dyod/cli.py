@@ -294,17 +294,17 @@ def cmd_sample(args) -> None:
     if args.resume:
         _check_resumable(out, args, config)
         out.mkdir(parents=True, exist_ok=True)
-        todo = [s for s, name in zip(seeds, names) if not (out / name).exists()]
+        todo = [(s, name) for s, name in zip(seeds, names) if not (out / name).exists()]
         logger.info("--resume: %d of %d samples are in %s; sampling the other %d", len(seeds) - len(todo), len(seeds),
                     out, len(todo))
     else:
         _prepare_output(out, args.overwrite)
-        todo = seeds
+        todo = list(zip(seeds, names))
     pipe = _pipeline(args)
     record = _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed)
     write_json(out / OUTPUT_RECORD, {**record, "complete": False})  # the settings, for a --resume; no image list yet
-    _save_outputs(pipe.iter_seeds(todo, config, noise_seed=args.noise_seed) if todo else [],
-                  [f"seed-{s:06d}.png" for s in todo], out, None, record, listed=names)
+    _save_outputs(pipe.iter_seeds([s for s, _ in todo], config, noise_seed=args.noise_seed) if todo else [],
+                  [name for _, name in todo], out, None, record, listed=names)
 
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
