@@ -253,3 +253,33 @@ def test_fit_under_a_multi_process_launch(tmp_path, tiny_model, shapes):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "inversion" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sample_under_a_multi_process_launch_deals_out_the_seeds(cli_run, tmp_path):
+    """`dyod sample` under torchrun: each process samples its share of the seeds, and the folder holds what one process
+    makes. A command that does not share its work (interpolate) runs once, in the main process."""
+    import os
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dyod.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["-n", "5", "--seed", "3", "--batch-size", "2", "--t0", "0.5", "--num-inference-steps", "4", "--device", "cpu"]
+    result = subprocess.run([*launch, "sample", str(cli_run), *flags, "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("wrote 5 images") == 1, result.stderr[-3000:]  # the folder is finished once
+    assert main(["sample", str(cli_run), *flags, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "dyod_output.json").read_text())
+    one = json.loads((tmp_path / "one" / "dyod_output.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["images"] == one["images"] == [f"seed-{s:06d}.png" for s in range(3, 8)]
+    for name in one["images"] + ["grid.png"]:
+        a, b = (np.asarray(Image.open(tmp_path / folder / name), dtype=int) for folder in ("one", "two"))
+        assert np.abs(a - b).max() <= 1, name  # a seed's image, whichever process made it (up to rounding)
+
+    result = subprocess.run([*launch, "interpolate", str(cli_run), "--seeds", "1,2", "--steps", "3", "--t0", "0.5",
+                             "--num-inference-steps", "4", "--device", "cpu", "--out", str(tmp_path / "frames")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("wrote 3 images") == 1, result.stderr[-3000:]  # made once, not once per process
+    assert json.loads((tmp_path / "frames" / "dyod_output.json").read_text())["images"] == [
+        "frame-000.png", "frame-001.png", "frame-002.png"]

@@ -98,10 +98,31 @@ def _parse_csv(text: str, kind, flag: str, count: int | None = None) -> list:
 
 
 def _prepare_output(folder: Path, overwrite: bool) -> Path:
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise DyodError(f"output folder {folder} is not empty; pass --overwrite or choose another --out")
+    _check_output(folder, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _check_output(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise DyodError(f"output folder {folder} is not empty; pass --overwrite or choose another --out")
+
+
+# Commands whose work the processes of a multi-process launch (torchrun, accelerate launch) share: the training stages
+# (data parallel through Accelerate) and `sample` (the seeds dealt out). The others run in the main process alone.
+SHARED_COMMANDS = ("fit", "invert", "train-vae", "sample")
+
+
+def _processes(args):
+    """Accelerate's state of a multi-process launch (process index and count, this process's device, barriers); None
+    when dyod runs as one process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=args.device == "cpu")
 
 
 def _main_process() -> bool:
@@ -141,19 +162,30 @@ def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict, li
     """Write each batch of images as it comes (a long run stopped midway keeps what it made), then grid.png of the
     first GRID_MAX results and the record that lists them (``listed``: all the folder's results, in order, when a
     resumed run adds ``names`` to those it found)."""
-    from PIL import Image
+    written = _write_batches(batches, names, out)
+    _finish_outputs(out, ncols, record, names[:written] if listed is None else listed)
 
-    from .data import OUTPUT_RECORD
-    from .images import make_grid, save_images, save_png
+
+def _write_batches(batches, names, out: Path) -> int:
+    from .images import save_images
 
     written = 0
     for images in batches:
         save_images(images, out, names[written:written + len(images)])
         written += len(images)
-    listed = names[:written] if listed is None else listed
+    return written
+
+
+def _finish_outputs(out: Path, ncols: int | None, record: dict, listed: list[str]) -> None:
+    """grid.png of the first GRID_MAX of the folder's results (read back from disk) and the record listing them."""
+    from PIL import Image
+
+    from .data import OUTPUT_RECORD
+    from .images import make_grid, save_png
+
     save_png(make_grid([Image.open(out / name) for name in listed[:GRID_MAX]], ncols), out / "grid.png")
     write_json(out / OUTPUT_RECORD, {**record, "images": listed})  # what `dyod eval OUT` counts (not the grid)
-    logger.info("wrote %d images and grid.png to %s", written, out)
+    logger.info("wrote %d images and grid.png to %s", len(listed), out)
 
 
 def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict:
@@ -260,10 +292,11 @@ def _model_resolution(run: str) -> int | None:
     return Run.open(run).info.get("prior", {}).get("resolution")
 
 
-def _pipeline(args):
+def _pipeline(args, device: str | None = None):
     from .pipeline import DyodPipeline
 
-    return DyodPipeline.for_sampling(args.run, device=args.device, precision=args.precision, compile=args.compile)
+    return DyodPipeline.for_sampling(args.run, device=device or args.device, precision=args.precision,
+                                     compile=args.compile)
 
 
 def _run_default_t0(args) -> dict:
@@ -280,6 +313,8 @@ def _run_default_t0(args) -> dict:
 
 
 def cmd_sample(args) -> None:
+    """Under a multi-process launch the seeds are dealt out among the processes, each on its own device, and the
+    images are the ones a single process makes: a seed gives the same image in any batch."""
     from .data import OUTPUT_RECORD
 
     if args.n < 1:
@@ -293,18 +328,29 @@ def cmd_sample(args) -> None:
     out = Path(args.out)
     if args.resume:
         _check_resumable(out, args, config)
-        out.mkdir(parents=True, exist_ok=True)
         todo = [(s, name) for s, name in zip(seeds, names) if not (out / name).exists()]
         logger.info("--resume: %d of %d samples are in %s; sampling the other %d", len(seeds) - len(todo), len(seeds),
                     out, len(todo))
     else:
-        _prepare_output(out, args.overwrite)
+        _check_output(out, args.overwrite)
         todo = list(zip(seeds, names))
-    pipe = _pipeline(args)
-    record = _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed)
-    write_json(out / OUTPUT_RECORD, {**record, "complete": False})  # the settings, for a --resume; no image list yet
-    _save_outputs(pipe.iter_seeds([s for s, _ in todo], config, noise_seed=args.noise_seed) if todo else [],
-                  [name for _, name in todo], out, None, record, listed=names)
+    processes = _processes(args)
+    main = processes is None or processes.is_main_process
+    if processes is not None:
+        processes.wait_for_everyone()  # every process has looked at --out before the main one writes there
+        todo = todo[processes.process_index::processes.num_processes]
+    pipe = _pipeline(args, None if processes is None or args.device else str(processes.device))
+    record = _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed,
+                            processes=1 if processes is None else processes.num_processes)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / OUTPUT_RECORD, {**record, "complete": False})  # the settings, for a --resume; no image list yet
+    batches = pipe.iter_seeds([s for s, _ in todo], config, noise_seed=args.noise_seed, progress=main) if todo else []
+    _write_batches(batches, [name for _, name in todo], out)
+    if processes is not None:
+        processes.wait_for_everyone()  # every process's images are written
+    if main:
+        _finish_outputs(out, None, record, names)
 
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
@@ -612,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         _check_device(getattr(args, "device", None))
+        if not _main_process() and args.command not in SHARED_COMMANDS:
+            # the same work in every process would be repeated and would race for the same files
+            logger.info("`dyod %s` runs in the main process alone", args.command)
+            return 0
         args.func(args)
     except DyodError as e:
         print(f"dyod {args.command}: error: {e}", file=sys.stderr)
