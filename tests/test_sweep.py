@@ -49,6 +49,35 @@ def test_sweep_produces_a_complete_table(fitted_run, tmp_path):
     assert markdown_table(rows, 10) == table.strip()
 
 
+def test_sweep_scores_a_batch_at_a_time_with_the_kid_of_all_samples(fitted_run, monkeypatch):
+    """A sweep keeps features, not samples: the feature network sees one batch of images at a time, and the KID is
+    that of the whole set of samples scored at once."""
+    import dataclasses
+
+    import dyod.evaluation as evaluation
+    from dyod.pipeline import DyodPipeline
+    from dyod.run import Run
+    from dyod.sweep import reference_features
+
+    extractor, seen = evaluation.feature_extractor("emoji"), []
+
+    def spy(*args, **kwargs):
+        def features(images):
+            seen.append(len(images))
+            return extractor(images)
+        return features
+
+    monkeypatch.setattr(evaluation, "feature_extractor", spy)
+    config = dataclasses.replace(FAST, batch_size=2)
+    pipe = DyodPipeline.for_sampling(fitted_run, device="cpu")
+    rows = sweep(fitted_run, [0.6], n=5, config=config, pipe=pipe, progress=False)
+    assert seen[-3:] == [2, 2, 1]  # the t0 = 0.6 samples, batch by batch
+    samples = pipe.sample(5, dataclasses.replace(config, t0=0.6), progress=False)
+    whole = evaluation.kid(extractor(samples), reference_features(Run.open(fitted_run), extractor), num_subsets=50)
+    assert rows[1].label == "t0=0.60" and rows[1].n == 5
+    assert rows[1].kid_x100 == pytest.approx(whole.mean_x100, rel=1e-6, abs=1e-9)
+
+
 def test_chosen_t0_is_the_argmin_of_the_heldout_sweep_and_becomes_the_default(holdout_run, tmp_path, capsys):
     t0, rows = choose_t0(holdout_run, [0.2, 0.5, 0.8], n=3, config=FAST, progress=False)
     dyod_rows = [r for r in rows if r.t0 is not None]

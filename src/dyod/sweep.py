@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from .config import SampleConfig, to_dict, write_json
 from .errors import DyodError
 from .images import make_grid, save_png
@@ -18,6 +20,7 @@ from .run import Run
 logger = logging.getLogger(__name__)
 
 DEFAULT_T0S = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+GRID_IMAGES = 32  # samples shown per column of a sweep
 
 
 @dataclasses.dataclass
@@ -79,25 +82,35 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
     out = Path(out) if out else None
     rows: list[SweepRow] = []
 
-    def record(label, t0, images, calls, seconds):
-        score = kid(extractor(images), ref_features, num_subsets=50, seed=seed)
+    def record(label: str, t0: float | None, batches) -> None:
+        """Score ``batches`` (an iterator of lists of images) as they come: only their features and the first
+        GRID_IMAGES images are kept, so a sweep of thousands of samples per t0 holds one batch of images. The
+        seconds are the sampler's alone (the feature network runs between batches)."""
+        scored, shown, seconds = [], [], 0.0
+        started = time.perf_counter()
+        for images in batches:
+            seconds += time.perf_counter() - started
+            scored.append(extractor(images))
+            shown += images[:GRID_IMAGES - len(shown)]
+            started = time.perf_counter()
+        scored = torch.cat(scored)
+        score = kid(scored, ref_features, num_subsets=50, seed=seed)
         grid = ""
         if out is not None:
             grid = f"samples_{label.replace(' ', '_').replace('=', '').replace('*', 's')}.png"
-            save_png(make_grid(images[:32], 8), out / grid)
-        rows.append(SweepRow(label, t0, score.mean_x100, score.std_x100, calls, seconds / len(images), len(images), grid))
+            save_png(make_grid(shown, 8), out / grid)
+        calls = pipe.last_unet_calls if t0 is not None else 0
+        rows.append(SweepRow(label, t0, score.mean_x100, score.std_x100, calls, seconds / len(scored), len(scored),
+                             grid))
         logger.info("%s: KID×100 %.3f ± %.3f", label, score.mean_x100, score.std_x100)
 
-    t = time.time()
-    vae_images = pipe.vae_samples(seeds) if pipe.custom_vae is not None else None
-    if vae_images is not None:
-        record("VAE alone", None, vae_images, 0, time.time() - t)
+    if pipe.custom_vae is not None:
+        record("VAE alone", None, (pipe.vae_samples(seeds[i:i + 256]) for i in range(0, n, 256)))
     for t0 in t0s:
         if t0 < 1.0 and pipe.custom_vae is None:
             continue
-        t = time.time()
-        images = pipe.sample(n, dataclasses.replace(config, t0=t0), seed=seed, progress=progress)
-        record(f"t0={t0:.2f}", t0, images, pipe.last_unet_calls, time.time() - t)
+        record(f"t0={t0:.2f}", t0, pipe.iter_samples(n, dataclasses.replace(config, t0=t0), seed=seed,
+                                                     progress=progress))
     if out is not None:
         write_sweep_outputs(rows, out, {"run": str(run.path), "n": n, "seed": seed, "features": features,
                                         "reference": reference, "config": to_dict(config)})
