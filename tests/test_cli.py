@@ -163,6 +163,24 @@ def test_errors_exit_2_and_overwrite_nothing(cli_run, tmp_path, capsys):
     assert "exactly 2" in capsys.readouterr().err
 
 
+def test_traverse_checks_dim_before_loading_the_model(cli_run, tmp_path, capsys, monkeypatch):
+    from dyod.pipeline import DyodPipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model for a traversal that cannot run")
+
+    monkeypatch.setattr(DyodPipeline, "for_sampling", no_loading)
+    out = tmp_path / "t"
+    assert main(["traverse", str(cli_run), "--dim", "6", "--out", str(out)]) == 2
+    assert "--dim must be in [0, 5]: the run's custom VAE has 6 latent dimensions; got 6" in capsys.readouterr().err
+    run = tmp_path / "prompt-only"  # a run whose VAE stage has not run
+    run.mkdir()
+    (run / "run.json").write_text((cli_run / "run.json").read_text())
+    assert main(["traverse", str(run), "--dim", "0", "--out", str(out)]) == 2
+    assert "lacks model.safetensors; run `dyod train-vae` first" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
     assert main(["invert", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

@@ -405,6 +405,13 @@ def cmd_traverse(args) -> None:
     if args.steps < 2:
         raise DyodError(f"--steps must be >= 2, got {args.steps}")
     values = [low + (high - low) * i / (args.steps - 1) for i in range(args.steps)]
+    from .run import Run
+    from .vae import model_config_of
+
+    latent_dim = model_config_of(Run.open(args.run).vae_path)["latent_dim"]  # before the model loads
+    if args.dim >= latent_dim:
+        raise DyodError(f"--dim must be in [0, {latent_dim - 1}]: the run's custom VAE has {latent_dim} latent "
+                        f"dimensions; got {args.dim}")
     config = config_from_args(args, SampleConfig)
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)

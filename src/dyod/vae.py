@@ -120,17 +120,21 @@ def save_vae(model: VanillaVAE, folder: str | os.PathLike, train_config: VAEConf
 
 
 def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> VanillaVAE:
+    model = VanillaVAE(**model_config_of(folder))
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def model_config_of(folder: str | os.PathLike) -> dict:
+    """The architecture of the VAE saved in ``folder`` (resolution, latent_dim, hidden_dims), read without loading
+    it; a folder without both files is refused with what to do."""
     folder = Path(folder)
-    weights, config_path = folder / "model.safetensors", folder / "config.json"
-    for p in (weights, config_path):
+    for p in (folder / "model.safetensors", folder / "config.json"):
         if not p.exists():
             pickles = sorted(str(q.name) for q in folder.glob("*") if q.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             hint = f" ({', '.join(pickles)} found: pickles are refused, save as safetensors)" if pickles else ""
             raise DyodError(f"the custom VAE in {folder} lacks {p.name}{hint}; run `dyod train-vae` first")
-    config = json.loads(config_path.read_text())["model"]
-    model = VanillaVAE(**config)
-    model.load_state_dict(load_file(str(weights)))
-    return model.to(device).eval()
+    return json.loads((folder / "config.json").read_text())["model"]
 
 
 def training_config_of(folder: str | os.PathLike) -> VAEConfig:
