@@ -1,6 +1,7 @@
 """The bundled reference prior and its pre-training command."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -81,4 +82,22 @@ def test_pickled_model_weights_are_refused_with_the_way_out(tmp_path, tiny_model
     assert [p.suffix for p in (folder / "unet").iterdir() if p.suffix != ".json"] == [".bin"]
     with pytest.raises(DyodError, match=r"unet/ hold only pickled weights \(.bin\), which dyod does not load .*"
                                         r"save_pretrained"):
+        load_prior(folder)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"in_channels": 9}, "takes 9 input channels where its VAE gives 4"),  # an inpainting model
+    ({"addition_embed_type": "text_time"}, "takes conditioning besides the text's hidden states ('text_time': e.g. SDXL"),
+    ({"cross_attention_dim": 64}, "attends to 64-wide text states, its text_encoder/ gives 32"),
+])
+def test_models_that_are_not_text_to_image_sd_are_refused_before_their_weights_load(tmp_path, tiny_model, change,
+                                                                                     reason):
+    import shutil
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # would fail to load: never read
+    with pytest.raises(DyodError, match=f"is not a text-to-image model dyod can run: its UNet {re.escape(reason)}"):
         load_prior(folder)

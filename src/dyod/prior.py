@@ -116,10 +116,33 @@ def weights_variant(folder: Path) -> str | None:
     return variants.pop() if len(variants) == 1 else None
 
 
+def check_text_to_image(model: str, unet_config: dict, vae_config: dict, text_width: int) -> None:
+    """dyod runs text-to-image models shaped like SD 1.x and 2.x: a UNet that sees the VAE's latents alone and is
+    conditioned on one CLIP text encoder through cross-attention. Other diffusers models load with the same classes
+    and fail later, deep in a forward pass: refuse them here, from their configs, before any weights load."""
+    why = None
+    extra = unet_config.get("addition_embed_type") or unet_config.get("class_embed_type")
+    latent_channels = vae_config.get("latent_channels", 4)
+    in_channels = unet_config.get("in_channels", 4)
+    cross = unet_config.get("cross_attention_dim")
+    if extra:
+        why = (f"its UNet takes conditioning besides the text's hidden states ({extra!r}: e.g. SDXL's pooled text "
+               "embedding and image-size ids, or an upscaler's noise level)")
+    elif in_channels != latent_channels:
+        why = (f"its UNet takes {in_channels} input channels where its VAE gives {latent_channels} (an inpainting, "
+               "depth or instruct-pix2pix model conditions on extra channels)")
+    elif isinstance(cross, int) and cross != text_width:
+        why = f"its UNet attends to {cross}-wide text states, its text_encoder/ gives {text_width}"
+    if why:
+        raise DyodError(f"{model} is not a text-to-image model dyod can run: {why}. dyod needs one shaped like "
+                        "Stable Diffusion 1.x or 2.x (e.g. stable-diffusion-v1-5, stable-diffusion-2-1-base): a "
+                        "UNet on the VAE's latents, conditioned on one CLIP text encoder by cross-attention")
+
+
 def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Prior:
     """Load the frozen prior from a local diffusers folder or a hub id, with a clear error when it is missing."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     name = str(model)
     model = resolve_model(name)
@@ -150,6 +173,9 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
                 logger.info("%s: loading the %r variant of the weights (the folder holds no others)", component, found)
             return {"variant": found} if found else {}
 
+        check_text_to_image(name, dict(UNet2DConditionModel.load_config(model, subfolder="unet")),
+                            dict(AutoencoderKL.load_config(model, subfolder="vae")),
+                            CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
                                                      use_safetensors=True, **variant("text_encoder"))
