@@ -109,6 +109,18 @@ def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_pat
     assert any(d > 0 for d in diffs)  # the flag took effect: bf16 rounds differently
 
 
+def test_cuda_graphs_on_the_cpu_says_once_that_it_records_none(cli_run, tmp_path, capfd, caplog):
+    """On the CPU `--compile cuda-graphs` runs the traced graphs as they are; the backend's page of warnings per graph
+    is replaced by one line."""
+    import logging
+
+    logging.getLogger("torch._inductor.cudagraph_utils").setLevel(logging.NOTSET)  # as in a fresh process
+    assert main(["sample", str(cli_run), "-n", "2", "--t0", "0.5", "--num-inference-steps", "2", "--compile",
+                 "cuda-graphs", "--device", "cpu", "--out", str(tmp_path / "s")]) == 0
+    assert "skipping cudagraphs" not in capfd.readouterr().err
+    assert caplog.text.count("off CUDA there is no CUDA graph to record") == 1
+
+
 def test_transform_interpolate_traverse(cli_run, shapes, tmp_path):
     assert main(["transform", str(cli_run), str(shapes), "--t0", "0.6", "--out", str(tmp_path / "t"), "--grayscale",
                  "--num-inference-steps", "5", "--device", "cpu"]) == 0

@@ -111,6 +111,11 @@ def compile_module(module: torch.nn.Module, mode: str | None, backend: str = "in
         return module
     if mode == CUDA_GRAPHS and backend == "inductor":
         backend = "cudagraphs"
+        backend_log = logging.getLogger("torch._inductor.cudagraph_utils")
+        if next(module.parameters()).device.type != "cuda" and backend_log.level != logging.ERROR:
+            # the backend says at length, for every graph, that it records no CUDA graph off CUDA: say it once here
+            backend_log.setLevel(logging.ERROR)
+            logger.info("--compile cuda-graphs: off CUDA there is no CUDA graph to record; the traced graph runs as it is")
     logger.info("torch.compile(%s, mode=%s): the first call compiles (%s, once per shape)", type(module).__name__,
                 mode, "seconds of tracing" if mode == CUDA_GRAPHS else "a minute or more at SD scale")
     if backend != "inductor":  # modes are inductor's
