@@ -193,6 +193,29 @@ def test_traverse_checks_dim_before_loading_the_model(cli_run, tmp_path, capsys,
     assert not out.exists()
 
 
+def test_a_run_whose_model_has_moved_samples_with_model(cli_run, tiny_model, tiny_v_model, tmp_path, capsys):
+    """run.json records where the model was; sampling commands take --model for its new place (a run copied to
+    another machine) and refuse a model of other shape, for which S* and the VAE were not made."""
+    import shutil
+
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_model, moved)
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "model": str(tmp_path / "gone")}))
+    flags = ["-n", "2", "--t0", "0.5", "--num-inference-steps", "2", "--device", "cpu"]
+    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "a")]) == 2
+    assert "if it has moved, give its new place with --model" in capsys.readouterr().err
+    assert main(["sample", str(run), *flags, "--model", str(moved), "--out", str(tmp_path / "b")]) == 0
+    assert main(["sample", str(cli_run), *flags, "--out", str(tmp_path / "c")]) == 0
+    for name in ("seed-000000.png", "seed-000001.png"):  # the same model, so the same images
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / name)), np.asarray(Image.open(tmp_path / "c" / name)))
+    assert json.loads((tmp_path / "b" / "dyod_output.json").read_text())["model"] == str(moved)
+    assert main(["sample", str(run), *flags, "--model", str(tiny_v_model), "--out", str(tmp_path / "d")]) == 2
+    assert "is not the model run" in capsys.readouterr().err
+
+
 def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
     assert main(["invert", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

@@ -196,6 +196,7 @@ def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict
     return {
         "command": args.command,
         "run": str(run),
+        "model": pipe.prior.model,
         "config": to_dict(config),
         "start_timestep": "pure noise (x_T)" if config.t0 == 1.0 else int(schedule.start(config.t0)[0]),
         "denoising_steps": n,
@@ -296,7 +297,7 @@ def _pipeline(args, device: str | None = None):
     from .pipeline import DyodPipeline
 
     return DyodPipeline.for_sampling(args.run, device=device or args.device, precision=args.precision,
-                                     compile=args.compile)
+                                     compile=args.compile, model=args.model)
 
 
 def _run_default_t0(args) -> dict:
@@ -513,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder (PNG images, grids, JSON)" + ("" if out_required else " (default: RUN/t0_sweep)"))
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
         p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+        p.add_argument("--model", default=None,
+                       help="load the prior from this folder or hub id instead of the one RUN records (the same model "
+                            "moved, or a run copied to another machine; a model of other shape is refused)")
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="weights of the frozen prior (default auto: fp16 on CUDA, fp32 on the CPU)")
         p.add_argument("--compile", choices=COMPILE_MODES, default="none",

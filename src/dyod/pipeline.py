@@ -50,10 +50,22 @@ class DyodPipeline:
         self.compiled = False  # set by optimize(compile=...): batches are then padded to one shape
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike | Run, device: str | None = None, dtype: torch.dtype = torch.float32) -> "DyodPipeline":
+    def from_run(cls, run: str | os.PathLike | Run, device: str | None = None, dtype: torch.dtype = torch.float32,
+                 model: str | os.PathLike | None = None) -> "DyodPipeline":
+        """The run's prior, S* and custom VAE. ``model``: load the prior from there instead of where the run records it
+        (the same model moved, or a run copied to another machine); a model whose facts differ from the recorded
+        ones (resolution, prediction type, latent channels, text width) is refused: S* and the VAE belong to it."""
         run = run if isinstance(run, Run) else Run.open(run)
         device = device or default_device()
-        prior = load_prior(run.model, device=device, dtype=dtype)
+        try:
+            prior = load_prior(model or run.model, device=device, dtype=dtype)
+        except DyodError as e:
+            if model is None and "could not load" in str(e):
+                raise DyodError(f"{e}\n  (the model run {run.path} records; if it has moved, give its new place with "
+                                "--model)") from e
+            raise
+        if model is not None:
+            _check_same_facts(run, prior)
         token, num_vectors = None, 1
         if run.embeddings_path.exists():
             token, vectors = load_learned_embeds(run.embeddings_path)
@@ -66,7 +78,7 @@ class DyodPipeline:
 
     @classmethod
     def for_sampling(cls, run: str | os.PathLike | Run, device: str | None = None, precision: str = "auto",
-                     compile: str | None = None) -> "DyodPipeline":
+                     compile: str | None = None, model: str | os.PathLike | None = None) -> "DyodPipeline":
         """``from_run`` with the sampling defaults of the command line: the prior in ``precision`` (auto: fp16 on
         CUDA, fp32 on the CPU) and, on CUDA or when ``compile`` is given, ``optimize()``."""
         from .performance import check_compile_device, check_compile_mode, resolve_precision
@@ -74,7 +86,7 @@ class DyodPipeline:
         device = device or default_device()
         compile = check_compile_mode(compile)
         check_compile_device(compile, device)  # before loading anything
-        pipe = cls.from_run(run, device=device, dtype=resolve_precision(precision, device))
+        pipe = cls.from_run(run, device=device, dtype=resolve_precision(precision, device), model=model)
         if torch.device(device).type == "cuda" or compile is not None:
             pipe.optimize(compile=compile)
         return pipe
@@ -262,6 +274,16 @@ class DyodPipeline:
         z[:, dim] = torch.tensor(values, dtype=z.dtype)
         noise = self.noise([seed] * len(values))
         return self.generate(z, noise, config, progress)
+
+
+def _check_same_facts(run: Run, prior: Prior) -> None:
+    recorded = run.info.get("prior", {})
+    loaded = prior.describe()
+    keys = ("resolution", "prediction_type", "latent_channels", "embedding_dim")
+    differ = [k for k in keys if k in recorded and recorded[k] != loaded[k]]
+    if differ:
+        raise DyodError(f"--model {prior.model} is not the model run {run.path} was fitted on ({run.info.get('model')}): "
+                        + ", ".join(f"{k} {loaded[k]!r} where the run records {recorded[k]!r}" for k in differ))
 
 
 def _warn_if_z_unused(config: SampleConfig, what: str) -> None:
