@@ -117,7 +117,7 @@ def main() -> None:
         entry = {"best_t0": row["best_t0"]}
         for label, vae in (("original", original), ("finetuned", tuned)):
             pipe.prior.vae = vae
-            floor = kid(extractor(pipe._to_output(pipe.decode(pipe.encode(x)), None)), ref, num_subsets=50, seed=args.seed)
+            floor = kid(extractor(pipe.to_images(pipe.decode(pipe.encode(x)), None)), ref, num_subsets=50, seed=args.seed)
             samples = pipe.sample(args.n, sample_config, seed=args.seed, progress=False)
             score = kid(extractor(samples), ref, num_subsets=50, seed=args.seed)
             entry[label] = {"floor_kid_x100": floor.mean_x100, "dyod_kid_x100": score.mean_x100,

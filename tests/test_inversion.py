@@ -108,6 +108,41 @@ def test_resume_continues_to_the_same_result(tmp_path, tiny_model, shapes):
     assert not torch.allclose(split, halfway)  # --resume really trained the remaining steps
 
 
+def test_sample_grids_show_what_the_prompt_gives_at_each_step(trained):
+    """RUN/inversion/samples/step-*.png: the prior's samples for the first template with S* as it was at that step (the
+    initializer's at step 0); the last grid is what `dyod sample --t0 1` makes with the saved S*."""
+    import numpy as np
+    from PIL import Image
+
+    from dyod.images import make_grid
+    from dyod.inversion import PREVIEW_STEPS
+    from dyod.pipeline import DyodPipeline
+
+    out, config = trained
+    assert sorted(p.name for p in (out / "inversion" / "samples").iterdir()) == ["step-000000.png", "step-000060.png"]
+    pipe = DyodPipeline.from_run(out, device="cpu")
+    images = pipe.sample(config.sample_images, dyod.SampleConfig(t0=1.0, num_inference_steps=PREVIEW_STEPS,
+                                                                 prompt=config.templates[0]), progress=False)
+    expected = np.asarray(make_grid(images, config.sample_images), dtype=int)
+    last = np.asarray(Image.open(out / "inversion" / "samples" / "step-000060.png"), dtype=int)
+    first = np.asarray(Image.open(out / "inversion" / "samples" / "step-000000.png"), dtype=int)
+    assert last.shape == expected.shape == (36, 4 * 32 + 5 * 2, 3)  # four 32-px images (the dataset's size), padded
+    assert np.abs(last - expected).max() <= 2  # decoded one at a time there, as a batch here: rounding
+    assert np.abs(first - last).max() > 20  # S* changed what the prompt gives
+
+
+def test_sample_grids_leave_training_as_it_is(tmp_path, tiny_model, shapes):
+    config = dyod.InversionConfig(steps=4, batch_size=2, learning_rate=0.05, sample_every=0)
+    dyod.invert(shapes, tiny_model, tmp_path / "plain", config, progress=False, device="cpu")
+    with_grids = dyod.InversionConfig(**{**config.__dict__, "sample_every": 1, "sample_images": 2})
+    dyod.invert(shapes, tiny_model, tmp_path / "grids", with_grids, progress=False, device="cpu")
+    assert not (tmp_path / "plain" / "inversion" / "samples").exists()
+    assert [p.name for p in sorted((tmp_path / "grids" / "inversion" / "samples").iterdir())] == [
+        f"step-00000{i}.png" for i in range(5)]
+    plain = load_file(str(tmp_path / "plain" / "learned_embeds.safetensors"))["<dyod>"]
+    assert torch.equal(load_file(str(tmp_path / "grids" / "learned_embeds.safetensors"))["<dyod>"], plain)
+
+
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(trained, tmp_path, tiny_model, shapes):
     out, _ = trained
     before = (out / "learned_embeds.safetensors").read_bytes()

@@ -89,6 +89,10 @@ class InversionConfig:
         choices=("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graphs"),
     )
     checkpoint_every: int = field(500, "write a resumable checkpoint every N steps (0: only at the end)", min=0)
+    sample_every: int = field(500, "write a grid of the prior's samples for the first --templates prompt with the current "
+                                   "S* (t0 = 1, 25 DDIM steps) at the start, every N steps and at the end (0: never)",
+                              min=0)
+    sample_images: int = field(4, "images in each such grid (seeds 0..N-1, the same at every step)", min=1)
     sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")
     latent_cache_max_ram_mb: int = field(1024, "above this size the latent cache lives on disk (memmap)", min=0)
     seed: int = field(0, "training seed")

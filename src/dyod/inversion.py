@@ -9,6 +9,7 @@ them at each step, which is what encoding every step would give, without the VAE
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
-from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, from_dict, to_dict, write_json
+from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
 from .data import dataset_files, pil_to_tensor, read_images, resize_lanczos
 from .embeddings import (
     add_placeholder_tokens,
@@ -32,6 +33,7 @@ from .embeddings import (
     uninstall_placeholder,
 )
 from .errors import DyodError
+from .images import make_grid, save_png
 from .performance import (
     check_compile_device,
     check_mixed_precision,
@@ -48,6 +50,7 @@ from .run import Run
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+PREVIEW_STEPS = 25  # DDIM steps of the sample grids written while S* trains
 
 
 class LatentCache:
@@ -268,6 +271,30 @@ class PromptTrainer:
         save_training_state(path, {"learned": self.embedding.learned.float()}, self.optimizer, self.generator, step,
                             {"config": to_dict(self.config), "losses": losses[-1000:]})
 
+    @torch.no_grad()
+    def preview(self, output_resolution: int | None = None) -> list:
+        """What the prior makes of the first template with the current S*: ``config.sample_images`` samples from pure
+        noise (t0 = 1, the "prior + S* alone" of the sweeps) at seeds 0.., the same at every step, as ``dyod sample
+        --t0 1`` makes them with the S* of that step. One batch through the UNet; the autoencoder visits the
+        accelerator and decodes an image at a time (at 512 px a batch would add gigabytes to training's peak). The
+        training generator is not touched, so a resumed run trains as an uninterrupted one."""
+        from .pipeline import DyodPipeline
+
+        config = self.config
+        unet = getattr(self.prior.unet, "_orig_mod", self.prior.unet)  # a compiled UNet would compile this shape too
+        view = dataclasses.replace(self.prior, unet=unet, text_encoder=self.accelerator.unwrap_model(self.text_encoder))
+        pipe = DyodPipeline(view, config.placeholder_token, config.num_vectors, output_resolution=output_resolution)
+        sample_config = SampleConfig(t0=1.0, num_inference_steps=PREVIEW_STEPS, prompt=config.templates[0])
+        self.text_encoder.eval()
+        self.prior.vae.to(self.accelerator.device)
+        try:
+            with self.accelerator.autocast():  # the text encoder's frozen linears are stored in the autocast precision
+                latents = pipe.denoise_from(None, pipe.noise(list(range(config.sample_images))), 1.0, sample_config)
+            return [image for i in range(len(latents)) for image in pipe.to_images(pipe.decode(latents[i:i + 1]))]
+        finally:
+            self.prior.vae.to("cpu")
+            self.text_encoder.train()
+
     def step(self) -> torch.Tensor:
         config, accelerator = self.config, self.accelerator
         total = torch.zeros((), device=accelerator.device)
@@ -353,6 +380,15 @@ def invert(
     elif main:
         log_file.unlink(missing_ok=True)
 
+    output_resolution = run.data_resolution
+
+    def write_preview(step: int) -> None:
+        if main and config.sample_every:
+            images = trainer.preview(output_resolution)
+            save_png(make_grid(images, min(len(images), 8)), folder / "samples" / f"step-{step:06d}.png")
+
+    if start_step == 0:
+        write_preview(0)  # the initializer word's images, to compare the later grids with
     started = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                disable=not progress or not main, desc="dataset prompt")
@@ -363,6 +399,8 @@ def invert(
         except torch.OutOfMemoryError:
             raise DyodError(_out_of_memory_advice(config, checkpoint, trainer.checkpointing)) from None
         done = step + 1
+        if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
+            write_preview(done)
         save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
         if not (save or len(pending) == SYNC_EVERY):
             continue

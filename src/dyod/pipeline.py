@@ -154,7 +154,7 @@ class DyodPipeline:
 
     def vae_samples(self, seeds: list[int], output_size: int | None = None) -> list[Image.Image]:
         """The custom VAE alone, z from each seed (the paper's "VAE" baseline)."""
-        return self._to_output(self.vae_images(self.z(seeds)), output_size)
+        return self.to_images(self.vae_images(self.z(seeds)), output_size)
 
     # -- the reverse process from t0 ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -174,8 +174,8 @@ class DyodPipeline:
         self.last_unet_calls = model.calls
         return out
 
-    def _to_output(self, images: torch.Tensor, size: int | None) -> list[Image.Image]:
-        """Lanczos to the output size where the images are (in float), then 8-bit PIL images."""
+    def to_images(self, images: torch.Tensor, size: int | None = None) -> list[Image.Image]:
+        """Decoded pixels in [-1, 1] -> Lanczos to the output size where the images are (in float) -> 8-bit PIL."""
         return tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
 
     def _batched(self, n: int, config: SampleConfig, progress: bool, fn) -> list[Image.Image]:
@@ -206,7 +206,7 @@ class DyodPipeline:
                 x_prime = lanczos_resize_tensor(x_prime, self.prior.resolution).clamp(-1, 1)  # up, Lanczos
                 init = self.encode(x_prime)
             latents = self.denoise_from(init, noise[batch], t0, config)
-            return self._to_output(self.decode(latents), output_size)  # down to the dataset's resolution
+            return self.to_images(self.decode(latents), output_size)  # down to the dataset's resolution
 
         return self._batched(len(noise), config, progress, run)
 
@@ -246,7 +246,7 @@ class DyodPipeline:
             inputs = [images[i].convert("L").convert("RGB") if grayscale else images[i] for i in batch]
             x = pil_to_tensor([resize_lanczos(im, self.prior.resolution) for im in inputs])
             latents = self.denoise_from(self.encode(x), self.noise([seed + i for i in batch]), config.t0, config)
-            return self._to_output(self.decode(latents), output_size)
+            return self.to_images(self.decode(latents), output_size)
 
         return self._batched(len(images), config, progress, run)
 
