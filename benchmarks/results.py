@@ -49,7 +49,7 @@ def diagnose(run: Path, best_t0: float, n: int, seed: int, config: SampleConfig)
         rows.append((label, result.mean_x100, result.std_x100))
 
     def round_trip(x):  # [-1, 1] at the prior's resolution -> through the prior's autoencoder -> output images
-        return pipe.to_images(pipe.decode(pipe.encode(x)), None)
+        return pipe.to_images(pipe.decode(pipe.encode(x)))
 
     x = pil_to_tensor([resize_lanczos(im, res) for im in real[:n]])
     score("dataset images through the prior's autoencoder (the floor of any t0)", round_trip(x))

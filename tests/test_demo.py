@@ -17,3 +17,22 @@ def test_demo_smoke_writes_report(tmp_path):
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
     assert [r["sampler"] for r in rows] == ["VAE alone", "DYOD t0 = 0.5", "prior + S* alone (t0 = 1)"]
     assert all(isinstance(r["kid_x100"], float) for r in rows)
+    floor = json.loads((tmp_path / "demo" / "demo.json").read_text())["autoencoder_floor"]["kid_x100"]
+    assert f"| dataset images through the prior's autoencoder (the floor) | - | - |" in text and f"{floor:.2f}" in text
+    assert "![](run/inversion/samples/step-000000.png) ![](run/inversion/samples/step-000002.png)" in text
+    assert (tmp_path / "demo" / "dataset_through_autoencoder.png").exists()
+
+
+def test_the_verdict_says_what_the_numbers_say():
+    from dyod.demo import verdict
+    from dyod.evaluation import KIDResult
+
+    def k(value):
+        return KIDResult(value / 100, 0.0, 2, 1, 2, 2)
+
+    assert verdict(k(100), k(200), k(150), k(50)) == "DYOD beats both baselines."
+    assert verdict(k(300), k(200), k(150), k(50)) == "DYOD beats neither baseline."
+    said = verdict(k(700), k(200), k(750), k(550))
+    assert said.startswith("DYOD beats the prior + S* alone but not the VAE alone. With this prior no t0 can:")
+    assert "scoring 550.00, above the VAE alone's 200.00" in said
+    assert verdict(k(300), k(200), k(350), k(100)) == "DYOD beats the prior + S* alone but not the VAE alone."

@@ -135,6 +135,21 @@ def test_image_initialization_stays_near_the_input_at_small_t0(pipe, shapes, fit
     assert (near - latents).abs().mean() < 0.25 * (far - latents).abs().mean()
 
 
+def test_round_trip_is_the_prior_autoencoder_on_the_images_in_any_batch(pipe, shapes):
+    """``round_trip``: the dataset's images through the prior's autoencoder alone (the floor of every t0), a batch at
+    a time, the same as one batch, and the same as encode -> decode by hand."""
+    from dyod.data import load_image_folder, resize_lanczos
+
+    images = load_image_folder(shapes, max_images=5).images
+    whole = pipe.round_trip(images)
+    x = pil_to_tensor([resize_lanczos(im, pipe.prior.resolution) for im in images])
+    by_hand = pipe.to_images(pipe.decode(pipe.encode(x)))
+    assert len(whole) == 5 and whole[0].size == images[0].size
+    for a, b, c in zip(whole, pipe.round_trip(images, batch_size=2), by_hand):
+        a, b, c = (np.asarray(im, dtype=int) for im in (a, b, c))
+        assert np.abs(a - b).max() <= 1 and np.array_equal(a, c)
+
+
 def test_v_prediction_model_runs_end_to_end(tmp_path, tiny_v_model, shapes):
     dyod.invert(shapes, tiny_v_model, tmp_path / "run", dyod.InversionConfig(steps=2, batch_size=2), progress=False, device="cpu")
     dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4), progress=False, device="cpu")

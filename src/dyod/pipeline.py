@@ -174,6 +174,16 @@ class DyodPipeline:
         self.last_unet_calls = model.calls
         return out
 
+    def round_trip(self, images: list[Image.Image], batch_size: int = 64) -> list[Image.Image]:
+        """Images through the prior's autoencoder alone (Lanczos up, encode to the posterior mean, decode, Lanczos
+        down), a batch at a time: every DYOD sample is decoded by it, so the dataset's own images made this way set
+        the floor no t0 can score below."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = pil_to_tensor([resize_lanczos(im, self.prior.resolution) for im in images[start:start + batch_size]])
+            out += self.to_images(self.decode(self.encode(x)))
+        return out
+
     def to_images(self, images: torch.Tensor, size: int | None = None) -> list[Image.Image]:
         """Decoded pixels in [-1, 1] -> Lanczos to the output size where the images are (in float) -> 8-bit PIL."""
         return tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
