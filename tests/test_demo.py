@@ -33,6 +33,7 @@ def test_the_verdict_says_what_the_numbers_say():
     assert verdict(k(100), k(200), k(150), k(50)) == "DYOD beats both baselines."
     assert verdict(k(300), k(200), k(150), k(50)) == "DYOD beats neither baseline."
     said = verdict(k(700), k(200), k(750), k(550))
-    assert said.startswith("DYOD beats the prior + S* alone but not the VAE alone. With this prior no t0 can:")
+    assert said.startswith("DYOD beats the prior + S* alone but not the VAE alone. No t0 can beat the VAE alone "
+                           "with this prior: its autoencoder")
     assert "scoring 550.00, above the VAE alone's 200.00" in said
     assert verdict(k(300), k(200), k(350), k(100)) == "DYOD beats the prior + S* alone but not the VAE alone."

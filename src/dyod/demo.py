@@ -144,7 +144,7 @@ def verdict(best, vae_alone, prior_alone, floor) -> str:
         return "DYOD beats both baselines."
     said = "DYOD beats the prior + S* alone but not the VAE alone." if beats_prior else "DYOD beats neither baseline."
     if best.mean >= vae_alone.mean and floor.mean >= vae_alone.mean:
-        said += (f" With this prior no t0 can: its autoencoder alone turns the dataset's own images into a set scoring "
+        said += (f" No t0 can beat the VAE alone with this prior: its autoencoder alone turns the dataset's own images into a set scoring "
                  f"{floor.mean_x100:.2f}, above the VAE alone's {vae_alone.mean_x100:.2f}, and every DYOD sample is "
                  "decoded by it (Stable Diffusion's autoencoder is close to lossless at this scale; the miniature "
                  "prior's is not).")
