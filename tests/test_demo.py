@@ -18,7 +18,7 @@ def test_demo_smoke_writes_report(tmp_path):
     assert [r["sampler"] for r in rows] == ["VAE alone", "DYOD t0 = 0.5", "prior + S* alone (t0 = 1)"]
     assert all(isinstance(r["kid_x100"], float) for r in rows)
     floor = json.loads((tmp_path / "demo" / "demo.json").read_text())["autoencoder_floor"]["kid_x100"]
-    assert f"| dataset images through the prior's autoencoder (the floor) | - | - |" in text and f"{floor:.2f}" in text
+    assert "| dataset images through the prior's autoencoder (the floor) | - | - |" in text and f"{floor:.2f}" in text
     assert "![](run/inversion/samples/step-000000.png) ![](run/inversion/samples/step-000002.png)" in text
     assert (tmp_path / "demo" / "dataset_through_autoencoder.png").exists()
 

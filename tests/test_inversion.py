@@ -309,6 +309,53 @@ def test_the_latent_cache_of_images_read_at_the_model_size_is_that_of_the_full_i
     for i, (w, h) in enumerate([(90, 60), (37, 51), (16, 16), (8, 12)]):  # larger, smaller and at the model's 16
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
     prior = load_prior(tiny_model)
-    caches = [LatentCache.build(load_image_folder(tmp_path / "photos", size=size).images, prior, tmp_path / "cache",
+    caches = [LatentCache.build(load_image_folder(tmp_path / "photos", size=size).images, 4, prior, tmp_path / "cache",
                                 max_ram_mb=1024, progress=False) for size in (None, prior.resolution)]
     assert torch.equal(caches[0].mean, caches[1].mean) and torch.equal(caches[0].std, caches[1].std)
+
+
+def test_the_dataset_is_encoded_as_it_is_read(tmp_path, tiny_model, shapes):
+    """invert never holds the dataset: the latent cache takes the images as they are read, a batch at a time (30,000
+    images at 512 px would be 22 GiB), and sizes itself to the images that came (unreadable files are skipped)."""
+    from dyod.inversion import LatentCache
+
+    produced = 0
+
+    def images():
+        nonlocal produced
+        for image in load_image_folder(shapes).images:
+            produced += 1
+            yield image
+
+    prior = load_prior(tiny_model)
+    read_when_encoding, encode = [], prior.vae.encode
+    prior.vae.encode = lambda x: read_when_encoding.append(produced) or encode(x)
+    cache = LatentCache.build(images(), 20, prior, tmp_path / "cache", max_ram_mb=1024, batch_size=5, progress=False,
+                              describe=lambda: {"n": produced})
+    assert read_when_encoding == [5, 10, 12] and len(cache) == 12 and cache.data == {"n": 12}
+
+
+def test_an_on_disk_latent_cache_is_reused_only_for_the_same_files(tmp_path, tiny_model, shapes, caplog):
+    """A run folder's cache on disk is reused by --resume without reading an image (the data record comes back with
+    it), and never for other images, even as many of them."""
+    import shutil
+
+    from PIL import Image, ImageOps
+
+    other = tmp_path / "other"
+    shutil.copytree(shapes, other)
+    for path in other.glob("*.png"):
+        ImageOps.mirror(Image.open(path)).save(path)
+    config = dyod.InversionConfig(steps=2, batch_size=2, latent_cache_max_ram_mb=0, sample_every=0)
+    run = tmp_path / "run"
+    dyod.invert(shapes, tiny_model, run, config, progress=False, device="cpu")
+    dyod.invert(other, tiny_model, run, config, overwrite=True, progress=False, device="cpu")
+    dyod.invert(other, tiny_model, tmp_path / "fresh", config, progress=False, device="cpu")
+    assert torch.equal(load_file(str(run / "learned_embeds.safetensors"))["<dyod>"],
+                       load_file(str(tmp_path / "fresh" / "learned_embeds.safetensors"))["<dyod>"])
+    caplog.clear()
+    longer = dyod.InversionConfig(**{**config.__dict__, "steps": 3})
+    dyod.invert(other, tiny_model, run, longer, resume=True, progress=False, device="cpu")
+    assert "reusing the latent cache" in caplog.text
+    data = json.loads((run / "data.json").read_text())
+    assert data["root"] == str(other.resolve()) and data["num_images"] == 12 and data["resolution"] == 32

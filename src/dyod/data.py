@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class ImageFolder:
         sizes = collections.Counter(f"{w}x{h}" for w, h in self.sizes)
         return {
             "root": str(self.root.resolve()),
-            "num_images": len(self.images),
+            "num_images": len(self.paths),
             "resolution": self.resolution,
             "sizes": dict(sizes.most_common(10)),
             "num_skipped": len(self.skipped),
@@ -69,7 +69,7 @@ class ImageFolder:
         }
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.paths)
 
 
 def find_image_files(root: str | os.PathLike) -> list[Path]:
@@ -191,10 +191,20 @@ def read_images(root: str | os.PathLike, files: list[Path], grayscale: bool = Fa
     """Read ``files`` (found under ``root``); unreadable ones are skipped and listed with their reason. With ``size``,
     each image is centre-cropped and resized to size × size with Lanczos as soon as it is read (``resize_lanczos``,
     what the stages that take ``size`` do with it anyway), so a folder of large photos is never held at full size."""
-    root = Path(root)
-    folder = ImageFolder(root=root, images=[], paths=[], skipped=[], sizes=[], size=size)
+    folder = ImageFolder(root=Path(root), images=[], paths=[], skipped=[], sizes=[], size=size)
+    folder.images.extend(iter_images(folder, files, grayscale, max_images))
+    if not folder.images and not allow_empty:
+        raise nothing_readable(folder.root, files, folder.skipped)
+    return folder
+
+
+def iter_images(folder: ImageFolder, files: list[Path], grayscale: bool = False,
+                max_images: int = 0) -> Iterator[Image.Image]:
+    """The readable images among ``files``, one at a time as they are read (at ``folder.size`` when it is set), for a
+    stage that holds none of them: each one's path and size, and each skipped file with its reason, are recorded in
+    ``folder`` (whose ``images`` stays as it is)."""
     for path in files:
-        if max_images and len(folder) >= max_images:
+        if max_images and len(folder.paths) >= max_images:
             break
         try:
             image = load_image(path, grayscale=grayscale)
@@ -204,14 +214,22 @@ def read_images(root: str | os.PathLike, files: list[Path], grayscale: bool = Fa
             logger.warning("skipping %s (%s)", path, reason)
             continue
         folder.sizes.append(image.size)
-        folder.images.append(image if size is None else resize_lanczos(image, size))
         folder.paths.append(path)
-    if not folder.images and not allow_empty:
-        raise _nothing_readable(root, files, folder.skipped)
-    return folder
+        yield image if folder.size is None else resize_lanczos(image, folder.size)
 
 
-def _nothing_readable(root: Path, files: list[Path], skipped: list[SkippedFile]) -> DyodError:
+def files_fingerprint(files: list[Path], *extra: str) -> str:
+    """A key that changes when any of ``files`` is added, removed, replaced or touched (names, sizes, times)."""
+    import hashlib
+
+    h = hashlib.sha1("|".join(extra).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def nothing_readable(root: Path, files: list[Path], skipped: list[SkippedFile]) -> DyodError:
     return DyodError(f"none of the {len(files)} image files in {root} could be read; first problem: "
                      f"{skipped[0].path}: {skipped[0].reason}")
 
@@ -231,7 +249,7 @@ def image_features(root: str | os.PathLike, files: list[Path], extractor, chunk:
         if part.images:
             features.append(extractor(part.images))
     if not features:
-        raise _nothing_readable(Path(root), files, skipped)
+        raise nothing_readable(Path(root), files, skipped)
     return torch.cat(features), skipped
 
 

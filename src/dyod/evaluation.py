@@ -92,16 +92,6 @@ def feature_extractor(name: str = "emoji", inception_weights: str | None = None,
     raise DyodError(f"--features must be emoji or inception, got {name!r}")
 
 
-def _folder_key(files, extractor_name: str) -> str:
-    import hashlib
-
-    h = hashlib.sha1(extractor_name.encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def folder_features(folder, extractor, cache_dir=None) -> tuple[torch.Tensor, dict]:
     """Features of every readable image in ``folder``, cached by (extractor, file names, sizes, mtimes)."""
     import os
@@ -109,11 +99,11 @@ def folder_features(folder, extractor, cache_dir=None) -> tuple[torch.Tensor, di
 
     from safetensors.torch import load_file, save_file
 
-    from .data import dataset_files, image_features
+    from .data import dataset_files, files_fingerprint, image_features
 
     files = dataset_files(folder)
     cache_dir = Path(cache_dir or os.environ.get("DYOD_CACHE", Path.home() / ".cache" / "dyod")) / "features"
-    key = _folder_key(files, extractor.name)
+    key = files_fingerprint(files, extractor.name)
     path = cache_dir / f"{key}.safetensors"
     if path.exists():
         return load_file(str(path))["features"], {"cached": True, "n": len(files)}

@@ -10,12 +10,14 @@ them at each step, which is what encoding every step would give, without the VAE
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,7 +25,15 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
-from .data import dataset_files, pil_to_tensor, read_images, resize_lanczos
+from .data import (
+    ImageFolder,
+    dataset_files,
+    files_fingerprint,
+    iter_images,
+    nothing_readable,
+    pil_to_tensor,
+    resize_lanczos,
+)
 from .embeddings import (
     add_placeholder_tokens,
     expand_prompt,
@@ -58,6 +68,7 @@ class LatentCache:
 
     def __init__(self, mean, std):
         self.mean, self.std = mean, std
+        self.data: dict = {}  # what ``build`` was told about the images (``describe``)
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -70,41 +81,57 @@ class LatentCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, images, prior: Prior, folder: Path, max_ram_mb: int, batch_size: int = 8, progress: bool = True):
+    def build(cls, images: Iterable, count: int, prior: Prior, folder: Path, max_ram_mb: int, batch_size: int = 8,
+              progress: bool = True, key: dict | None = None, describe: Callable[[], dict] | None = None):
+        """Encode ``images`` (any iterable of at most ``count`` PIL images, consumed ``batch_size`` at a time: a
+        dataset read as it goes is never held, where 30,000 images at 512 px would be 22 GiB) with the prior's VAE.
+
+        Above ``max_ram_mb`` the cache is memory-mapped ``.npy`` files in ``folder``, reused by a later call with the
+        same ``key`` (say, the files' fingerprint; the prior and the shape always count) without reading an image;
+        ``describe()``, called once the images are read, is stored with it and comes back as ``data`` either way."""
         h = prior.resolution // prior.vae_scale_factor
-        shape = (len(images), prior.vae.config.latent_channels, h, h)
+        shape = (count, prior.vae.config.latent_channels, h, h)
         nbytes = 2 * 4 * math.prod(shape)
         on_disk = nbytes > max_ram_mb * 2**20
+        meta = {"model": prior.model, "shape": list(shape), "key": key or {}}
         if on_disk:
             folder.mkdir(parents=True, exist_ok=True)
-            meta = {"model": prior.model, "shape": list(shape)}
             meta_path = folder / "latents.json"
             paths = folder / "latents_mean.npy", folder / "latents_std.npy"
-            if meta_path.exists() and json.loads(meta_path.read_text()) == meta and all(p.exists() for p in paths):
+            stored = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            if {k: stored.get(k) for k in meta} == meta and all(p.exists() for p in paths):
                 logger.info("reusing the latent cache in %s", folder)
-                return cls(np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r"))
+                n = stored["num_images"]
+                cache = cls(np.load(paths[0], mmap_mode="r")[:n], np.load(paths[1], mmap_mode="r")[:n])
+                cache.data = stored.get("data", {})
+                return cache
+            meta_path.unlink(missing_ok=True)  # written again only when these files are complete
             mean = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32, shape=shape)
             std = np.lib.format.open_memmap(paths[1], mode="w+", dtype=np.float32, shape=shape)
         else:
             mean, std = torch.empty(shape), torch.empty(shape)
         vae = prior.vae
         device = vae.device
-        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encoding dataset", leave=False):
-            chunk = [resize_lanczos(im, prior.resolution) for im in images[start : start + batch_size]]
-            x = pil_to_tensor(chunk).to(device=device, dtype=vae.dtype)
-            posterior = vae.encode(x).latent_dist
-            m, s = posterior.mean.float().cpu(), posterior.std.float().cpu()
-            if on_disk:
-                mean[start : start + len(chunk)] = m.numpy()
-                std[start : start + len(chunk)] = s.numpy()
-            else:
-                mean[start : start + len(chunk)] = m
-                std[start : start + len(chunk)] = s
+        images = iter(images)
+        filled = 0
+        with tqdm(total=count, disable=not progress, desc="encoding dataset", leave=False) as bar:
+            while chunk := list(itertools.islice(images, batch_size)):
+                x = pil_to_tensor([resize_lanczos(im, prior.resolution) for im in chunk]).to(device=device, dtype=vae.dtype)
+                posterior = vae.encode(x).latent_dist
+                m, s = posterior.mean.float().cpu(), posterior.std.float().cpu()
+                end = filled + len(chunk)
+                mean[filled:end] = m.numpy() if on_disk else m
+                std[filled:end] = s.numpy() if on_disk else s
+                filled = end
+                bar.update(len(chunk))
+        data = describe() if describe else {}
         if on_disk:
             mean.flush(), std.flush()
-            meta_path.write_text(json.dumps(meta))
+            meta_path.write_text(json.dumps({**meta, "num_images": filled, "data": data}))
             logger.info("latent cache of %.0f MB written to %s", nbytes / 2**20, folder)
-        return cls(mean, std)
+        cache = cls(mean[:filled], std[:filled])
+        cache.data = data
+        return cache
 
 
 def diffusion_loss_target(latents, noise, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
@@ -346,21 +373,26 @@ def invert(
 
     files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before the model loads
     prior = load_prior(model)
-    data = read_images(data_dir, files, data_config.grayscale, data_config.max_images, size=prior.resolution)
     if main:
         run.bind_model(str(model), prior.describe())
-        run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
-        write_json(run.path / "data.json", data.stats())
-        write_json(folder / "config.json", to_dict(config))
 
-    # Each image through the frozen VAE once, in fp32; the VAE then leaves the accelerator. A cache on disk is written
-    # by the main process and read by the others.
+    # Each image is read (straight to the model's resolution), goes through the frozen VAE once, in fp32, and is let
+    # go; the VAE then leaves the accelerator. A cache on disk is written by the main process and read by the others.
+    data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[], size=prior.resolution)
+    count = min(len(files), data_config.max_images or len(files))
+    key = {"files": files_fingerprint(files), "grayscale": data_config.grayscale, "max_images": data_config.max_images}
     prior.vae.to(accelerator.device)
     with accelerator.main_process_first():
-        cache = LatentCache.build(data.images, prior, run.path / "cache", config.latent_cache_max_ram_mb,
-                                  progress=progress and main)
+        cache = LatentCache.build(iter_images(data, files, data_config.grayscale, data_config.max_images), count, prior,
+                                  run.path / "cache", config.latent_cache_max_ram_mb, progress=progress and main,
+                                  key=key, describe=lambda: data.stats() if len(data) else {})
     prior.vae.to("cpu")
-    del data
+    if not len(cache):
+        raise nothing_readable(Path(data_dir), files, data.skipped)
+    if main:
+        run.update(data={k: v for k, v in cache.data.items() if k != "skipped"}, data_config=to_dict(data_config))
+        write_json(run.path / "data.json", cache.data)
+        write_json(folder / "config.json", to_dict(config))
 
     token, k = config.placeholder_token, config.num_vectors
     trainer = PromptTrainer(prior, cache, config, accelerator)
