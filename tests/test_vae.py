@@ -61,3 +61,30 @@ def test_training_reduces_reconstruction_error_and_writes_samples(tmp_path, shap
     assert config["model"]["resolution"] == 32 and config["training"]["epochs"] == 15
     with pytest.raises(DyodError, match="already holds a trained VAE"):
         dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1), progress=False, device="cpu")
+
+
+def test_a_resolution_the_vae_cannot_take_is_refused_before_any_image_is_read(tmp_path, shapes, monkeypatch):
+    import dyod.data
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the dataset for a VAE that cannot train")
+
+    monkeypatch.setattr(dyod.data, "load_image", no_reading)
+    with pytest.raises(DyodError, match="the VAE resolution must be a power of two >= 16, got 24"):
+        dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(resolution=24), progress=False, device="cpu")
+
+
+def test_unreadable_images_are_skipped_and_listed_and_none_readable_is_an_error(tmp_path, shapes):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "broken.png").write_bytes(b"not a png")
+    config = dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4)
+    dyod.train_vae(data, tmp_path / "run", config, progress=False, device="cpu")
+    stats = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert stats["num_images"] == 12 and [s["path"] for s in stats["skipped"]] == [str(data / "broken.png")]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"nope")
+    with pytest.raises(DyodError, match=r"none of the 1 image files in .*bad could be read; first problem: .*a.png"):
+        dyod.train_vae(tmp_path / "bad", tmp_path / "run2", config, progress=False, device="cpu")

@@ -261,14 +261,20 @@ def load_image_folder(root: str | os.PathLike, grayscale: bool = False, max_imag
     headers first."""
     files = dataset_files(root, holdout_fraction, split)
     if callable(size):
-        sizes = []
-        for path in files[:max_images or None]:
-            try:
-                sizes.append(read_size(path))
-            except Exception:  # noqa: BLE001 - unreadable files are skipped, and reported, by read_images
-                pass
-        size = size(dataset_resolution(sizes)) if sizes else None
+        resolution = header_resolution(files, max_images)
+        size = size(resolution) if resolution else None
     return read_images(root, files, grayscale, max_images, size)
+
+
+def header_resolution(files: list[Path], max_images: int = 0) -> int | None:
+    """``dataset_resolution`` from the files' headers alone (None when none is readable)."""
+    sizes = []
+    for path in files[:max_images or None]:
+        try:
+            sizes.append(read_size(path))
+        except Exception:  # noqa: BLE001 - unreadable files are skipped, and reported, when the images are read
+            pass
+    return dataset_resolution(sizes) if sizes else None
 
 
 def center_crop_square(im: Image.Image) -> Image.Image:

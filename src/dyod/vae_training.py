@@ -9,11 +9,20 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .config import DataConfig, VAEConfig, to_dict, write_json
-from .data import load_image_folder, pil_to_uint8, resize_lanczos, tensor_to_pil, to_unit_range
+from .data import (
+    ImageFolder,
+    dataset_files,
+    header_resolution,
+    iter_images,
+    nothing_readable,
+    tensor_to_pil,
+    to_unit_range,
+)
 from .errors import DyodError
 from .images import make_grid, save_png
 from .run import Run
@@ -52,22 +61,28 @@ def train_vae(
     if (folder / "model.safetensors").exists() and not overwrite:
         raise DyodError(f"{folder} already holds a trained VAE; pass --overwrite to train a new one")
     accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
-    data = load_image_folder(data_dir, grayscale=data_config.grayscale, max_images=data_config.max_images,
-                             holdout_fraction=data_config.holdout_fraction,
-                             size=config.resolution or (lambda data_resolution: vae_resolution(config, data_resolution)))
-    resolution = data.size or vae_resolution(config, data.resolution)  # no header was readable: from the images
+    files = dataset_files(data_dir, data_config.holdout_fraction)
+    resolution = config.resolution or vae_resolution(config, header_resolution(files, data_config.max_images) or 128)
     hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
-    check_resolution(resolution, hidden_dims)
+    check_resolution(resolution, hidden_dims)  # before reading the images
+    # The dataset as 8-bit pixels at the VAE's resolution, each image put there as it is read and made float a batch
+    # at a time: 30,000 images at 128 px are 1.5 GB so, 5.9 GB in float32.
+    data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[], size=resolution)
+    # Stored height, width, channels, as PIL gives them (the layout the batches have always had: the same numbers).
+    pixels = torch.empty((min(len(files), data_config.max_images or len(files)), resolution, resolution, 3),
+                         dtype=torch.uint8)
+    rows = pixels.numpy()  # the same memory
+    for i, image in enumerate(iter_images(data, files, data_config.grayscale, data_config.max_images)):
+        rows[i] = np.asarray(image.convert("RGB"))
+    n = len(data)
+    if not n:
+        raise nothing_readable(Path(data_dir), files, data.skipped)
+    pixels = pixels[:n].permute(0, 3, 1, 2)
     if "data" not in run.info and main:
         run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
         write_json(run.path / "data.json", data.stats())
 
     torch.manual_seed(config.seed)
-    # The dataset as 8-bit pixels (read at that size, so the resize is a no-op), made float a batch at a time: 30,000
-    # images at 128 px are 1.5 GB so, 5.9 GB in float32. The PIL images go.
-    pixels = pil_to_uint8([resize_lanczos(im, resolution) for im in data.images])
-    data.images.clear()
-    n = len(pixels)
     model = VanillaVAE(resolution, config.latent_dim, hidden_dims)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_gamma)
