@@ -83,6 +83,19 @@ def test_samples_come_a_batch_at_a_time_as_sample_makes_them(pipe):
         next(pipe.iter_samples(5, SampleConfig(t0=1.5), progress=False))
 
 
+def test_transformed_inputs_come_a_batch_at_a_time_as_transform_makes_them(pipe, shapes):
+    from dyod.data import load_image_folder
+
+    inputs = load_image_folder(shapes, max_images=5).images
+    config = SampleConfig(t0=0.5, num_inference_steps=10, batch_size=2)
+    batches = list(pipe.iter_transform(inputs, config, seed=3, progress=False))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    whole = pipe.transform(inputs, config, seed=3, progress=False)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole, [i for b in batches for i in b]))
+    with pytest.raises(DyodError, match="no input images"):  # at the call, before any work
+        pipe.iter_transform([], config)
+
+
 def test_fixed_noise_gives_identical_outputs(pipe):
     config = SampleConfig(t0=0.5, num_inference_steps=10)
     z = pipe.z([7, 7])

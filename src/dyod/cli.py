@@ -383,9 +383,9 @@ def cmd_transform(args) -> None:
     images, paths, skipped = load_input_images(args.inputs, grayscale=args.grayscale, size=_model_resolution(args.run))
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
-    results = pipe.transform(images, config, seed=args.seed)  # read in grayscale, at the model's size
+    results = pipe.iter_transform(images, config, seed=args.seed)  # read in grayscale, at the model's size
     names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
-    _save_outputs([results], names, out, None,
+    _save_outputs(results, names, out, None,  # written a batch at a time
                   _sample_record(args, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
                                  seed=args.seed, grayscale=args.grayscale))
 

@@ -189,19 +189,20 @@ class DyodPipeline:
         return tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
 
     def _batched(self, n: int, config: SampleConfig, progress: bool, fn) -> list[Image.Image]:
-        """``fn(indices)`` over batches of ``config.batch_size`` items. Compiled, every batch runs at that size, the
-        last one padded with copies of its last item (whose outputs are dropped): a compiled UNet and autoencoder
-        compile again for each new batch shape (about a minute for reduce-overhead at SD scale), so a run of 100
-        images at batch 8 would otherwise compile twice. Each item's randomness comes from its own seed, so the
-        padding changes no output beyond rounding."""
-        out = []
+        return [image for batch in self._iter_batched(n, config, progress, fn) for image in batch]
+
+    def _iter_batched(self, n: int, config: SampleConfig, progress: bool, fn) -> Iterator[list[Image.Image]]:
+        """``fn(indices)`` over batches of ``config.batch_size`` items, each batch's results as they come. Compiled,
+        every batch runs at that size, the last one padded with copies of its last item (whose outputs are dropped):
+        a compiled UNet and autoencoder compile again for each new batch shape (about a minute for reduce-overhead at
+        SD scale), so a run of 100 images at batch 8 would otherwise compile twice. Each item's randomness comes from
+        its own seed, so the padding changes no output beyond rounding."""
         for start in tqdm(range(0, n, config.batch_size), disable=not progress, desc="sampling", leave=False):
             indices = list(range(start, min(n, start + config.batch_size)))
             kept = len(indices)
             if self.compiled:
                 indices += indices[-1:] * (config.batch_size - kept)
-            out.extend(fn(indices)[:kept])
-        return out
+            yield fn(indices)[:kept]
 
     def generate(self, z: torch.Tensor | None, noise: torch.Tensor, config: SampleConfig = SampleConfig(),
                  progress: bool = False, output_size: int | None = None) -> list[Image.Image]:
@@ -249,6 +250,13 @@ class DyodPipeline:
     def transform(self, images: list[Image.Image], config: SampleConfig = SampleConfig(), seed: int = 0,
                   grayscale: bool = False, progress: bool = True, output_size: int | None = None) -> list[Image.Image]:
         """Image initialization (Eq. 11): perturb each input to t' = config.t0 and denoise it with S*."""
+        return [image for batch in self.iter_transform(images, config, seed, grayscale, progress, output_size)
+                for image in batch]
+
+    def iter_transform(self, images: list[Image.Image], config: SampleConfig = SampleConfig(), seed: int = 0,
+                       grayscale: bool = False, progress: bool = True,
+                       output_size: int | None = None) -> Iterator[list[Image.Image]]:
+        """``transform``, a batch of results at a time as each is made (input i always uses noise seed seed + i)."""
         if not images:
             raise DyodError("no input images to transform")
 
@@ -258,7 +266,7 @@ class DyodPipeline:
             latents = self.denoise_from(self.encode(x), self.noise([seed + i for i in batch]), config.t0, config)
             return self.to_images(self.decode(latents), output_size)
 
-        return self._batched(len(images), config, progress, run)
+        return self._iter_batched(len(images), config, progress, run)
 
     def interpolate(self, seed_a: int, seed_b: int, steps: int = 8, config: SampleConfig = SampleConfig(),
                     fix_noise: bool = True, noise_seed: int | None = None, progress: bool = True) -> list[Image.Image]:
