@@ -128,3 +128,28 @@ def test_frozen_layers_keep_less_with_the_same_gradient(tiny_model):
     recomputed_kept, recomputed_grad = step()
     assert recomputed_kept < lean_kept or DEVICE == "cpu"
     torch.testing.assert_close(recomputed_grad, lean_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_sample_grids_while_the_prompt_trains_in_mixed_precision(tmp_path, tiny_model, shapes, precision):
+    """invert's sample grids on the GPU: the text encoder under autocast with its linears in half precision, the UNet
+    in half precision, the autoencoder visiting the GPU and leaving it. Every tile is an image (a NaN would decode to
+    black), and S* changes them. (That the last grid is what sampling with the saved S* gives is tested in fp32 on
+    the CPU: in half precision 25 guided steps of the tiny random UNet drift apart between the two arithmetics.)"""
+    import numpy as np
+    from PIL import Image
+
+    if precision == "fp16" and DEVICE != "cuda":
+        pytest.skip("fp16 autocast is set up on CUDA only")
+    if precision == "bf16" and DEVICE == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU does not compute in bf16")
+    out = tmp_path / "run"
+    config = dyod.InversionConfig(steps=4, batch_size=2, sample_every=2, mixed_precision=precision)
+    dyod.invert(shapes, tiny_model, out, config, progress=False, device=None if DEVICE == "cuda" else "cpu")
+    folder = out / "inversion" / "samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    first, last = (np.asarray(Image.open(folder / name), dtype=float) for name in ("step-000000.png", "step-000004.png"))
+    assert last.shape == (36, 4 * 32 + 5 * 2, 3)
+    tiles = [last[2:34, 2 + i * 34:34 + i * 34] for i in range(4)]
+    assert all(tile.std() > 1.0 and tile.max() > 0 for tile in tiles)
+    assert np.abs(first - last).max() > 0
