@@ -59,7 +59,7 @@ def test_training_reduces_reconstruction_error_and_writes_samples(tmp_path, shap
     assert sorted(p.name for p in (folder / "samples").iterdir()) == ["epoch-0005.png", "epoch-0010.png", "epoch-0015.png"]
     config = json.loads((folder / "config.json").read_text())
     assert config["model"]["resolution"] == 32 and config["training"]["epochs"] == 15
-    with pytest.raises(DyodError, match="already holds a trained VAE"):
+    with pytest.raises(DyodError, match="already holds a custom VAE; pass --resume"):
         dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1), progress=False, device="cpu")
 
 
@@ -88,3 +88,55 @@ def test_unreadable_images_are_skipped_and_listed_and_none_readable_is_an_error(
     (tmp_path / "bad" / "a.png").write_bytes(b"nope")
     with pytest.raises(DyodError, match=r"none of the 1 image files in .*bad could be read; first problem: .*a.png"):
         dyod.train_vae(tmp_path / "bad", tmp_path / "run2", config, progress=False, device="cpu")
+
+
+def test_a_stopped_vae_training_resumes_to_the_uninterrupted_result(tmp_path, shapes, monkeypatch):
+    """A checkpoint every epoch (weights, BatchNorm statistics, Adam, the learning-rate schedule, the shuffling
+    generator): a run stopped in its third epoch and resumed ends where an uninterrupted run ends, bit for bit, and
+    logs each epoch once; a finished run resumed with more epochs goes on."""
+    from safetensors.torch import load_file
+
+    import dyod.vae_training
+    from dyod.cli import main
+
+    config = dyod.VAEConfig(epochs=4, batch_size=4, latent_dim=4, checkpoint_every=1)
+    dyod.train_vae(shapes, tmp_path / "whole", config, progress=False, device="cpu")
+
+    calls, loss = 0, dyod.vae_training.vae_loss
+
+    def stops_in_epoch_three(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 8:  # 12 images at batch 4: three steps an epoch
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(dyod.vae_training, "vae_loss", stops_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        dyod.train_vae(shapes, tmp_path / "stopped", config, progress=False, device="cpu")
+    monkeypatch.setattr(dyod.vae_training, "vae_loss", loss)
+    assert not (tmp_path / "stopped" / "vae" / "model.safetensors").exists()
+    with pytest.raises(DyodError, match="already holds a custom VAE; pass --resume to continue it or --overwrite"):
+        dyod.train_vae(shapes, tmp_path / "stopped", config, progress=False, device="cpu")
+    dyod.train_vae(shapes, tmp_path / "stopped", config, progress=False, device="cpu", resume=True)
+    whole = load_file(str(tmp_path / "whole" / "vae" / "model.safetensors"))
+    stopped = load_file(str(tmp_path / "stopped" / "vae" / "model.safetensors"))
+    assert all(torch.equal(whole[k], stopped[k]) for k in whole)
+    assert ((tmp_path / "stopped" / "vae" / "log.jsonl").read_text()
+            == (tmp_path / "whole" / "vae" / "log.jsonl").read_text())  # epochs 1-4, once each, the same losses
+
+    assert main(["train-vae", str(shapes), "--out", str(tmp_path / "whole"), "--resume", "--vae-epochs", "5",
+                 "--vae-batch-size", "4", "--vae-latent-dim", "4", "--device", "cpu"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "whole" / "vae" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_resuming_a_vae_on_other_data_or_without_a_checkpoint_is_refused(tmp_path, shapes):
+    config = dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4)
+    with pytest.raises(DyodError, match="does not exist, so the custom VAE has nothing to resume"):
+        dyod.train_vae(shapes, tmp_path / "run", config, progress=False, device="cpu", resume=True)
+    dyod.train_vae(shapes, tmp_path / "run", config, progress=False, device="cpu")
+    fewer = dyod.DataConfig(max_images=8)
+    with pytest.raises(DyodError, match=r"training on other data \(num_images differ: 12 then, 8 now\)"):
+        dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=2, batch_size=4, latent_dim=4), fewer,
+                       progress=False, device="cpu", resume=True)

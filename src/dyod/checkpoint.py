@@ -41,3 +41,13 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, generator:
     generator.set_state(tensors.pop("generator"))
     meta = {k: json.loads(v) for k, v in metadata.items() if k != "step"}
     return int(metadata["step"]), tensors, meta
+
+
+def truncate_log(path: Path, last: int, key: str = "step") -> None:
+    """Keep the lines of a JSON-lines log up to ``last`` (of ``key``): a resumed run logs what it redoes once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= last]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

@@ -220,7 +220,7 @@ def cmd_train_vae(args) -> None:
 
     _attach_run_log(Path(args.out))
     path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
-                     overwrite=args.overwrite, device=args.device)
+                     overwrite=args.overwrite, device=args.device, resume=args.resume)
     print(f"custom VAE: {path}")
 
 
@@ -228,14 +228,15 @@ def cmd_fit(args) -> None:
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
     cmd_invert(args)
-    from .vae_training import train_vae
+    from .vae_training import CHECKPOINT_FILE, train_vae
 
-    vae_path = Path(args.out) / "vae" / "model.safetensors"
-    if args.resume and vae_path.exists():
-        print(f"custom VAE: {vae_path.parent} (already trained)")
+    vae_folder = Path(args.out) / "vae"
+    resume_vae = args.resume and (vae_folder / CHECKPOINT_FILE).exists()
+    if args.resume and not resume_vae and (vae_folder / "model.safetensors").exists():  # made before VAE checkpoints
+        print(f"custom VAE: {vae_folder} (already trained)")
     else:
         path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
-                         overwrite=args.overwrite, device=args.device)
+                         overwrite=args.overwrite, device=args.device, resume=resume_vae)
         print(f"custom VAE: {path}")
     if args.choose_t0 and _main_process():  # sampling is one process's work
         from .sweep import DEFAULT_T0S, choose_t0
@@ -488,8 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder or hub id")
         p.add_argument("--out", required=True, help="run folder")
         p.add_argument("--overwrite", action="store_true", help="replace what the run folder already holds")
-        if inversion:
-            p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
         p.add_argument("--device", default=None, help="cpu to force the CPU (default: Accelerate's choice)")
         add_config_flags(p, DataConfig)
         if inversion:

@@ -115,6 +115,7 @@ class VAEConfig:
     learning_rate: float = field(5e-3, "Adam learning rate", min=0.0)
     lr_gamma: float = field(0.95, "exponential learning-rate decay per epoch", min=0.0)
     sample_every: int = field(10, "write a sample grid every N epochs", min=1)
+    checkpoint_every: int = field(10, "write a resumable checkpoint every N epochs (0: only at the end)", min=0)
     seed: int = field(0, "training seed")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import load_training_state, save_training_state, truncate_log
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -190,15 +190,6 @@ def _out_of_memory_advice(config: InversionConfig, checkpoint: Path | None, chec
     return (f"the accelerator ran out of memory in the dataset-prompt step (batch {config.batch_size}, gradient "
             f"checkpointing {checkpointing}); {kept}. Use less memory with "
             f"{' or '.join(ways) or 'a smaller model'}, {then}")
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 SYNC_EVERY = 25  # steps between reads of the loss (each read waits for the GPU to finish what it was given)
@@ -408,7 +399,7 @@ def invert(
         else:
             logger.info("resuming the dataset prompt at step %d of %d", start_step, config.steps)
         if main:
-            _truncate_log(log_file, start_step)  # steps logged after the checkpoint will be redone
+            truncate_log(log_file, start_step)  # steps logged after the checkpoint will be redone
     elif main:
         log_file.unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import load_training_state, save_training_state, truncate_log
 from .config import DataConfig, VAEConfig, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -29,6 +30,8 @@ from .run import Run
 from .vae import VanillaVAE, check_resolution, default_hidden_dims, save_vae, vae_loss
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def vae_resolution(config: VAEConfig, data_resolution: int) -> int:
@@ -49,8 +52,10 @@ def train_vae(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Train the vanilla VAE on ``data_dir`` and save it to ``out/vae``; return that folder."""
+    """Train the vanilla VAE on ``data_dir`` and save it to ``out/vae``; return that folder. A checkpoint is written
+    every ``config.checkpoint_every`` epochs; ``resume`` continues from it to what an uninterrupted run gives."""
     from .performance import new_accelerator
 
     accelerator = new_accelerator(mixed_precision="no", cpu=device == "cpu")
@@ -58,8 +63,12 @@ def train_vae(
     with accelerator.main_process_first():
         run = Run.open_or_create(out)
     folder = run.vae_path
-    if (folder / "model.safetensors").exists() and not overwrite:
-        raise DyodError(f"{folder} already holds a trained VAE; pass --overwrite to train a new one")
+    checkpoint = folder / CHECKPOINT_FILE
+    if resume and not checkpoint.exists():
+        raise DyodError(f"--resume: {checkpoint} does not exist, so the custom VAE has nothing to resume")
+    if not resume and not overwrite and ((folder / "model.safetensors").exists() or checkpoint.exists()):
+        raise DyodError(f"{folder} already holds a custom VAE; pass --resume to continue it or --overwrite to train a "
+                        "new one")
     accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
     files = dataset_files(data_dir, data_config.holdout_fraction)
     resolution = config.resolution or vae_resolution(config, header_resolution(files, data_config.max_images) or 128)
@@ -95,14 +104,27 @@ def train_vae(
 
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "log.jsonl"
-    if main:
+    data_facts = {"num_images": n, "resolution": resolution}
+    start_epoch, loss, rec = 0, math.nan, math.nan
+    if resume:
+        start_epoch, loss, rec = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler,
+                                                  generator, data_facts)
+        if start_epoch >= config.epochs:
+            logger.warning("--resume: the custom VAE in %s already finished (%d of %d epochs); nothing to do (raise "
+                           "--vae-epochs to train further)", folder, start_epoch, config.epochs)
+        else:
+            logger.info("resuming the custom VAE at epoch %d of %d", start_epoch, config.epochs)
+        if main:
+            truncate_log(log_path, start_epoch, "epoch")  # epochs logged after the checkpoint will be redone
+    elif main:
         log_path.unlink(missing_ok=True)
     started = time.time()
-    bar = tqdm(range(config.epochs), disable=not progress or not main, desc="custom VAE")
+    bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
+               disable=not progress or not main, desc="custom VAE")
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=generator)
-        totals = torch.zeros(3)
+        totals = torch.zeros(3, device=accelerator.device)  # read once an epoch: a read per step waits for the GPU
         for start in range(0, n - batch_size + 1, batch_size):  # drop_last keeps BatchNorm statistics sane
             x = to_unit_range(pixels[order[start : start + batch_size]]).to(accelerator.device)
             recons, mu, log_var = model(x)
@@ -110,17 +132,21 @@ def train_vae(
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            totals += torch.tensor([loss.item(), rec.item(), kld.item()])
+            totals += torch.stack([loss.detach(), rec.detach(), kld.detach()])
         scheduler.step()
         steps = max(1, n // batch_size)
-        loss, rec, kld = (totals / steps).tolist()
+        loss, rec, kld = (totals.cpu() / steps).tolist()
         if not math.isfinite(loss):
-            raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; try a lower --learning-rate")
+            raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; the last checkpoint in {checkpoint} "
+                            "is intact. Try a lower --vae-learning-rate, then --resume")
         bar.set_postfix(loss=f"{loss:.4f}", recon=f"{rec:.4f}")
         if not main:
             continue
         with open(log_path, "a") as f:
             f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
+        if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
+            _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, generator, epoch + 1,
+                             {**data_facts, "loss": loss, "recon": rec})
         if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
             model.eval()
             with torch.no_grad():
@@ -130,6 +156,8 @@ def train_vae(
     model = accelerator.unwrap_model(model).eval()
     if main:
         save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,
+                         {**data_facts, "loss": loss, "recon": rec})  # --resume with more --vae-epochs goes on from here
         run.set_stage(
             "vae",
             {
@@ -144,3 +172,40 @@ def train_vae(
         )
     accelerator.wait_for_everyone()  # what the main process wrote is there for every process's next step
     return folder
+
+
+def _save_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, generator: torch.Generator, epoch: int,
+                     meta: dict) -> None:
+    """The VAE's weights and BatchNorm statistics, Adam's moments, the learning-rate schedule, the shuffling generator
+    and torch's global generators (the reparameterization draws from them): what the next epoch needs to be what it
+    would have been."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    save_training_state(path, tensors, optimizer, generator, epoch, {**meta, "scheduler": scheduler.state_dict()})
+
+
+def _load_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, generator: torch.Generator,
+                     data_facts: dict) -> tuple[int, float, float]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        saved = {k: json.loads(v) for k, v in f.metadata().items() if k in data_facts}
+    changed = [k for k in data_facts if saved.get(k) != data_facts[k]]
+    if changed:
+        raise DyodError(f"--resume: the custom VAE in {path.parent} was training on other data ({', '.join(changed)} "
+                        f"differ: {', '.join(f'{saved.get(k)} then, {data_facts[k]} now' for k in changed)}); pass "
+                        "--overwrite to train a new one")
+    device = next(model.parameters()).device
+    epoch, tensors, meta = load_training_state(path, optimizer, generator, device)
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    cuda_state = tensors.pop("rng.cuda", None)
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
+    scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the optimizer's own lr is not saved
+        group["lr"] = lr
+    return epoch, meta["loss"], meta["recon"]
