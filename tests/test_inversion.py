@@ -143,6 +143,15 @@ def test_sample_grids_leave_training_as_it_is(tmp_path, tiny_model, shapes):
     assert torch.equal(load_file(str(tmp_path / "grids" / "learned_embeds.safetensors"))["<dyod>"], plain)
 
 
+def test_resume_on_other_data_is_refused(tmp_path, tiny_model, shapes):
+    config = dyod.InversionConfig(steps=2, batch_size=2, sample_every=0)
+    dyod.invert(shapes, tiny_model, tmp_path / "run", config, progress=False, device="cpu")
+    longer = dyod.InversionConfig(**{**config.__dict__, "steps": 4})
+    with pytest.raises(DyodError, match="was training on 12 images, the data folder now gives 8; resume with that"):
+        dyod.invert(shapes, tiny_model, tmp_path / "run", longer, dyod.DataConfig(max_images=8), resume=True,
+                    progress=False, device="cpu")
+
+
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(trained, tmp_path, tiny_model, shapes):
     out, _ = trained
     before = (out / "learned_embeds.safetensors").read_bytes()

@@ -281,13 +281,17 @@ class PromptTrainer:
         """Restore the vectors, AdamW's moments and the generator from a checkpoint; return (step, recent losses)."""
         learned = self.embedding.learned
         step, tensors, meta = load_training_state(path, self.optimizer, self.generator, learned.device)
+        if meta.get("num_images", len(self.cache)) != len(self.cache):  # older checkpoints do not say
+            raise DyodError(f"--resume: the dataset prompt in {path.parent.parent} was training on "
+                            f"{meta['num_images']} images, the data folder now gives {len(self.cache)}; resume with "
+                            "that data, or pass --overwrite to start over")
         with torch.no_grad():
             learned.copy_(tensors["learned"].to(learned.device))
         return step, meta.get("losses", [])
 
     def save(self, path: Path, step: int, losses: list) -> None:
         save_training_state(path, {"learned": self.embedding.learned.float()}, self.optimizer, self.generator, step,
-                            {"config": to_dict(self.config), "losses": losses[-1000:]})
+                            {"config": to_dict(self.config), "losses": losses[-1000:], "num_images": len(self.cache)})
 
     @torch.no_grad()
     def preview(self, output_resolution: int | None = None) -> list:
