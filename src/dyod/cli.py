@@ -210,16 +210,28 @@ def cmd_invert(args) -> None:
     from .inversion import invert
 
     _attach_run_log(Path(args.out))
-    path = invert(args.data_dir, args.model, args.out, config_from_args(args, InversionConfig),
-                  config_from_args(args, DataConfig), resume=args.resume, overwrite=args.overwrite, device=args.device)
+    path = invert(args.data_dir, args.model, args.out, config_from_args(args, InversionConfig), _data_config(args),
+                  resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(f"dataset prompt: {path}")
+
+
+def _data_config(args) -> DataConfig:
+    """The data flags; with --resume, those not given are the run's own (say, the images --choose-t0 held out stay
+    out), so that a stage resumes on the data it started on."""
+    from .run import RUN_FILE
+
+    run_file = Path(args.out) / RUN_FILE
+    if not (args.resume and run_file.exists()):
+        return config_from_args(args, DataConfig)
+    recorded = json.loads(run_file.read_text()).get("data_config", {})
+    return config_from_args(args, DataConfig, **{k: v for k, v in recorded.items() if f"DataConfig.{k}" not in vars(args)})
 
 
 def cmd_train_vae(args) -> None:
     from .vae_training import train_vae
 
     _attach_run_log(Path(args.out))
-    path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
+    path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), _data_config(args),
                      overwrite=args.overwrite, device=args.device, resume=args.resume)
     print(f"custom VAE: {path}")
 
@@ -235,7 +247,7 @@ def cmd_fit(args) -> None:
     if args.resume and not resume_vae and (vae_folder / "model.safetensors").exists():  # made before VAE checkpoints
         print(f"custom VAE: {vae_folder} (already trained)")
     else:
-        path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), config_from_args(args, DataConfig),
+        path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), _data_config(args),
                          overwrite=args.overwrite, device=args.device, resume=resume_vae)
         print(f"custom VAE: {path}")
     if args.choose_t0 and _main_process():  # sampling is one process's work

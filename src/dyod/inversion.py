@@ -284,7 +284,8 @@ class PromptTrainer:
         if meta.get("num_images", len(self.cache)) != len(self.cache):  # older checkpoints do not say
             raise DyodError(f"--resume: the dataset prompt in {path.parent.parent} was training on "
                             f"{meta['num_images']} images, the data folder now gives {len(self.cache)}; resume with "
-                            "that data, or pass --overwrite to start over")
+                            "that data (the same DATA_DIR, --holdout-fraction, --max-images), or pass --overwrite to "
+                            "start over")
         with torch.no_grad():
             learned.copy_(tensors["learned"].to(learned.device))
         return step, meta.get("losses", [])
