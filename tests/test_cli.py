@@ -247,6 +247,18 @@ def test_bad_flag_values_exit_2(capsys):
         assert f"--guidance-scale takes a finite number, got '{value}'" in capsys.readouterr().err
 
 
+def test_a_template_without_the_token_is_refused_before_any_work(tmp_path, shapes, capsys, monkeypatch):
+    import dyod.inversion
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model for a prompt that cannot train")
+
+    monkeypatch.setattr(dyod.inversion, "load_prior", no_loading)
+    assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--templates", "a photo of {}",
+                 "a photo"]) == 2
+    assert "each of --templates must contain {} where S* goes; 'a photo' does not" in capsys.readouterr().err
+
+
 def test_bad_pretrain_settings_exit_2_before_any_work(tmp_path, capsys):
     out = tmp_path / "prior"
     with pytest.raises(SystemExit) as e:

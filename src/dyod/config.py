@@ -99,6 +99,11 @@ class InversionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "gradient_checkpointing", canonical_checkpointing(self.gradient_checkpointing))
+        if not self.templates:
+            raise ValueError("--templates needs at least one context text, e.g. 'a photo of {}'")
+        lacking = [t for t in self.templates if "{}" not in t and self.placeholder_token not in t]
+        if lacking:
+            raise ValueError(f"each of --templates must contain {{}} where S* goes; {lacking[0]!r} does not")
 
 
 @dataclasses.dataclass(frozen=True)
