@@ -247,7 +247,7 @@ def test_bad_flag_values_exit_2(capsys):
         assert f"--guidance-scale takes a finite number, got '{value}'" in capsys.readouterr().err
 
 
-def test_a_template_without_the_token_is_refused_before_any_work(tmp_path, shapes, capsys, monkeypatch):
+def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys, monkeypatch):
     import dyod.inversion
 
     def no_loading(*args, **kwargs):
@@ -257,6 +257,9 @@ def test_a_template_without_the_token_is_refused_before_any_work(tmp_path, shape
     assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--templates", "a photo of {}",
                  "a photo"]) == 2
     assert "each of --templates must contain {} where S* goes; 'a photo' does not" in capsys.readouterr().err
+    assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--vae-resolution", "24"]) == 2
+    assert "--vae-resolution must be 0 (from the dataset) or a power of two >= 16, got 24" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written either
 
 
 def test_bad_pretrain_settings_exit_2_before_any_work(tmp_path, capsys):

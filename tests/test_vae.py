@@ -63,15 +63,12 @@ def test_training_reduces_reconstruction_error_and_writes_samples(tmp_path, shap
         dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1), progress=False, device="cpu")
 
 
-def test_a_resolution_the_vae_cannot_take_is_refused_before_any_image_is_read(tmp_path, shapes, monkeypatch):
-    import dyod.data
-
-    def no_reading(*args, **kwargs):
-        raise AssertionError("read the dataset for a VAE that cannot train")
-
-    monkeypatch.setattr(dyod.data, "load_image", no_reading)
-    with pytest.raises(DyodError, match="the VAE resolution must be a power of two >= 16, got 24"):
-        dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(resolution=24), progress=False, device="cpu")
+def test_a_resolution_the_vae_cannot_take_is_refused_in_its_config():
+    for resolution in (8, 24):
+        with pytest.raises(ValueError, match=f"--vae-resolution must be 0 .* or a power of two >= 16, got {resolution}"):
+            dyod.VAEConfig(resolution=resolution)
+    with pytest.raises(ValueError, match="--vae-hidden-dims takes positive channel counts"):
+        dyod.VAEConfig(hidden_dims=())
 
 
 def test_unreadable_images_are_skipped_and_listed_and_none_readable_is_an_error(tmp_path, shapes):

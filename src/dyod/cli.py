@@ -209,9 +209,10 @@ def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict
 def cmd_invert(args) -> None:
     from .inversion import invert
 
+    config, data_config = config_from_args(args, InversionConfig), _data_config(args)  # bad settings: before any work
     _attach_run_log(Path(args.out))
-    path = invert(args.data_dir, args.model, args.out, config_from_args(args, InversionConfig), _data_config(args),
-                  resume=args.resume, overwrite=args.overwrite, device=args.device)
+    path = invert(args.data_dir, args.model, args.out, config, data_config, resume=args.resume,
+                  overwrite=args.overwrite, device=args.device)
     print(f"dataset prompt: {path}")
 
 
@@ -239,6 +240,7 @@ def cmd_train_vae(args) -> None:
 def cmd_fit(args) -> None:
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
+    vae_config = config_from_args(args, VAEConfig)  # a bad VAE setting fails now, not after the dataset prompt
     cmd_invert(args)
     from .vae_training import CHECKPOINT_FILE, train_vae
 
@@ -247,8 +249,8 @@ def cmd_fit(args) -> None:
     if args.resume and not resume_vae and (vae_folder / "model.safetensors").exists():  # made before VAE checkpoints
         print(f"custom VAE: {vae_folder} (already trained)")
     else:
-        path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), _data_config(args),
-                         overwrite=args.overwrite, device=args.device, resume=resume_vae)
+        path = train_vae(args.data_dir, args.out, vae_config, _data_config(args), overwrite=args.overwrite,
+                         device=args.device, resume=resume_vae)
         print(f"custom VAE: {path}")
     if args.choose_t0 and _main_process():  # sampling is one process's work
         from .sweep import DEFAULT_T0S, choose_t0

@@ -123,6 +123,13 @@ class VAEConfig:
     checkpoint_every: int = field(10, "write a resumable checkpoint every N epochs (0: only at the end)", min=0)
     seed: int = field(0, "training seed")
 
+    def __post_init__(self):
+        if self.resolution and (self.resolution < 16 or self.resolution & (self.resolution - 1)):
+            raise ValueError(f"--vae-resolution must be 0 (from the dataset) or a power of two >= 16, got "
+                             f"{self.resolution}")
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise ValueError(f"--vae-hidden-dims takes positive channel counts, got {list(self.hidden_dims)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
