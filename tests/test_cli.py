@@ -260,6 +260,15 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys
     assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--vae-resolution", "24"]) == 2
     assert "--vae-resolution must be 0 (from the dataset) or a power of two >= 16, got 24" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written either
+    few = tmp_path / "few"
+    few.mkdir()
+    from dyod.data import is_heldout
+
+    for path in [p for p in sorted(shapes.glob("*.png")) if not is_heldout(p, shapes, 0.2)][:3]:
+        (few / path.name).write_bytes(path.read_bytes())  # three images, none held out at 0.2
+    assert main(["fit", str(few), "--model", "m", "--out", str(tmp_path / "r"), "--choose-t0"]) == 2
+    assert "which needs at least 2; --holdout-fraction 0.2 holds out" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_bad_pretrain_settings_exit_2_before_any_work(tmp_path, capsys):

@@ -241,6 +241,8 @@ def cmd_fit(args) -> None:
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
     vae_config = config_from_args(args, VAEConfig)  # a bad VAE setting fails now, not after the dataset prompt
+    if args.choose_t0:
+        _check_heldout(args.data_dir, _data_config(args).holdout_fraction)
     cmd_invert(args)
     from .vae_training import CHECKPOINT_FILE, train_vae
 
@@ -257,6 +259,22 @@ def cmd_fit(args) -> None:
 
         t0, _ = choose_t0(args.out, DEFAULT_T0S, n=args.choose_t0_samples, out=Path(args.out) / "t0_sweep")
         print(f"chosen t0: {t0:.2f} (stored in {Path(args.out) / 'run.json'}; `dyod sample` uses it by default)")
+
+
+def _check_heldout(data_dir: str, fraction: float) -> None:
+    """--choose-t0 scores t0 with KID against the held-out images, which needs two of them: say so before training."""
+    from .data import dataset_files
+
+    if not fraction:
+        raise DyodError("--choose-t0 chooses t0 on held-out images; give --holdout-fraction above 0 (default 0.2)")
+    try:
+        held = dataset_files(data_dir, fraction, split="heldout")
+    except DyodError:
+        held = []
+    if len(held) < 2:
+        raise DyodError(f"--choose-t0 scores t0 with KID against the held-out images, which needs at least 2; "
+                        f"--holdout-fraction {fraction} holds out {len(held)} of the images in {data_dir}. Give a "
+                        "larger --holdout-fraction, or more images")
 
 
 def _t0_list(text: str) -> list[float]:
