@@ -175,7 +175,7 @@ def test_errors_exit_2_and_overwrite_nothing(cli_run, tmp_path, capsys):
     assert "exactly 2" in capsys.readouterr().err
 
 
-def test_traverse_checks_dim_before_loading_the_model(cli_run, tmp_path, capsys, monkeypatch):
+def test_what_a_run_lacks_is_named_before_the_model_loads(cli_run, tmp_path, capsys, monkeypatch):
     from dyod.pipeline import DyodPipeline
 
     def no_loading(*args, **kwargs):
@@ -190,6 +190,9 @@ def test_traverse_checks_dim_before_loading_the_model(cli_run, tmp_path, capsys,
     (run / "run.json").write_text((cli_run / "run.json").read_text())
     assert main(["traverse", str(run), "--dim", "0", "--out", str(out)]) == 2
     assert "lacks model.safetensors; run `dyod train-vae` first" in capsys.readouterr().err
+    for command in (["sample", "-n", "2"], ["interpolate", "--seeds", "1,2"]):
+        assert main([command[0], str(run), *command[1:], "--t0", "0.5", "--out", str(out)]) == 2
+        assert "has no custom VAE, which t0 = 0.5 starts from; run `dyod train-vae`" in capsys.readouterr().err
     assert not out.exists()
 
 

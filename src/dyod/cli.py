@@ -357,6 +357,7 @@ def cmd_sample(args) -> None:
     from .sampling import num_denoising_steps
 
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything
+    _require_custom_vae(args.run, config.t0)
     seeds = list(range(args.seed, args.seed + args.n))
     names = [f"seed-{s:06d}.png" for s in seeds]
     out = Path(args.out)
@@ -385,6 +386,15 @@ def cmd_sample(args) -> None:
         processes.wait_for_everyone()  # every process's images are written
     if main:
         _finish_outputs(out, None, record, names)
+
+
+def _require_custom_vae(run: str, t0: float) -> None:
+    """Below t0 = 1 sampling starts from the custom VAE: a run without one is refused before the model loads."""
+    from .run import Run
+
+    if t0 < 1.0 and not (Run.open(run).vae_path / "model.safetensors").exists():
+        raise DyodError(f"run {run} has no custom VAE, which t0 = {t0} starts from; run `dyod train-vae` (or "
+                        "`dyod fit`) first, or use --t0 1.0")
 
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
@@ -426,6 +436,7 @@ def cmd_transform(args) -> None:
 def cmd_interpolate(args) -> None:
     seed_a, seed_b = _parse_csv(args.seeds, int, "--seeds", 2)
     config = config_from_args(args, SampleConfig)
+    _require_custom_vae(args.run, config.t0)
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
