@@ -121,6 +121,33 @@ def test_cuda_graphs_on_the_cpu_says_once_that_it_records_none(cli_run, tmp_path
     assert caplog.text.count("off CUDA there is no CUDA graph to record") == 1
 
 
+def test_each_result_png_says_what_made_it(cli_run, shapes, tmp_path):
+    """A tEXt chunk "dyod" in every result: the run, model, settings and the image's own seed (input, latent value),
+    enough to make it again away from its folder's record."""
+    flags = ["--t0", "0.5", "--num-inference-steps", "2", "--device", "cpu"]
+    assert main(["sample", str(cli_run), "-n", "2", "--seed", "7", *flags, "--out", str(tmp_path / "s")]) == 0
+    record = json.loads((tmp_path / "s" / "dyod_output.json").read_text())
+    made = json.loads(Image.open(tmp_path / "s" / "seed-000008.png").text["dyod"])
+    assert made["seed"] == 8 and made["noise_seed"] == 8 and made["command"] == "sample"
+    assert made["config"] == record["config"] and made["run"] == str(cli_run) and made["model"] == record["model"]
+    assert "dyod" not in Image.open(tmp_path / "s" / "grid.png").text
+    assert main(["sample", str(cli_run), "-n", "1", "--seed", str(made["seed"]), *flags, "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "seed-000008.png")),
+                          np.asarray(Image.open(tmp_path / "s" / "seed-000008.png")))
+    one = sorted(shapes.glob("*.png"))[0]
+    assert main(["transform", str(cli_run), str(one), "--seed", "3", *flags, "--out", str(tmp_path / "t")]) == 0
+    made = json.loads(Image.open(tmp_path / "t" / f"0000-{one.stem}.png").text["dyod"])
+    assert made["input"] == str(one) and made["noise_seed"] == 3
+    assert main(["interpolate", str(cli_run), "--seeds", "1,2", "--steps", "3", "--no-fix-noise", *flags,
+                 "--out", str(tmp_path / "i")]) == 0
+    made = json.loads(Image.open(tmp_path / "i" / "frame-002.png").text["dyod"])
+    assert made["seeds"] == [1, 2] and made["lambda"] == 1.0 and made["noise_seed"] == 3
+    assert main(["traverse", str(cli_run), "--dim", "1", "--range", "-2,2", "--steps", "3", *flags,
+                 "--out", str(tmp_path / "v")]) == 0
+    made = json.loads(Image.open(tmp_path / "v" / "value-000.png").text["dyod"])
+    assert made["dim"] == 1 and made["value"] == -2.0 and made["seed"] == 0
+
+
 def test_transform_interpolate_traverse(cli_run, shapes, tmp_path):
     assert main(["transform", str(cli_run), str(shapes), "--t0", "0.6", "--out", str(tmp_path / "t"), "--grayscale",
                  "--num-inference-steps", "5", "--device", "cpu"]) == 0

@@ -158,20 +158,33 @@ def _quiet_libraries() -> None:
 GRID_MAX = 64  # grid.png shows the first 64 results: a grid of 50,000 samples would be gigapixels
 
 
-def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict, listed: list[str] | None = None) -> None:
+def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict, listed: list[str] | None = None,
+                  made: list[dict] | None = None) -> None:
     """Write each batch of images as it comes (a long run stopped midway keeps what it made), then grid.png of the
     first GRID_MAX results and the record that lists them (``listed``: all the folder's results, in order, when a
-    resumed run adds ``names`` to those it found)."""
-    written = _write_batches(batches, names, out)
+    resumed run adds ``names`` to those it found). ``made``: what made each image (see ``_write_batches``)."""
+    written = _write_batches(batches, names, out, record, made)
     _finish_outputs(out, ncols, record, names[:written] if listed is None else listed)
 
 
-def _write_batches(batches, names, out: Path) -> int:
+PNG_KEY = "dyod"  # the tEXt chunk of each result: JSON of what made it (run, model, settings, seed, ...)
+
+
+def _write_batches(batches, names, out: Path, record: dict | None = None, made: list[dict] | None = None) -> int:
+    """Save the images as they come; each PNG carries what made it (the record's command, run, model and settings,
+    and ``made[i]``: its seed, input or latent value), so an image copied away from its folder can be made again."""
+    from . import __version__
     from .images import save_images
 
+    common = {"dyod_version": __version__, **{k: record[k] for k in ("command", "run", "model", "config") if k in record}
+              } if record is not None else None
     written = 0
     for images in batches:
-        save_images(images, out, names[written:written + len(images)])
+        texts = None
+        if common is not None:
+            texts = [{PNG_KEY: json.dumps({**common, **(made[written + i] if made else {})})}
+                     for i in range(len(images))]
+        save_images(images, out, names[written:written + len(images)], texts)
         written += len(images)
     return written
 
@@ -381,7 +394,8 @@ def cmd_sample(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / OUTPUT_RECORD, {**record, "complete": False})  # the settings, for a --resume; no image list yet
     batches = pipe.iter_seeds([s for s, _ in todo], config, noise_seed=args.noise_seed, progress=main) if todo else []
-    _write_batches(batches, [name for _, name in todo], out)
+    _write_batches(batches, [name for _, name in todo], out, record,
+                   [{"seed": s, "noise_seed": s if args.noise_seed is None else args.noise_seed} for s, _ in todo])
     if processes is not None:
         processes.wait_for_everyone()  # every process's images are written
     if main:
@@ -430,7 +444,9 @@ def cmd_transform(args) -> None:
     names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
     _save_outputs(results, names, out, None,  # written a batch at a time
                   _sample_record(args, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
-                                 seed=args.seed, grayscale=args.grayscale))
+                                 seed=args.seed, grayscale=args.grayscale),
+                  made=[{"input": str(p), "noise_seed": args.seed + i, "grayscale": args.grayscale}
+                        for i, p in enumerate(paths)])
 
 
 def cmd_interpolate(args) -> None:
@@ -440,9 +456,12 @@ def cmd_interpolate(args) -> None:
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
+    base = seed_a if args.noise_seed is None else args.noise_seed
     _save_outputs([images], [f"frame-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
                   _sample_record(args, Path(args.run), config, pipe, seeds=[seed_a, seed_b], steps=args.steps,
-                                 fix_noise=args.fix_noise))
+                                 fix_noise=args.fix_noise),
+                  made=[{"seeds": [seed_a, seed_b], "lambda": i / (args.steps - 1),
+                         "noise_seed": base if args.fix_noise else base + i} for i in range(len(images))])
 
 
 def cmd_traverse(args) -> None:
@@ -462,7 +481,8 @@ def cmd_traverse(args) -> None:
     pipe = _pipeline(args)
     images = pipe.traverse(args.seed, args.dim, values, config)
     _save_outputs([images], [f"value-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
-                  _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dim=args.dim, values=values))
+                  _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dim=args.dim, values=values),
+                  made=[{"seed": args.seed, "dim": args.dim, "value": v} for v in values])
 
 
 def cmd_demo(args) -> None:

@@ -23,15 +23,24 @@ def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2,
     return grid
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Save a PNG atomically (temporary file, then rename)."""
+def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
+    """Save a PNG atomically (temporary file, then rename), with ``text`` as tEXt chunks (what made the image)."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
+    image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
     return path
 
 
-def save_images(images: list[Image.Image], folder: str | os.PathLike, names: list[str]) -> list[Path]:
-    return [save_png(im, Path(folder) / name) for im, name in zip(images, names)]
+def save_images(images: list[Image.Image], folder: str | os.PathLike, names: list[str],
+                texts: list[dict[str, str]] | None = None) -> list[Path]:
+    texts = texts or [None] * len(images)
+    return [save_png(im, Path(folder) / name, text) for im, name, text in zip(images, names, texts)]
