@@ -254,8 +254,9 @@ def cmd_fit(args) -> None:
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
     vae_config = config_from_args(args, VAEConfig)  # a bad VAE setting fails now, not after the dataset prompt
+    data_config = _data_config(args)
     if args.choose_t0:
-        _check_heldout(args.data_dir, _data_config(args).holdout_fraction)
+        _check_heldout(args.data_dir, data_config.holdout_fraction)
     cmd_invert(args)
     from .vae_training import CHECKPOINT_FILE, train_vae
 
@@ -264,7 +265,7 @@ def cmd_fit(args) -> None:
     if args.resume and not resume_vae and (vae_folder / "model.safetensors").exists():  # made before VAE checkpoints
         print(f"custom VAE: {vae_folder} (already trained)")
     else:
-        path = train_vae(args.data_dir, args.out, vae_config, _data_config(args), overwrite=args.overwrite,
+        path = train_vae(args.data_dir, args.out, vae_config, data_config, overwrite=args.overwrite,
                          device=args.device, resume=resume_vae)
         print(f"custom VAE: {path}")
     if args.choose_t0 and _main_process():  # sampling is one process's work
@@ -363,6 +364,7 @@ def cmd_sample(args) -> None:
     """Under a multi-process launch the seeds are dealt out among the processes, each on its own device, and the
     images are the ones a single process makes: a seed gives the same image in any batch."""
     from .data import OUTPUT_RECORD
+    from .pipeline import sample_noise_seeds
 
     if args.n < 1:
         raise DyodError(f"-n must be >= 1, got {args.n}")
@@ -393,9 +395,10 @@ def cmd_sample(args) -> None:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / OUTPUT_RECORD, {**record, "complete": False})  # the settings, for a --resume; no image list yet
-    batches = pipe.iter_seeds([s for s, _ in todo], config, noise_seed=args.noise_seed, progress=main) if todo else []
-    _write_batches(batches, [name for _, name in todo], out, record,
-                   [{"seed": s, "noise_seed": s if args.noise_seed is None else args.noise_seed} for s, _ in todo])
+    todo_seeds = [s for s, _ in todo]
+    batches = pipe.iter_seeds(todo_seeds, config, noise_seed=args.noise_seed, progress=main) if todo else []
+    made = [{"seed": s, "noise_seed": e} for s, e in zip(todo_seeds, sample_noise_seeds(todo_seeds, args.noise_seed))]
+    _write_batches(batches, [name for _, name in todo], out, record, made)
     if processes is not None:
         processes.wait_for_everyone()  # every process's images are written
     if main:
@@ -450,18 +453,20 @@ def cmd_transform(args) -> None:
 
 
 def cmd_interpolate(args) -> None:
+    from .pipeline import interpolation_noise_seeds
+
     seed_a, seed_b = _parse_csv(args.seeds, int, "--seeds", 2)
     config = config_from_args(args, SampleConfig)
     _require_custom_vae(args.run, config.t0)
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
-    base = seed_a if args.noise_seed is None else args.noise_seed
+    noise_seeds = interpolation_noise_seeds(seed_a, args.steps, args.fix_noise, args.noise_seed)
     _save_outputs([images], [f"frame-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
                   _sample_record(args, Path(args.run), config, pipe, seeds=[seed_a, seed_b], steps=args.steps,
                                  fix_noise=args.fix_noise),
-                  made=[{"seeds": [seed_a, seed_b], "lambda": i / (args.steps - 1),
-                         "noise_seed": base if args.fix_noise else base + i} for i in range(len(images))])
+                  made=[{"seeds": [seed_a, seed_b], "lambda": i / (args.steps - 1), "noise_seed": noise_seeds[i]}
+                        for i in range(len(images))])
 
 
 def cmd_traverse(args) -> None:

@@ -244,8 +244,7 @@ class DyodPipeline:
         for start in tqdm(starts, disable=not progress or len(starts) < 2, desc="sampling", leave=False):
             batch = seeds[start:start + config.batch_size]
             z = self.z(batch) if config.t0 < 1.0 else None
-            noise = self.noise([noise_seed] * len(batch) if noise_seed is not None else batch)
-            yield self.generate(z, noise, config, progress=False)
+            yield self.generate(z, self.noise(sample_noise_seeds(batch, noise_seed)), config, progress=False)
 
     def transform(self, images: list[Image.Image], config: SampleConfig = SampleConfig(), seed: int = 0,
                   grayscale: bool = False, progress: bool = True, output_size: int | None = None) -> list[Image.Image]:
@@ -277,8 +276,7 @@ class DyodPipeline:
         z1, z2 = self.z([seed_a, seed_b])
         lambdas = torch.linspace(0, 1, steps)
         z = torch.stack([z1 + lam * (z2 - z1) for lam in lambdas])
-        base = seed_a if noise_seed is None else noise_seed
-        noise = self.noise([base] * steps if fix_noise else list(range(base, base + steps)))
+        noise = self.noise(interpolation_noise_seeds(seed_a, steps, fix_noise, noise_seed))
         return self.generate(z, noise, config, progress)
 
     def traverse(self, seed: int, dim: int, values: list[float], config: SampleConfig = SampleConfig(),
@@ -292,6 +290,18 @@ class DyodPipeline:
         z[:, dim] = torch.tensor(values, dtype=z.dtype)
         noise = self.noise([seed] * len(values))
         return self.generate(z, noise, config, progress)
+
+
+def sample_noise_seeds(seeds: list[int], noise_seed: int | None = None) -> list[int]:
+    """The seed of each sample's ε: its own seed, or ``noise_seed`` for every sample."""
+    return list(seeds) if noise_seed is None else [noise_seed] * len(seeds)
+
+
+def interpolation_noise_seeds(seed_a: int, steps: int, fix_noise: bool, noise_seed: int | None = None) -> list[int]:
+    """The seed of each frame's ε in ``interpolate``: one for every frame (``fix_noise``) or one more per frame, from
+    ``noise_seed`` or else the first seed."""
+    base = seed_a if noise_seed is None else noise_seed
+    return [base] * steps if fix_noise else list(range(base, base + steps))
 
 
 def _check_same_facts(run: Run, prior: Prior) -> None:

@@ -189,17 +189,13 @@ def _save_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, genera
 
 def _load_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, generator: torch.Generator,
                      data_facts: dict) -> tuple[int, float, float]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        saved = {k: json.loads(v) for k, v in f.metadata().items() if k in data_facts}
-    changed = [k for k in data_facts if saved.get(k) != data_facts[k]]
-    if changed:
-        raise DyodError(f"--resume: the custom VAE in {path.parent} was training on other data ({', '.join(changed)} "
-                        f"differ: {', '.join(f'{saved.get(k)} then, {data_facts[k]} now' for k in changed)}); pass "
-                        "--overwrite to train a new one")
     device = next(model.parameters()).device
     epoch, tensors, meta = load_training_state(path, optimizer, generator, device)
+    changed = [k for k in data_facts if meta.get(k) != data_facts[k]]
+    if changed:  # the run stops here: the optimizer and generator it has just set are not used
+        raise DyodError(f"--resume: the custom VAE in {path.parent} was training on other data ({', '.join(changed)} "
+                        f"differ: {', '.join(f'{meta.get(k)} then, {data_facts[k]} now' for k in changed)}); pass "
+                        "--overwrite to train a new one")
     torch.set_rng_state(tensors.pop("rng.cpu"))
     cuda_state = tensors.pop("rng.cuda", None)
     if cuda_state is not None and device.type == "cuda":
