@@ -11,7 +11,15 @@ remain valid; only what turns latents back into pixels improves. Then measure, a
 
     .venv/bin/python benchmarks/decoder_finetune.py [--steps 1500] [--work benchmarks/work] [--n 200]
 
-Writes docs/results/decoder_finetune.json and prints a Markdown table. The bundled prior is not modified."""
+Writes docs/results/decoder_finetune.json and prints a Markdown table. The bundled prior is not modified.
+
+With ``--on dataset`` the question is the other one: does the encoder keep what the decoder loses? Each dataset gets
+its own copy of the decoder, fine-tuned on that dataset's images alone (the encoder still frozen); then its floor, DYOD
+across t0 and the prior + S* alone (t0 = 1) are scored with it, same runs and seeds, and a grid is written beside the
+dataset's results (rows: dataset, through the original autoencoder, through the tuned one, DYOD at the best t0 with
+the tuned decoder). Writes docs/results/decoder_on_dataset.json.
+
+    .venv/bin/python benchmarks/decoder_finetune.py --on dataset [--steps 600]"""
 
 from __future__ import annotations
 
@@ -74,6 +82,60 @@ def finetune_decoder(vae, images_uint8: torch.Tensor, steps: int, batch_size: in
     return losses
 
 
+def dataset_pixels(images, resolution: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(resize_lanczos(im, resolution)) for im in images])).permute(0, 3, 1, 2)
+
+
+def on_dataset(args, original, summary: dict, extractor) -> dict:
+    """Per dataset: the decoder fine-tuned on that dataset alone, and every DYOD score with it."""
+    from dyod.images import make_grid, save_png
+
+    result = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "t0": list(args.t0), "datasets": {}}
+    for name, row in summary.items():
+        run_path = args.work / name / "run"
+        if not (run_path / "run.json").exists():
+            continue
+        pipe = DyodPipeline.from_run(run_path, device="cpu")
+        real = reference_images(Run.open(run_path))
+        ref = extractor(real)
+        tuned = copy.deepcopy(original)
+        started = time.time()
+        losses = finetune_decoder(tuned, dataset_pixels(real, pipe.prior.resolution), args.steps, args.batch_size,
+                                  args.lr, args.seed)
+        entry = {"tune_s": round(time.time() - started, 1), "final_loss_mean_last_50": float(np.mean(losses[-50:])),
+                 "vae_alone_kid_x100": row["vae_kid_x100"], "alone_kid_x100": row["alone_kid_x100"],
+                 "best_t0_original": row["best_t0"], "best_kid_x100_original": row["best_kid_x100"]}
+        run_config = pipe_config(json.loads((Path("docs/results") / name / "sweep.json").read_text())["config"])
+        round_trips = {}
+        for label, vae in (("original", original), ("tuned", tuned)):
+            pipe.prior.vae = vae
+            round_trips[label] = pipe.round_trip(real[: args.n])
+            entry[f"floor_{label}_kid_x100"] = kid(extractor(round_trips[label]), ref, num_subsets=50, seed=args.seed).mean_x100
+        scores, samples = {}, {}
+        for t0 in args.t0:
+            samples[t0] = pipe.sample(args.n, dataclasses.replace(run_config, t0=t0), seed=args.seed, progress=False)
+            scores[t0] = kid(extractor(samples[t0]), ref, num_subsets=50, seed=args.seed)
+        entry["tuned"] = {f"{t0:.1f}": {"kid_x100": s.mean_x100, "kid_x100_std": s.std_x100} for t0, s in scores.items()}
+        best = min((t0 for t0 in args.t0 if t0 < 1), key=lambda t0: scores[t0].mean_x100)
+        entry["best_t0_tuned"] = best
+        rows = [real[:16], round_trips["original"][:16], round_trips["tuned"][:16], samples[best][:16]]
+        save_png(make_grid([im for r in rows for im in r], 16), Path("docs/results") / name / "decoder_on_dataset.png")
+        result["datasets"][name] = entry
+        print(f"{name}: done in {time.time() - started:.0f} s", flush=True)
+    return result
+
+
+def print_on_dataset(result: dict) -> None:
+    t0s = [f"{t0:.1f}" for t0 in result["t0"]]
+    print("| dataset | floor: original → tuned decoder | " + " | ".join(
+        f"DYOD t0 = {t}" if t != "1.0" else "prior + S* alone" for t in t0s) + " | VAE alone |")
+    print("|---|---|" + "---|" * len(t0s) + "---|")
+    for name, e in result["datasets"].items():
+        cells = [f"{e['tuned'][t]['kid_x100']:.1f}" for t in t0s]
+        print(f"| {name} | {e['floor_original_kid_x100']:.1f} → {e['floor_tuned_kid_x100']:.1f} | " + " | ".join(cells)
+              + f" | {e['vae_alone_kid_x100']:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)
@@ -85,6 +147,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="samples / images per KID")
     parser.add_argument("--out", type=Path, default=Path("docs/results/decoder_finetune.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--on", choices=("corpus", "dataset"), default="corpus",
+                        help="fine-tune one decoder on the prior's corpus, or one per dataset on its own images")
+    parser.add_argument("--t0", type=lambda s: [float(v) for v in s.split(",")], default=[0.3, 0.5, 0.7, 0.9, 1.0],
+                        help="with --on dataset: the t0 to score (1.0 = the prior + S* alone)")
     args = parser.parse_args()
     started = time.time()
 
@@ -92,6 +158,15 @@ def main() -> None:
 
     config = PretrainConfig()
     original = AutoencoderKL.from_pretrained(bundled_prior_path() / "vae").eval()
+    if args.on == "dataset":
+        summary = {row["dataset"]: row for row in json.loads(args.summary.read_text())}
+        result = on_dataset(args, original, summary, feature_extractor("emoji"))
+        result["wall_s"] = round(time.time() - started, 1)
+        out = args.out if args.out != parser.get_default("out") else Path("docs/results/decoder_on_dataset.json")
+        out.write_text(json.dumps(result, indent=2))
+        print_on_dataset(result)
+        print(f"wall {result['wall_s'] / 60:.1f} min")
+        return
     tuned = copy.deepcopy(original)
     train_images = render(range(args.corpus), config)
     heldout = render(range(config.corpus_size, config.corpus_size + 256), config)  # past the prior's corpus

@@ -134,3 +134,21 @@ def test_compile_time_script_compiles_each_way_in_its_own_process():
     cold, warm, _ = (float(r[1]) for r in rows)
     assert warm < cold / 2
     assert all(float(r[4]) < 1e-4 for r in rows)
+
+
+def test_decoder_finetune_trains_the_decoder_alone(tiny_model):
+    """The experiment's premise: the encoder (hence the latent space the UNet, S* and the runs live in) is untouched
+    bit for bit while the decoder learns the images."""
+    from diffusers import AutoencoderKL
+
+    module = load_script("decoder_finetune")
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae").eval()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    mse_before = module.reconstruction_mse(vae, images)
+    losses = module.finetune_decoder(vae, images, steps=30, batch_size=4, lr=1e-3, seed=0)
+    after = vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert not any(p.requires_grad for p in vae.parameters())
+    assert len(losses) == 30 and module.reconstruction_mse(vae, images) < mse_before
