@@ -82,6 +82,19 @@ def finetune_decoder(vae, images_uint8: torch.Tensor, steps: int, batch_size: in
     return losses
 
 
+def fitted_runs(args, summary: dict, extractor):
+    """Each dataset benchmarks/results.py fitted: its summary row, pipeline, images, their features and the sweep's
+    sampling settings."""
+    for name, row in summary.items():
+        run_path = args.work / name / "run"
+        if not (run_path / "run.json").exists():
+            continue
+        pipe = DyodPipeline.from_run(run_path, device="cpu")
+        real = reference_images(Run.open(run_path))
+        run_config = pipe_config(json.loads((Path("docs/results") / name / "sweep.json").read_text())["config"])
+        yield name, row, pipe, real, extractor(real), run_config
+
+
 def dataset_pixels(images, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(resize_lanczos(im, resolution)) for im in images])).permute(0, 3, 1, 2)
 
@@ -91,13 +104,7 @@ def on_dataset(args, original, summary: dict, extractor) -> dict:
     from dyod.images import make_grid, save_png
 
     result = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "t0": list(args.t0), "datasets": {}}
-    for name, row in summary.items():
-        run_path = args.work / name / "run"
-        if not (run_path / "run.json").exists():
-            continue
-        pipe = DyodPipeline.from_run(run_path, device="cpu")
-        real = reference_images(Run.open(run_path))
-        ref = extractor(real)
+    for name, row, pipe, real, ref, run_config in fitted_runs(args, summary, extractor):
         tuned = copy.deepcopy(original)
         started = time.time()
         losses = finetune_decoder(tuned, dataset_pixels(real, pipe.prior.resolution), args.steps, args.batch_size,
@@ -105,7 +112,6 @@ def on_dataset(args, original, summary: dict, extractor) -> dict:
         entry = {"tune_s": round(time.time() - started, 1), "final_loss_mean_last_50": float(np.mean(losses[-50:])),
                  "vae_alone_kid_x100": row["vae_kid_x100"], "alone_kid_x100": row["alone_kid_x100"],
                  "best_t0_original": row["best_t0"], "best_kid_x100_original": row["best_kid_x100"]}
-        run_config = pipe_config(json.loads((Path("docs/results") / name / "sweep.json").read_text())["config"])
         round_trips = {}
         for label, vae in (("original", original), ("tuned", tuned)):
             pipe.prior.vae = vae
@@ -178,17 +184,9 @@ def main() -> None:
     }
     summary = {row["dataset"]: row for row in json.loads(args.summary.read_text())}
     extractor = feature_extractor("emoji")
-    for name, row in summary.items():
-        run_path = args.work / name / "run"
-        if not (run_path / "run.json").exists():
-            continue
-        pipe = DyodPipeline.from_run(run_path, device="cpu")
-        real = reference_images(Run.open(run_path))
-        ref = extractor(real)
-        res = pipe.prior.resolution
-        x = pil_to_tensor([resize_lanczos(im, res) for im in real[: args.n]])
-        run_config = json.loads((Path("docs/results") / name / "sweep.json").read_text())["config"]
-        sample_config = dataclasses.replace(pipe_config(run_config), t0=row["best_t0"])
+    for name, row, pipe, real, ref, run_config in fitted_runs(args, summary, extractor):
+        x = pil_to_tensor([resize_lanczos(im, pipe.prior.resolution) for im in real[: args.n]])
+        sample_config = dataclasses.replace(run_config, t0=row["best_t0"])
         entry = {"best_t0": row["best_t0"]}
         for label, vae in (("original", original), ("finetuned", tuned)):
             pipe.prior.vae = vae
