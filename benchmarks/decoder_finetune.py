@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dyod.data import pil_to_tensor, resize_lanczos
+from dyod.data import pil_to_tensor, pil_to_uint8, resize_lanczos
 from dyod.evaluation import feature_extractor, kid
 from dyod.pipeline import DyodPipeline
 from dyod.prior import bundled_prior_path
@@ -95,10 +95,6 @@ def fitted_runs(args, summary: dict, extractor):
         yield name, row, pipe, real, extractor(real), run_config
 
 
-def dataset_pixels(images, resolution: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(resize_lanczos(im, resolution)) for im in images])).permute(0, 3, 1, 2)
-
-
 def on_dataset(args, original, summary: dict, extractor) -> dict:
     """Per dataset: the decoder fine-tuned on that dataset alone, and every DYOD score with it."""
     from dyod.images import make_grid, save_png
@@ -107,8 +103,8 @@ def on_dataset(args, original, summary: dict, extractor) -> dict:
     for name, row, pipe, real, ref, run_config in fitted_runs(args, summary, extractor):
         tuned = copy.deepcopy(original)
         started = time.time()
-        losses = finetune_decoder(tuned, dataset_pixels(real, pipe.prior.resolution), args.steps, args.batch_size,
-                                  args.lr, args.seed)
+        pixels = pil_to_uint8([resize_lanczos(im, pipe.prior.resolution) for im in real])
+        losses = finetune_decoder(tuned, pixels, args.steps, args.batch_size, args.lr, args.seed)
         entry = {"tune_s": round(time.time() - started, 1), "final_loss_mean_last_50": float(np.mean(losses[-50:])),
                  "vae_alone_kid_x100": row["vae_kid_x100"], "alone_kid_x100": row["alone_kid_x100"],
                  "best_t0_original": row["best_t0"], "best_kid_x100_original": row["best_kid_x100"]}
@@ -151,7 +147,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"), help="runs fitted by results.py")
     parser.add_argument("--summary", type=Path, default=Path("docs/results/summary.json"))
     parser.add_argument("--n", type=int, default=200, help="samples / images per KID")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/decoder_finetune.json"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON of the results (default: "
+                        "docs/results/decoder_finetune.json, or decoder_on_dataset.json with --on dataset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on", choices=("corpus", "dataset"), default="corpus",
                         help="fine-tune one decoder on the prior's corpus, or one per dataset on its own images")
@@ -168,8 +165,7 @@ def main() -> None:
         summary = {row["dataset"]: row for row in json.loads(args.summary.read_text())}
         result = on_dataset(args, original, summary, feature_extractor("emoji"))
         result["wall_s"] = round(time.time() - started, 1)
-        out = args.out if args.out != parser.get_default("out") else Path("docs/results/decoder_on_dataset.json")
-        out.write_text(json.dumps(result, indent=2))
+        (args.out or Path("docs/results/decoder_on_dataset.json")).write_text(json.dumps(result, indent=2))
         print_on_dataset(result)
         print(f"wall {result['wall_s'] / 60:.1f} min")
         return
@@ -199,7 +195,7 @@ def main() -> None:
         entry["alone_kid_x100"] = row["alone_kid_x100"]
         result["datasets"][name] = entry
     result["wall_s"] = round(time.time() - started, 1)
-    args.out.write_text(json.dumps(result, indent=2))
+    (args.out or Path("docs/results/decoder_finetune.json")).write_text(json.dumps(result, indent=2))
     print(f"held-out reconstruction MSE: original {result['heldout_mse']['original']:.5f}, "
           f"decoder fine-tuned {result['heldout_mse']['finetuned']:.5f}")
     print("| dataset | best t0 | floor, original decoder | floor, fine-tuned | DYOD, original decoder | DYOD, fine-tuned | "
