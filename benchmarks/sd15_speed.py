@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import platform
 import tempfile
 import time
@@ -687,7 +688,9 @@ def main(argv=None) -> str:
                         help="gradient-checkpointing settings of the compiled training rows, in order (default "
                              "feed-forward,none: the feed-forward projections recomputed, which the CPU measurement "
                              "projects well within 6 GiB at batch 8 for 6 %% more arithmetic, then none)")
-    parser.add_argument("--budget-s", type=float, default=330, help="skip optional variants past this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip optional variants past this many seconds (default 330; none with --tiny, whose "
+                             "rows take seconds: its table is the same however busy the machine)")
     parser.add_argument("--sections", default="sampling,training,encoding")
     parser.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 1,4,8)")
     parser.add_argument("--compile-on-cpu", action="store_true", help="--tiny: also run the compiled variants (slow)")
@@ -704,7 +707,8 @@ def main(argv=None) -> str:
     compile_batches = tuple(int(x) for x in args.train_compile_batches.split(",") if x) if train_compile != "none" else ()
     if args.tiny and compile_batches:
         compile_batches = (max(shapes.train_batches),)
-    bench = Bench(shapes, device, dtype, Path(args.json) if args.json else None, start + args.budget_s)
+    budget_s = args.budget_s if args.budget_s is not None else math.inf if args.tiny else 330
+    bench = Bench(shapes, device, dtype, Path(args.json) if args.json else None, start + budget_s)
     sections = args.sections.split(",")
     checkpointing = tuple(x for x in args.train_checkpointing.split(",") if x)
     compile_checkpointing = tuple(x for x in args.train_compile_checkpointing.split(",") if x)

@@ -61,6 +61,20 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     assert all(0 <= e < 1e-5 for e in training.values())
 
 
+def test_sd15_speed_budget_skips_the_optional_rows_alone(tmp_path):
+    """Past --budget-s the optional variants are listed as skipped; the peers and eager dyod, which every table needs,
+    are still measured (on a GPU the budget keeps the whole table within one call of the device machine)."""
+    text = load_script("sd15_speed").main(["--tiny", "--budget-s", "0", "--sections", "training",
+                                           "--train-checkpointing", "all", "--json", str(tmp_path / "rows.json")])
+    rows = {(r["method"], r["batch"]): r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    for method in ("diffusers example", "dyod"):
+        for batch in (1, 2):
+            assert rows[(method, batch)]["images_per_s"] > 0
+    skipped = [key for key, r in rows.items() if r.get("error") == "skipped: out of time"]
+    assert ("dyod + checkpointing all blocks", 2) in skipped and len(skipped) == len(rows) - 4
+    assert "skipped: out of time" in text
+
+
 def test_training_memory_measures_what_checkpointing_saves(tmp_path):
     """benchmarks/training_memory.py at tiny widths and a real 64 x 64 latent: the per-image memory of a step is
     measured (each step in its own process), and recomputing every block's activations shows up as far less of it."""
