@@ -346,7 +346,7 @@ def test_fit_under_a_multi_process_launch(tmp_path, tiny_model, shapes):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dyod.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fit = [*launch, "fit", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "4",
-           "--checkpoint-every", "2", "--batch-size", "2", "--vae-epochs", "2", "--vae-latent-dim", "6", "--device", "cpu",
+           "--checkpoint-every", "2", "--batch-size", "2", "--vae-epochs", "2", "--vae-batch-size", "2", "--vae-latent-dim", "6", "--device", "cpu",
            "--choose-t0", "--choose-t0-samples", "2"]
     result = subprocess.run(fit, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -356,6 +356,9 @@ def test_fit_under_a_multi_process_launch(tmp_path, tiny_model, shapes):
     assert steps == [1, 2, 3, 4]  # one process logs
     assert len((out / "vae" / "log.jsonl").read_text().splitlines()) == 2
     assert set(json.loads((out / "run.json").read_text())["stages"]) == {"inversion", "vae"}
+    vae = json.loads((out / "run.json").read_text())["stages"]["vae"]  # two processes share each update's images
+    assert (vae["processes"], vae["batch_per_update"]) == (2, 4)
+    assert vae["updates_per_epoch"] == json.loads((out / "vae" / "config.json").read_text())["num_images"] // 4
     assert (out / "learned_embeds.safetensors").exists() and (out / "vae" / "model.safetensors").exists()
     resume = [*launch, "invert", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "6",
               "--checkpoint-every", "2", "--batch-size", "2", "--resume", "--device", "cpu"]

@@ -8,7 +8,7 @@ import torch
 import dyod
 from dyod.errors import DyodError
 from dyod.vae import VanillaVAE, default_hidden_dims, load_vae, save_vae, vae_loss
-from dyod.vae_training import vae_resolution
+from dyod.vae_training import epoch_batches, vae_resolution
 
 
 @pytest.mark.parametrize("resolution", [16, 32, 64, 128])
@@ -20,6 +20,17 @@ def test_shapes_at_each_resolution(resolution):
     assert recons.shape == x.shape and mu.shape == (2, 10) and log_var.shape == (2, 10)
     assert recons.abs().max() <= 1
     assert model.decode(torch.zeros(1, 10)).shape == (1, 3, resolution, resolution)
+
+
+def test_each_process_trains_on_its_own_share_of_an_epoch():
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    # One process: consecutive batches of the shuffled order, the incomplete last one dropped (as always).
+    assert [b.tolist() for b in epoch_batches(order, 4)] == [order[i : i + 4].tolist() for i in range(0, 20, 4)]
+    # Three processes: each update takes 3 × 4 images, a disjoint 4 per process; the epoch covers the order once.
+    shares = [list(epoch_batches(order, 4, rank, 3)) for rank in range(3)]
+    assert all(len(share) == 23 // 12 for share in shares)
+    seen = torch.cat([b for share in shares for b in share]).tolist()
+    assert sorted(seen) == sorted(order[:12].tolist()) and len(set(seen)) == 12
 
 
 def test_default_resolution_follows_the_dataset():

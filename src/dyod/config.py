@@ -116,7 +116,7 @@ class VAEConfig:
     beta: float = field(1.0, "weight on the KL term (>1: beta-VAE, more disentangled)", min=0.0)
     kld_weight: float = field(0.00025, "weight of the KL term (PyTorch-VAE's vanilla VAE config uses 0.00025)", min=0.0)
     epochs: int = field(100, "passes over the dataset", min=1)
-    batch_size: int = field(64, "images per step", min=1)
+    batch_size: int = field(64, "images per step (per process)", min=1)
     learning_rate: float = field(5e-3, "Adam learning rate", min=0.0)
     lr_gamma: float = field(0.95, "exponential learning-rate decay per epoch", min=0.0)
     sample_every: int = field(10, "write a sample grid every N epochs", min=1)

@@ -44,6 +44,16 @@ def vae_resolution(config: VAEConfig, data_resolution: int) -> int:
     return res
 
 
+def epoch_batches(order: torch.Tensor, batch_size: int, process_index: int = 0, num_processes: int = 1):
+    """The indices each update of one epoch gives this process: every update takes ``batch_size × num_processes``
+    images of the shuffled ``order``, a disjoint ``batch_size`` of them per process (in one process, consecutive
+    batches). The last incomplete update is dropped, which keeps BatchNorm's batch statistics sane."""
+    per_update = batch_size * num_processes
+    for start in range(0, len(order) - per_update + 1, per_update):
+        first = start + process_index * batch_size
+        yield order[first : first + batch_size]
+
+
 def train_vae(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -86,6 +96,10 @@ def train_vae(
     n = len(data)
     if not n:
         raise nothing_readable(Path(data_dir), files, data.skipped)
+    processes = accelerator.num_processes
+    if n < processes:
+        raise DyodError(f"{data_dir}: {n} readable image(s) for {processes} processes; the custom VAE gives each "
+                        "process at least one image per update, so launch fewer processes")
     pixels = pixels[:n].permute(0, 3, 1, 2)
     if "data" not in run.info and main:
         run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
@@ -98,7 +112,10 @@ def train_vae(
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(config.seed)
     fixed_z = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(config.seed + 1))
-    batch_size = min(config.batch_size, n)
+    # Each process trains on its own share of every update (DistributedDataParallel averages the gradients), as the
+    # prompt's processes draw their own batches: the batch per update is the batch size times the processes.
+    batch_size = min(config.batch_size, n // processes)
+    steps = n // (batch_size * processes)
     # PyTorch-VAE weights the KL by kld_weight (0.00025 in its vanilla VAE config); beta > 1 gives the beta-VAE.
     kl_scale = config.beta * config.kld_weight
 
@@ -125,8 +142,8 @@ def train_vae(
         model.train()
         order = torch.randperm(n, generator=generator)
         totals = torch.zeros(3, device=accelerator.device)  # read once an epoch: a read per step waits for the GPU
-        for start in range(0, n - batch_size + 1, batch_size):  # drop_last keeps BatchNorm statistics sane
-            x = to_unit_range(pixels[order[start : start + batch_size]]).to(accelerator.device)
+        for batch in epoch_batches(order, batch_size, accelerator.process_index, processes):
+            x = to_unit_range(pixels[batch]).to(accelerator.device)
             recons, mu, log_var = model(x)
             loss, rec, kld = vae_loss(recons, x, mu, log_var, kl_scale)
             optimizer.zero_grad(set_to_none=True)
@@ -134,7 +151,8 @@ def train_vae(
             optimizer.step()
             totals += torch.stack([loss.detach(), rec.detach(), kld.detach()])
         scheduler.step()
-        steps = max(1, n // batch_size)
+        if processes > 1:
+            totals = accelerator.reduce(totals, "mean")  # the epoch's losses over every process's images
         loss, rec, kld = (totals.cpu() / steps).tolist()
         if not math.isfinite(loss):
             raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; the last checkpoint in {checkpoint} "
@@ -163,6 +181,9 @@ def train_vae(
             {
                 "resolution": resolution,
                 "epochs": config.epochs,
+                "processes": processes,
+                "batch_per_update": batch_size * processes,
+                "updates_per_epoch": steps,
                 "final_loss": loss,
                 "final_recon": rec,
                 "wall_time_s": round(time.time() - started, 1),
