@@ -309,8 +309,18 @@ class SamplingRows:
         def peer(cls, kwargs):
             def setup():
                 pipe = self._diffusers_pipe(cls)
+
+                @torch.no_grad()
+                def autoencoder():  # what img2img runs besides its reverse process: encode the image, decode the result
+                    pixels = pipe.image_processor.preprocess(init).to(bench.device, bench.dtype)
+                    latents = pipe.vae.encode(pixels).latent_dist.mean
+                    return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+
+                def after():
+                    bench.rows[-1]["phases_s_per_iter"] = {"autoencoder (encode + decode)": self.time(autoencoder)}
+
                 return (lambda: pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt",
-                                     **kwargs)), None
+                                     **kwargs)), after if cls is StableDiffusionImg2ImgPipeline else None
             return setup
 
         bench.run("sampling", f"diffusers txt2img {STEPS} steps", b, peer(StableDiffusionPipeline, {}), shapes.iters,
@@ -318,6 +328,35 @@ class SamplingRows:
         bench.run("sampling", f"diffusers img2img strength {T0}", b,
                   peer(StableDiffusionImg2ImgPipeline, {"image": init, "strength": T0}), shapes.iters,
                   flops_per_iter=self.unet_call * SAMPLING_CALLS["img2img"])
+
+    def time(self, fn) -> float:
+        """Seconds per call of ``fn`` (called once before: a compiled graph may record on its first calls)."""
+        fn()
+        with measure(self.bench.device) as m:
+            for _ in range(self.bench.shapes.iters):
+                fn()
+        return m["seconds"] / self.bench.shapes.iters
+
+    def phases(self, pipe, run) -> dict:
+        """Where a dyod batch's time goes besides the reverse process, each part of ``pipe.sample`` timed alone on the
+        same batch: what the sampling target leaves to shorten."""
+        from dyod.data import lanczos_resize_tensor
+
+        b, config = self.b, self.config
+        z = pipe.z(list(range(b)))
+
+        def custom():
+            return lanczos_resize_tensor(pipe.vae_images(z), pipe.prior.resolution).clamp(-1, 1)
+
+        x_prime = custom()
+        init = pipe.encode(x_prime)
+        latents = run(lambda: pipe.denoise_from(init, self.noise_in, T0, config))
+        return {
+            "custom VAE + Lanczos up": self.time(custom),
+            "encode (prior's autoencoder)": self.time(lambda: pipe.encode(x_prime)),
+            "decode + Lanczos down + 8-bit images": self.time(lambda: pipe.to_images(pipe.decode(latents))),
+            "text condition (2 prompts)": self.time(lambda: pipe.denoiser(config)),
+        }
 
     def pipe(self, compile_mode="none", optimized=True, pipe_dtype=None, channels_last=None):
         from dyod.pipeline import DyodPipeline
@@ -351,6 +390,7 @@ class SamplingRows:
                         self.latents[key] = run(
                             lambda: pipe.denoise_from(self.latents_in, self.noise_in, T0, config)).float().cpu()
                 bench.rows[-1]["reverse_process_s_per_iter"] = m["seconds"] / shapes.iters
+                bench.rows[-1]["phases_s_per_iter"] = self.phases(pipe, run)
 
             # timed: the whole sampler, z -> custom VAE -> Lanczos up -> encode -> DDIM from t0 -> decode -> down
             return (lambda: run(lambda: pipe.sample(b, config, seed=0, progress=False))), after
@@ -653,6 +693,12 @@ def table(rows: list) -> str:
             seconds += f" ({r['reverse_process_s_per_iter']:.3f})"
         lines.append(f"| {r['stage']} | {r['method']} | {r['batch']} | {r['images_per_s']:.2f} | {ratio} | {seconds} | "
                      f"{peak} | {mfu} |")
+    phased = [r for r in rows if r.get("phases_s_per_iter")]
+    if phased:
+        lines += ["", "Where a sampling batch's time goes besides the reverse process (seconds per batch, each part timed "
+                  "alone):", "", "| method | part | s per batch |", "|---|---|---|"]
+        lines += [f"| {r['method']} | {part} | {seconds:.3f} |" for r in phased
+                  for part, seconds in r["phases_s_per_iter"].items()]
     return "\n".join(lines)
 
 

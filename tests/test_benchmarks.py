@@ -20,7 +20,8 @@ def load_script(name: str):
 def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     module = load_script("sd15_speed")
     text = module.main(["--tiny", "--json", str(tmp_path / "rows.json")])
-    lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows_table = text.split("\n\n")[1]  # after the header; the parts of a sampling batch follow in a table of their own
+    lines = [line for line in rows_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
     assert [tuple(c[:3]) for c in cells] == [
         ("sampling", "diffusers txt2img 50 steps", "2"), ("sampling", "diffusers img2img strength 0.7", "2"),
@@ -45,6 +46,15 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
         assert c[4].startswith("×") or c[0] == "encode dataset (once)"
     assert cells[1][4] == "×1.00"  # the sampling peer is img2img at the same strength
     assert "(" in cells[2][5] and "(" in cells[-1][5]  # dyod's rows say how much of their time is the reverse process
+    # Each dyod sampling row, and the img2img peer, time the parts of a batch besides the reverse process.
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    phases = {r["method"]: r.get("phases_s_per_iter") for r in rows if r["stage"] == "sampling"}
+    assert set(phases["dyod t0=0.7"]) == {"custom VAE + Lanczos up", "encode (prior's autoencoder)",
+                                          "decode + Lanczos down + 8-bit images", "text condition (2 prompts)"}
+    assert set(phases["diffusers img2img strength 0.7"]) == {"autoencoder (encode + decode)"}
+    assert phases["diffusers txt2img 50 steps"] is None
+    assert all(s > 0 for p in phases.values() if p for s in p.values())
+    assert "| dyod t0=0.7 | encode (prior's autoencoder) |" in text
     # The fast path computes what the fp32 path computes (on the CPU it is fp32 with channels-last and fused q/k/v).
     notes = json.loads((tmp_path / "rows.json").read_text())["notes"]
     errors = notes["faithfulness_relative_l2"]
