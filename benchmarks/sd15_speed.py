@@ -502,6 +502,7 @@ def dyod_training_step(model: Path, batch: int, device, half: torch.dtype, mixed
         return loss
 
     step.on_device, step.optimizer, step.losses = (prior.unet, prior.text_encoder), trainer.optimizer, losses
+    step.trainer = trainer
     return step
 
 
@@ -603,6 +604,12 @@ def bench_training(bench: Bench, model: Path, compile_batches: tuple[int, ...] =
 
             def after():  # every variant draws the same batches from the same seed: its first losses must agree
                 bench.rows[-1]["first_losses"] = [float(loss) for loss in step.losses[:FIRST_LOSSES]]
+                if not fp32 and not options and batch == max(shapes.train_batches):
+                    # the sample grid `dyod invert` writes every --sample-every steps, next to the step it interrupts
+                    with measure(device) as m:
+                        step.trainer.preview()
+                    bench.rows[-1]["sample_grid_s"] = m["seconds"]
+                    bench.rows[-1]["sample_grid_peak_gib"] = m["peak_gib"]
 
             def fp32_step():
                 with tf32_off():
@@ -699,6 +706,12 @@ def table(rows: list) -> str:
                   "alone):", "", "| method | part | s per batch |", "|---|---|---|"]
         lines += [f"| {r['method']} | {part} | {seconds:.3f} |" for r in phased
                   for part, seconds in r["phases_s_per_iter"].items()]
+    for r in rows:
+        if r.get("sample_grid_s") is not None:  # NaN peaks (no CUDA) are left out
+            memory = (f", peak {r['sample_grid_peak_gib']:.2f} GiB against the step's {r['peak_gib']:.2f}"
+                      if r["peak_gib"] == r["peak_gib"] else "")
+            lines += ["", f"The sample grid `dyod invert` writes every --sample-every steps, after the dyod batch "
+                          f"{r['batch']} row: {r['sample_grid_s']:.2f} s{memory}"]
     return "\n".join(lines)
 
 

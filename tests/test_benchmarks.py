@@ -55,6 +55,9 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     assert phases["diffusers txt2img 50 steps"] is None
     assert all(s > 0 for p in phases.values() if p for s in p.values())
     assert "| dyod t0=0.7 | encode (prior's autoencoder) |" in text
+    # The eager dyod step at the largest batch also times the sample grid `dyod invert` writes while training.
+    grid = [r for r in rows if r["method"] == "dyod" and r["stage"] == "dataset prompt"]
+    assert [r.get("sample_grid_s") is not None for r in grid] == [False, True] and grid[1]["sample_grid_s"] > 0
     # The fast path computes what the fp32 path computes (on the CPU it is fp32 with channels-last and fused q/k/v).
     notes = json.loads((tmp_path / "rows.json").read_text())["notes"]
     errors = notes["faithfulness_relative_l2"]
