@@ -96,6 +96,11 @@ def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypa
     other_kid = json.loads((tmp_path / "other.json").read_text())["kid_x100"]
     assert other_kid > 5 * max(same_kid, 0.05)
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
+    # A mistyped samples folder is named before the reference's features are computed (none cached for it).
+    fresh = make_dataset("faces", tmp_path / "fresh", n=30, seed=1, progress=False)
+    assert main(["eval", str(tmp_path / "missing"), "--ref", str(fresh)]) == 2
+    assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
 
 
 def test_feature_extractors_take_images_of_mixed_sizes(tmp_path):

@@ -529,11 +529,14 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from .data import dataset_files
     from .evaluation import feature_extractor, folder_features, kid
 
+    # Both folders are listed before any features are computed: a mistyped one is named at once.
+    ref_files, sample_files = dataset_files(args.ref), dataset_files(args.samples_dir)
     extractor = feature_extractor(args.features, args.inception_weights, args.device or "cpu")
-    ref, ref_info = folder_features(args.ref, extractor)
-    samples, sample_info = folder_features(args.samples_dir, extractor)
+    ref, ref_info = folder_features(args.ref, extractor, files=ref_files)
+    samples, sample_info = folder_features(args.samples_dir, extractor, files=sample_files)
     result = kid(samples, ref, subset_size=args.subset_size, num_subsets=args.num_subsets, seed=args.seed)
     print(f"{result}  [features: {args.features}; samples {args.samples_dir}, reference {args.ref}]")
     if args.json:

@@ -92,8 +92,9 @@ def feature_extractor(name: str = "emoji", inception_weights: str | None = None,
     raise DyodError(f"--features must be emoji or inception, got {name!r}")
 
 
-def folder_features(folder, extractor, cache_dir=None) -> tuple[torch.Tensor, dict]:
-    """Features of every readable image in ``folder``, cached by (extractor, file names, sizes, mtimes)."""
+def folder_features(folder, extractor, cache_dir=None, files=None) -> tuple[torch.Tensor, dict]:
+    """Features of every readable image in ``folder`` (``files``: its images as ``dataset_files`` lists them, when the
+    caller has listed them already), cached by (extractor, file names, sizes, mtimes)."""
     import os
     from pathlib import Path
 
@@ -101,7 +102,7 @@ def folder_features(folder, extractor, cache_dir=None) -> tuple[torch.Tensor, di
 
     from .data import dataset_files, files_fingerprint, image_features
 
-    files = dataset_files(folder)
+    files = dataset_files(folder) if files is None else files
     cache_dir = Path(cache_dir or os.environ.get("DYOD_CACHE", Path.home() / ".cache" / "dyod")) / "features"
     key = files_fingerprint(files, extractor.name)
     path = cache_dir / f"{key}.safetensors"
