@@ -289,7 +289,16 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys
     assert "each of --templates must contain {} where S* goes; 'a photo' does not" in capsys.readouterr().err
     assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--vae-resolution", "24"]) == 2
     assert "--vae-resolution must be 0 (from the dataset) or a power of two >= 16, got 24" in capsys.readouterr().err
+    assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--holdout-fraction", "1.5"]) == 2
+    assert "--holdout-fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written either
+    for command in (["sweep", "run", "--out", str(tmp_path / "s")], ["tune", "run", "--out", str(tmp_path / "s")],
+                    ["sweep-transform", "run", "in.png", "--out", str(tmp_path / "s")]):
+        assert main([*command, "--t0", "0.3,abc"]) == 2
+        assert "--t0 takes comma-separated float values, got '0.3,abc'" in capsys.readouterr().err
+        assert main([*command, "--t0", "0.3,2"]) == 2
+        assert "t0 must be a fraction of T in (0, 1], got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # the output folder is made only once the flags are good
     few = tmp_path / "few"
     few.mkdir()
     from dyod.data import is_heldout

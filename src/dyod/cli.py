@@ -303,9 +303,9 @@ def _t0_list(text: str) -> list[float]:
 def cmd_sweep(args) -> None:
     from .sweep import sweep
 
+    config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
     out = _prepare_output(Path(args.out), args.overwrite)
-    config = config_from_args(args, SampleConfig)
-    sweep(args.run, _t0_list(args.t0s), n=args.n, seed=args.seed, config=config, features=args.features,
+    sweep(args.run, t0s, n=args.n, seed=args.seed, config=config, features=args.features,
           inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=_pipeline(args))
     print((out / "sweep.md").read_text())
     print(f"table, JSON, plot and sample grids in {out}")
@@ -314,9 +314,9 @@ def cmd_sweep(args) -> None:
 def cmd_tune(args) -> None:
     from .sweep import choose_t0
 
+    config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
     out = _prepare_output(Path(args.out or Path(args.run) / "t0_sweep"), args.overwrite)
-    t0, rows = choose_t0(args.run, _t0_list(args.t0s), n=args.n, seed=args.seed, config=config_from_args(args, SampleConfig),
-                         out=out, pipe=_pipeline(args))
+    t0, rows = choose_t0(args.run, t0s, n=args.n, seed=args.seed, config=config, out=out, pipe=_pipeline(args))
     print((out / "sweep.md").read_text())
     print(f"chosen t0: {t0:.2f}")
 
@@ -325,10 +325,11 @@ def cmd_sweep_transform(args) -> None:
     from .pipeline import load_input_images
     from .sweep import check_transform_inputs, sweep_transform
 
+    config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before any work
     images, _, skipped = load_input_images(args.inputs, size=_model_resolution(args.run))
     check_transform_inputs(images)  # before loading the model
     out = _prepare_output(Path(args.out), args.overwrite)
-    sweep_transform(args.run, images, _t0_list(args.t0s), seed=args.seed, config=config_from_args(args, SampleConfig),
+    sweep_transform(args.run, images, t0s, seed=args.seed, config=config,
                     baseline_prompt=args.baseline_prompt, out=out, pipe=_pipeline(args))
     print((out / "sweep_transform.md").read_text())
 

@@ -47,6 +47,10 @@ class DataConfig:
     max_images: int = field(0, "use at most this many images (0: all)", min=0)
     holdout_fraction: float = field(0.0, "fraction of images kept out of training, for choosing t0 (by file-name hash)", min=0.0)
 
+    def __post_init__(self):
+        if not 0.0 <= self.holdout_fraction < 1.0:  # at parse time: before a run folder is made
+            raise ValueError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
+
 
 @dataclasses.dataclass(frozen=True)
 class InversionConfig:
