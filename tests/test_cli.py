@@ -299,6 +299,10 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys
         assert main([*command, "--t0", "0.3,2"]) == 2
         assert "t0 must be a fraction of T in (0, 1], got 2.0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # the output folder is made only once the flags are good
+    for command, model in (("fit", ["--model", "m"]), ("invert", ["--model", "m"]), ("train-vae", [])):
+        assert main([command, str(shapes), *model, "--out", str(tmp_path / "r"), "--resume"]) == 2  # no run there
+        assert f"--resume: {tmp_path / 'r'} holds no run (run.json is missing)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     few = tmp_path / "few"
     few.mkdir()
     from dyod.data import is_heldout

@@ -223,10 +223,20 @@ def cmd_invert(args) -> None:
     from .inversion import invert
 
     config, data_config = config_from_args(args, InversionConfig), _data_config(args)  # bad settings: before any work
+    _check_run_to_resume(args)
     _attach_run_log(Path(args.out))
     path = invert(args.data_dir, args.model, args.out, config, data_config, resume=args.resume,
                   overwrite=args.overwrite, device=args.device)
     print(f"dataset prompt: {path}")
+
+
+def _check_run_to_resume(args) -> None:
+    """--resume continues a run: where --out holds none, say so before a folder is made there."""
+    from .run import RUN_FILE
+
+    if args.resume and not (Path(args.out) / RUN_FILE).exists():
+        raise DyodError(f"--resume: {args.out} holds no run ({RUN_FILE} is missing), so there is nothing to resume; "
+                        "leave out --resume to start one there")
 
 
 def _data_config(args) -> DataConfig:
@@ -244,9 +254,11 @@ def _data_config(args) -> DataConfig:
 def cmd_train_vae(args) -> None:
     from .vae_training import train_vae
 
+    config, data_config = config_from_args(args, VAEConfig), _data_config(args)  # bad settings: before any work
+    _check_run_to_resume(args)
     _attach_run_log(Path(args.out))
-    path = train_vae(args.data_dir, args.out, config_from_args(args, VAEConfig), _data_config(args),
-                     overwrite=args.overwrite, device=args.device, resume=args.resume)
+    path = train_vae(args.data_dir, args.out, config, data_config, overwrite=args.overwrite, device=args.device,
+                     resume=args.resume)
     print(f"custom VAE: {path}")
 
 
