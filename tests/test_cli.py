@@ -409,3 +409,14 @@ def test_sample_under_a_multi_process_launch_deals_out_the_seeds(cli_run, tmp_pa
     assert result.stderr.count("wrote 3 images") == 1, result.stderr[-3000:]  # made once, not once per process
     assert json.loads((tmp_path / "frames" / "dyod_output.json").read_text())["images"] == [
         "frame-000.png", "frame-001.png", "frame-002.png"]
+
+
+def test_datasets_make_writes_the_asked_number_of_images(tmp_path, capsys):
+    assert main(["datasets", "make", "faces", str(tmp_path / "faces"), "-n", "3", "--seed", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "faces").glob("*.png")) == [f"{i:05d}.png" for i in range(3)]
+    assert json.loads((tmp_path / "faces" / "dataset.json").read_text())["n"] == 3
+    with pytest.raises(SystemExit) as e:
+        main(["datasets", "make", "faces", str(tmp_path / "none"), "--n", "0"])
+    assert e.value.code == 2 and "-n must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["datasets", "make", "faces", str(tmp_path / "faces"), "-n", "2"]) == 2  # never silently overwritten
+    assert "dataset folder" in capsys.readouterr().err and len(list((tmp_path / "faces").glob("*.png"))) == 3

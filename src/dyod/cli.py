@@ -680,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = datasets.add_parser("make", help="write a bundled dataset as PNG files")
     q.add_argument("name", metavar="NAME", help="apple-orange, faces or fruit-stack (see `dyod datasets list`)")
     q.add_argument("out", metavar="OUT", help="output folder")
-    q.add_argument("--n", type=_ranged(int, "--n", 1), default=None, help="number of images (default: the dataset's)")
+    q.add_argument("-n", "--n", type=_ranged(int, "-n", 1), default=None, help="number of images (default: the dataset's)")
     q.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     q.set_defaults(func=cmd_datasets_make)
