@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -420,3 +421,48 @@ def test_datasets_make_writes_the_asked_number_of_images(tmp_path, capsys):
     assert e.value.code == 2 and "-n must be >= 1, got 0" in capsys.readouterr().err
     assert main(["datasets", "make", "faces", str(tmp_path / "faces"), "-n", "2"]) == 2  # never silently overwritten
     assert "dataset folder" in capsys.readouterr().err and len(list((tmp_path / "faces").glob("*.png"))) == 3
+
+
+def test_the_readme_commands_parse():
+    """Every `dyod …` line of the README's code blocks is read by the parser as `main` reads it (flags renamed or
+    removed would fail here): optional parts in brackets included, shell variables given a value."""
+    import re
+    import shlex
+
+    from dyod.cli import _join_negative_values, build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = [line.split(" # ")[0].strip() for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+             for line in block.splitlines()]
+    commands = [line for line in lines if line.startswith("dyod ") and not line.startswith("dyod invert: error")]
+    assert len(commands) >= 5
+    parser = build_parser()
+    for line in commands:
+        words = shlex.split(re.sub(r"[\[\]]|\.\.\.", "", line.replace("$MODEL", "emoji-prior")))[1:]
+        args = parser.parse_args(_join_negative_values(words))
+        assert args.command == words[0], line
+
+
+def test_every_flag_the_readme_names_exists():
+    """A flag renamed or removed in the code but still in the README fails here: every --flag the README names is an
+    option of a dyod command or of a benchmark script (`--vae-*` names a family)."""
+    import argparse
+    import re
+
+    from dyod.cli import build_parser
+
+    known = set()
+
+    def walk(parser):
+        for action in parser._actions:
+            known.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    root = Path(__file__).parents[1]
+    for script in (root / "benchmarks").glob("*.py"):
+        known.update(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text()))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])", (root / "README.md").read_text()))
+    assert len(named) > 50 and named <= known, sorted(named - known)
