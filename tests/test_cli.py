@@ -466,3 +466,21 @@ def test_every_flag_the_readme_names_exists():
         known.update(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text()))
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])", (root / "README.md").read_text()))
     assert len(named) > 50 and named <= known, sorted(named - known)
+
+
+def test_a_config_switch_alone_is_true(capsys):
+    """`dyod fit DATA --grayscale` as `dyod transform … --grayscale`: a boolean setting given alone is true, and
+    `--grayscale false` still reads."""
+    from dyod.cli import build_parser, config_from_args
+    from dyod.config import DataConfig, InversionConfig
+
+    parser = build_parser()
+    base = ["fit", "data", "--model", "m", "--out", "o"]
+    assert config_from_args(parser.parse_args([*base, "--grayscale"]), DataConfig).grayscale is True
+    assert config_from_args(parser.parse_args([*base, "--grayscale", "--max-images", "3"]), DataConfig).grayscale
+    assert config_from_args(parser.parse_args([*base, "--grayscale", "false"]), DataConfig).grayscale is False
+    assert config_from_args(parser.parse_args(base), DataConfig).grayscale is False
+    assert config_from_args(parser.parse_args([*base, "--sample-latents", "no"]), InversionConfig).sample_latents is False
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--grayscale", "maybe"])
+    assert "argument --grayscale: expected true or false, got 'maybe'" in capsys.readouterr().err

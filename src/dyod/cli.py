@@ -61,8 +61,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
         dest = f"{cls.__name__}.{f.name}"
         hint, help_text = hints[f.name], f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {f.default!r})"}
-        if hint is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
+        if hint is bool:  # --flag alone is true, as for the other commands' switches; --flag false still reads
+            kwargs.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
+            kwargs["help"] = f"{help_text} (--{flag[2:]} alone: true; default: {f.default!r})"
         elif hint in (int, float):
             kwargs.update(type=_ranged(hint, flag, f.metadata.get("min")), metavar=hint.__name__.upper())
         elif str(hint).startswith("tuple"):
