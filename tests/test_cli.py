@@ -267,6 +267,31 @@ def test_hub_id_offline_says_how_to_fix(tmp_path, shapes):
     assert "Hugging Face cache" in result.stderr
 
 
+def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, shapes, tiny_model):
+    """`--model org/name` goes through huggingface_hub's cache, as a model downloaded once elsewhere would: laid out
+    here as hub downloads are (refs/main naming a snapshot), with the hub offline. The run records the hub id, and
+    sampling loads the model by it again."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--dyod-test--tiny-sd"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    for command in (["invert", str(shapes), "--model", "dyod-test/tiny-sd", "--out", str(run), "--steps", "2",
+                     "--batch-size", "2", "--sample-every", "0", "--device", "cpu"],
+                    ["sample", str(run), "-n", "2", "--t0", "1", "--num-inference-steps", "3", "--device", "cpu",
+                     "--out", str(tmp_path / "samples")]):
+        result = subprocess.run([sys.executable, "-m", "dyod", *command], capture_output=True, text=True, env=env,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["model"] == "dyod-test/tiny-sd"
+    record = json.loads((tmp_path / "samples" / "dyod_output.json").read_text())
+    assert record["model"] == "dyod-test/tiny-sd" and len(record["images"]) == 2
+
+
 def test_bad_flag_values_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["invert", "d", "--model", "m", "--out", "o", "--steps", "-3"])
