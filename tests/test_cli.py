@@ -385,8 +385,8 @@ def test_fit_under_a_multi_process_launch(tmp_path, tiny_model, shapes):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dyod.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fit = [*launch, "fit", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "4",
-           "--checkpoint-every", "2", "--batch-size", "2", "--vae-epochs", "2", "--vae-batch-size", "2", "--vae-latent-dim", "6", "--device", "cpu",
-           "--choose-t0", "--choose-t0-samples", "2"]
+           "--checkpoint-every", "2", "--batch-size", "2", "--vae-epochs", "2", "--vae-batch-size", "2",
+           "--vae-latent-dim", "6", "--device", "cpu", "--choose-t0", "--choose-t0-samples", "2"]
     result = subprocess.run(fit, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("chosen t0:") == 1  # the held-out sweep runs in the main process alone
