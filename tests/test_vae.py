@@ -33,6 +33,48 @@ def test_each_process_trains_on_its_own_share_of_an_epoch():
     assert sorted(seen) == sorted(order[:12].tolist()) and len(set(seen)) == 12
 
 
+def test_each_process_of_a_launch_trains_on_its_own_images_with_its_own_noise(tmp_path, shapes, monkeypatch):
+    """train_vae as each process of a two-process launch runs it (its accelerator says rank r of 2; averaging the
+    gradients is DistributedDataParallel's part, not shown here): in every epoch the two train on disjoint images that
+    together cover the dataset, and draw different reparameterization noise."""
+    import dyod.performance
+    from dyod.vae import VanillaVAE
+
+    new_accelerator, forward = dyod.performance.new_accelerator, VanillaVAE.forward
+    seen: dict[int, list] = {}
+
+    class Rank:  # a real single-process accelerator, as process `index` of 2 sees it
+        num_processes = 2
+
+        def __init__(self, accelerator, index):
+            self.accelerator, self.process_index, self.is_main_process = accelerator, index, index == 0
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+        def __getattr__(self, name):
+            return getattr(self.accelerator, name)
+
+    def recording(model, x, noise=None):
+        seen[rank].append(([row.numpy().tobytes() for row in x], noise))
+        return forward(model, x, noise)
+
+    monkeypatch.setattr(VanillaVAE, "forward", recording)
+    for rank in (0, 1):
+        seen[rank] = []
+        monkeypatch.setattr(dyod.performance, "new_accelerator", lambda **kw: Rank(new_accelerator(**kw), rank))
+        dyod.train_vae(shapes, tmp_path / f"run{rank}", dyod.VAEConfig(epochs=2, batch_size=2, latent_dim=4),
+                       progress=False, device="cpu")
+    assert (tmp_path / "run0" / "vae" / "model.safetensors").exists()  # the main process alone writes the VAE
+    assert not (tmp_path / "run1" / "vae" / "model.safetensors").exists()
+    assert len(seen[0]) == len(seen[1]) == 2 * 12 // 4  # 12 images, 2 per process per update, two epochs
+    for epoch in (slice(0, 3), slice(3, 6)):
+        images = [{image for batch, _ in seen[rank][epoch] for image in batch} for rank in (0, 1)]
+        assert len(images[0]) == len(images[1]) == 6 and not images[0] & images[1]
+    for (_, noise_0), (_, noise_1) in zip(seen[0], seen[1]):
+        assert noise_0.shape == (2, 4) and not torch.equal(noise_0, noise_1)
+
+
 def test_default_resolution_follows_the_dataset():
     config = dyod.VAEConfig()
     assert vae_resolution(config, 64) == 64

@@ -54,6 +54,12 @@ def epoch_batches(order: torch.Tensor, batch_size: int, process_index: int = 0, 
         yield order[first : first + batch_size]
 
 
+def process_noise_seed(seed: int, epoch: int, process_index: int) -> int:
+    """The seed of one process's reparameterization noise in one epoch of a multi-process run: every process draws
+    its own noise for its own images, and a run resumed at an epoch draws what an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
+
+
 def train_vae(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -116,6 +122,9 @@ def train_vae(
     # prompt's processes draw their own batches: the batch per update is the batch size times the processes.
     batch_size = min(config.batch_size, n // processes)
     steps = n // (batch_size * processes)
+    # One process draws the reparameterization noise from torch's global generator, as it always has; several draw
+    # their own (with one seed they would all draw the same noise for different images).
+    noise_generator = torch.Generator() if processes > 1 else None
     # PyTorch-VAE weights the KL by kld_weight (0.00025 in its vanilla VAE config); beta > 1 gives the beta-VAE.
     kl_scale = config.beta * config.kld_weight
 
@@ -142,9 +151,14 @@ def train_vae(
         model.train()
         order = torch.randperm(n, generator=generator)
         totals = torch.zeros(3, device=accelerator.device)  # read once an epoch: a read per step waits for the GPU
+        if noise_generator is not None:
+            noise_generator.manual_seed(process_noise_seed(config.seed, epoch, accelerator.process_index))
         for batch in epoch_batches(order, batch_size, accelerator.process_index, processes):
             x = to_unit_range(pixels[batch]).to(accelerator.device)
-            recons, mu, log_var = model(x)
+            noise = None
+            if noise_generator is not None:
+                noise = torch.randn(len(batch), config.latent_dim, generator=noise_generator).to(accelerator.device)
+            recons, mu, log_var = model(x, noise)
             loss, rec, kld = vae_loss(recons, x, mu, log_var, kl_scale)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
