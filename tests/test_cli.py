@@ -509,3 +509,11 @@ def test_a_config_switch_alone_is_true(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--grayscale", "maybe"])
     assert "argument --grayscale: expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import dyod
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"dyod {dyod.__version__}"

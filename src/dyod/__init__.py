@@ -33,7 +33,7 @@ def __getattr__(name):  # lazy: importing dyod does not import diffusers
 
         return train_vae
     if name == "fit":
-        from .fit import fit
+        from .fitting import fit
 
         return fit
     if name == "DyodPipeline":

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from . import __version__
 from .config import (
     COMPILE_MODES,
     PRECISIONS,
@@ -126,18 +127,24 @@ def _processes(args):
     return PartialState(cpu=args.device == "cpu")
 
 
-def _main_process() -> bool:
-    """False in the other processes of a multi-process launch (torchrun, accelerate launch set RANK)."""
-    import os
+class _RunLog(logging.FileHandler):
+    """RUN/dyod.log, opened (and its folder made) at the first record: a command refused for its settings or data
+    before it logs anything leaves no run folder behind."""
 
-    return int(os.environ.get("RANK", "0")) == 0
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 def _attach_run_log(run: Path) -> None:
-    if not _main_process():  # the main process keeps the run's log
+    from .run import is_main_process
+
+    if not is_main_process():  # the main process keeps the run's log
         return
-    run.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run / "dyod.log")
+    handler = _RunLog(run / "dyod.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("dyod").addHandler(handler)
 
@@ -174,7 +181,6 @@ PNG_KEY = "dyod"  # the tEXt chunk of each result: JSON of what made it (run, mo
 def _write_batches(batches, names, out: Path, record: dict | None = None, made: list[dict] | None = None) -> int:
     """Save the images as they come; each PNG carries what made it (the record's command, run, model and settings,
     and ``made[i]``: its seed, input or latent value), so an image copied away from its folder can be made again."""
-    from . import __version__
     from .images import save_images
 
     common = {"dyod_version": __version__, **{k: record[k] for k in ("command", "run", "model", "config") if k in record}
@@ -264,44 +270,22 @@ def cmd_train_vae(args) -> None:
 
 
 def cmd_fit(args) -> None:
+    from .fitting import fit
+    from .run import is_main_process
+
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
-    vae_config = config_from_args(args, VAEConfig)  # a bad VAE setting fails now, not after the dataset prompt
-    data_config = _data_config(args)
-    if args.choose_t0:
-        _check_heldout(args.data_dir, data_config.holdout_fraction)
-    cmd_invert(args)
-    from .vae_training import CHECKPOINT_FILE, train_vae
-
-    vae_folder = Path(args.out) / "vae"
-    resume_vae = args.resume and (vae_folder / CHECKPOINT_FILE).exists()
-    if args.resume and not resume_vae and (vae_folder / "model.safetensors").exists():  # made before VAE checkpoints
-        print(f"custom VAE: {vae_folder} (already trained)")
-    else:
-        path = train_vae(args.data_dir, args.out, vae_config, data_config, overwrite=args.overwrite,
-                         device=args.device, resume=resume_vae)
-        print(f"custom VAE: {path}")
-    if args.choose_t0 and _main_process():  # sampling is one process's work
-        from .sweep import DEFAULT_T0S, choose_t0
-
-        t0, _ = choose_t0(args.out, DEFAULT_T0S, n=args.choose_t0_samples, out=Path(args.out) / "t0_sweep")
-        print(f"chosen t0: {t0:.2f} (stored in {Path(args.out) / 'run.json'}; `dyod sample` uses it by default)")
-
-
-def _check_heldout(data_dir: str, fraction: float) -> None:
-    """--choose-t0 scores t0 with KID against the held-out images, which needs two of them: say so before training."""
-    from .data import dataset_files
-
-    if not fraction:
-        raise DyodError("--choose-t0 chooses t0 on held-out images; give --holdout-fraction above 0 (default 0.2)")
-    try:
-        held = dataset_files(data_dir, fraction, split="heldout")
-    except DyodError:
-        held = []
-    if len(held) < 2:
-        raise DyodError(f"--choose-t0 scores t0 with KID against the held-out images, which needs at least 2; "
-                        f"--holdout-fraction {fraction} holds out {len(held)} of the images in {data_dir}. Give a "
-                        "larger --holdout-fraction, or more images")
+    # bad settings of either stage: before any work
+    configs = config_from_args(args, InversionConfig), config_from_args(args, VAEConfig), _data_config(args)
+    _check_run_to_resume(args)
+    _attach_run_log(Path(args.out))
+    run = fit(args.data_dir, args.model, args.out, *configs, choose_t0=args.choose_t0,
+              choose_t0_samples=args.choose_t0_samples, resume=args.resume, overwrite=args.overwrite,
+              device=args.device)
+    print(f"dataset prompt: {run / 'learned_embeds.safetensors'}\ncustom VAE: {run / 'vae'}")
+    if args.choose_t0 and is_main_process():
+        t0 = json.loads((run / "run.json").read_text())["chosen_t0"]["t0"]
+        print(f"chosen t0: {t0:.2f} (stored in {run / 'run.json'}; `dyod sample` uses it by default)")
 
 
 def _t0_list(text: str) -> list[float]:
@@ -565,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dyod", description="Customize a pre-trained text-to-image diffusion model to your own data (DYOD)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"dyod {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def training(name: str, help_text: str, inversion: bool, vae: bool):
@@ -751,10 +736,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)  # also where logging was configured before us
     _quiet_libraries()
     try:
         _check_device(getattr(args, "device", None))
-        if not _main_process() and args.command not in SHARED_COMMANDS:
+        from .run import is_main_process
+
+        if not is_main_process() and args.command not in SHARED_COMMANDS:
             # the same work in every process would be repeated and would race for the same files
             logger.info("`dyod %s` runs in the main process alone", args.command)
             return 0

@@ -23,6 +23,12 @@ from .embeddings import EMBEDDINGS_FILE
 from .errors import DyodError
 
 
+def is_main_process() -> bool:
+    """False in the other processes of a multi-process launch (torchrun and accelerate launch set RANK): the main
+    process alone writes the run folder and does what is one process's work."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class Run:
     def __init__(self, path: Path, info: dict):
         self.path = path
