@@ -27,3 +27,32 @@ def test_fit_runs_both_stages_and_chooses_t0(tmp_path, shapes, tiny_model):
     assert info["chosen_t0"]["n"] == 2 and 0 < info["chosen_t0"]["t0"] < 1
     assert (run / "learned_embeds.safetensors").exists() and (run / "vae" / "model.safetensors").exists()
     assert (run / "t0_sweep" / "sweep.md").exists()
+
+
+def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatch):
+    """The README's Python API block, run as written with the tiny model, the test images and small step counts in
+    place of the example's (each replaced text must still be in the README)."""
+    import re
+    from pathlib import Path
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    for old, new in {'"my_images"': repr(str(shapes)), '"/models/stable-diffusion-v1-5"': repr(str(tiny_model)),
+                     "steps=3000": "steps=2", "epochs=100": "epochs=1",
+                     "choose_t0=True": "choose_t0=True, choose_t0_samples=2", 'compile="reduce-overhead"': 'compile="none"',
+                     "pipe.sample(16": "pipe.sample(2", "50_000": "3"}.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    unet = UNet2DConditionModel.load_config(tiny_model, subfolder="unet")
+    latent = (1, unet["in_channels"], unet["sample_size"], unet["sample_size"])
+    namespace = {"my_pil_images": [Image.open(p) for p in sorted(shapes.glob("*.png"))[:2]],
+                 "init_latents": torch.randn(latent), "noise": torch.randn(latent)}
+    monkeypatch.chdir(tmp_path)  # the example's runs/ folder
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert len(namespace["images"]) == 2 and len(namespace["edits"]) == 2 and len(namespace["frames"]) == 8
+    assert namespace["latents"].shape == latent
+    assert json.loads((tmp_path / "runs" / "shoes-fit" / "run.json").read_text())["chosen_t0"]["n"] == 2
