@@ -252,8 +252,10 @@ def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
     err = capsys.readouterr().err
     assert "could not load the diffusers model" in err and "does not exist" in err and "model_index.json" in err
     (tmp_path / "empty").mkdir()
-    assert main(["train-vae", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 2
-    assert "no image files found in" in capsys.readouterr().err
+    for command in (["train-vae"], ["fit", "--model", "m"], ["invert", "--model", "m"]):
+        assert main([command[0], str(tmp_path / "empty"), *command[1:], "--out", str(tmp_path / "r2")]) == 2
+        assert "no image files found in" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()  # refused before a run folder is made
 
 
 def test_hub_id_offline_says_how_to_fix(tmp_path, shapes):

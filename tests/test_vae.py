@@ -183,6 +183,10 @@ def test_a_stopped_vae_training_resumes_to_the_uninterrupted_result(tmp_path, sh
 
 def test_resuming_a_vae_on_other_data_or_without_a_checkpoint_is_refused(tmp_path, shapes):
     config = dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4)
+    with pytest.raises(DyodError, match="holds no run"):  # nothing there: refused before anything is made
+        dyod.train_vae(shapes, tmp_path / "run", config, progress=False, device="cpu", resume=True)
+    assert not (tmp_path / "run").exists()
+    dyod.Run.open_or_create(tmp_path / "run")  # a run (say, with its prompt learned) whose VAE never started
     with pytest.raises(DyodError, match="does not exist, so the custom VAE has nothing to resume"):
         dyod.train_vae(shapes, tmp_path / "run", config, progress=False, device="cpu", resume=True)
     dyod.train_vae(shapes, tmp_path / "run", config, progress=False, device="cpu")

@@ -230,20 +230,10 @@ def cmd_invert(args) -> None:
     from .inversion import invert
 
     config, data_config = config_from_args(args, InversionConfig), _data_config(args)  # bad settings: before any work
-    _check_run_to_resume(args)
     _attach_run_log(Path(args.out))
     path = invert(args.data_dir, args.model, args.out, config, data_config, resume=args.resume,
                   overwrite=args.overwrite, device=args.device)
     print(f"dataset prompt: {path}")
-
-
-def _check_run_to_resume(args) -> None:
-    """--resume continues a run: where --out holds none, say so before a folder is made there."""
-    from .run import RUN_FILE
-
-    if args.resume and not (Path(args.out) / RUN_FILE).exists():
-        raise DyodError(f"--resume: {args.out} holds no run ({RUN_FILE} is missing), so there is nothing to resume; "
-                        "leave out --resume to start one there")
 
 
 def _data_config(args) -> DataConfig:
@@ -262,7 +252,6 @@ def cmd_train_vae(args) -> None:
     from .vae_training import train_vae
 
     config, data_config = config_from_args(args, VAEConfig), _data_config(args)  # bad settings: before any work
-    _check_run_to_resume(args)
     _attach_run_log(Path(args.out))
     path = train_vae(args.data_dir, args.out, config, data_config, overwrite=args.overwrite, device=args.device,
                      resume=args.resume)
@@ -277,7 +266,6 @@ def cmd_fit(args) -> None:
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
     # bad settings of either stage: before any work
     configs = config_from_args(args, InversionConfig), config_from_args(args, VAEConfig), _data_config(args)
-    _check_run_to_resume(args)
     _attach_run_log(Path(args.out))
     run = fit(args.data_dir, args.model, args.out, *configs, choose_t0=args.choose_t0,
               choose_t0_samples=args.choose_t0_samples, resume=args.resume, overwrite=args.overwrite,

@@ -55,7 +55,7 @@ from .performance import (
     to_device_async,
 )
 from .prior import Prior, load_prior
-from .run import Run
+from .run import Run, check_run_to_resume
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +343,9 @@ def invert(
     device: str | None = None,
 ) -> Path:
     """Learn S* for the dataset in ``data_dir`` and write ``out/learned_embeds.safetensors``; return its path."""
+    if resume:
+        check_run_to_resume(out)
+    files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before anything is made
     accelerator = new_accelerator(
         mixed_precision=resolve_mixed_precision(config.mixed_precision, device),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -367,7 +370,6 @@ def invert(
     if overwrite and not resume and main:
         checkpoint.unlink(missing_ok=True)
 
-    files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before the model loads
     prior = load_prior(model)
     if main:
         run.bind_model(str(model), prior.describe())

@@ -23,6 +23,13 @@ from .embeddings import EMBEDDINGS_FILE
 from .errors import DyodError
 
 
+def check_run_to_resume(out: str | os.PathLike) -> None:
+    """--resume continues a run: where ``out`` holds none, say so before anything is made there."""
+    if not (Path(out) / RUN_FILE).exists():
+        raise DyodError(f"--resume: {out} holds no run ({RUN_FILE} is missing), so there is nothing to resume; leave "
+                        "out --resume to start one there")
+
+
 def is_main_process() -> bool:
     """False in the other processes of a multi-process launch (torchrun and accelerate launch set RANK): the main
     process alone writes the run folder and does what is one process's work."""

@@ -26,7 +26,7 @@ from .data import (
 )
 from .errors import DyodError
 from .images import make_grid, save_png
-from .run import Run
+from .run import Run, check_run_to_resume
 from .vae import VanillaVAE, check_resolution, default_hidden_dims, save_vae, vae_loss
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ def train_vae(
     every ``config.checkpoint_every`` epochs; ``resume`` continues from it to what an uninterrupted run gives."""
     from .performance import new_accelerator
 
+    if resume:
+        check_run_to_resume(out)
+    files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before anything is made
     accelerator = new_accelerator(mixed_precision="no", cpu=device == "cpu")
     main = accelerator.is_main_process  # under a multi-process launch the main process alone writes the run folder
     with accelerator.main_process_first():
@@ -86,7 +89,6 @@ def train_vae(
         raise DyodError(f"{folder} already holds a custom VAE; pass --resume to continue it or --overwrite to train a "
                         "new one")
     accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
-    files = dataset_files(data_dir, data_config.holdout_fraction)
     resolution = config.resolution or vae_resolution(config, header_resolution(files, data_config.max_images) or 128)
     hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
     check_resolution(resolution, hidden_dims)  # before reading the images
