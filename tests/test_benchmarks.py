@@ -47,7 +47,8 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     assert cells[1][4] == "×1.00"  # the sampling peer is img2img at the same strength
     assert "(" in cells[2][5] and "(" in cells[-1][5]  # dyod's rows say how much of their time is the reverse process
     # Each dyod sampling row, and the img2img peer, time the parts of a batch besides the reverse process.
-    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    written = json.loads((tmp_path / "rows.json").read_text())
+    rows = written["rows"]
     phases = {r["method"]: r.get("phases_s_per_iter") for r in rows if r["stage"] == "sampling"}
     assert set(phases["dyod t0=0.7"]) == {"custom VAE + Lanczos up", "encode (prior's autoencoder)",
                                           "decode + Lanczos down + 8-bit images", "text condition (2 prompts)"}
@@ -59,7 +60,7 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     grid = [r for r in rows if r["method"] == "dyod" and r["stage"] == "dataset prompt"]
     assert [r.get("sample_grid_s") is not None for r in grid] == [False, True] and grid[1]["sample_grid_s"] > 0
     # The fast path computes what the fp32 path computes (on the CPU it is fp32 with channels-last and fused q/k/v).
-    notes = json.loads((tmp_path / "rows.json").read_text())["notes"]
+    notes = written["notes"]
     errors = notes["faithfulness_relative_l2"]
     assert len(errors) == 4  # one UNet call, eager, then CUDA graphs and eager channels-last (the second check)
     assert all(0 <= e < 1e-4 for e in errors.values())
