@@ -305,6 +305,26 @@ def test_bad_flag_values_exit_2(capsys):
         assert f"--guidance-scale takes a finite number, got '{value}'" in capsys.readouterr().err
 
 
+def test_seeds_out_of_range_exit_2_before_any_work(tmp_path, shapes, capsys):
+    """Seeds past 2**64 crashed inside torch's generator (invert, train-vae, eval) after the run folder was made, or
+    aliased smaller ones (sample); negative training seeds were taken. Seeds are in [0, 2**63) everywhere."""
+    too_big = str(2**64)
+    for command, flag in ((["invert", str(shapes), "--model", "m"], "--seed"),
+                          (["train-vae", str(shapes)], "--vae-seed"),
+                          (["fit", str(shapes), "--model", "m"], "--vae-seed"),
+                          (["sample", "run", "-n", "2"], "--seed"),
+                          (["sample", "run", "-n", "2"], "--noise-seed"),
+                          (["eval", str(shapes), "--ref", str(shapes)], "--seed")):
+        for value, message in ((too_big, f"{flag} must be <= {2**63 - 1}, got {too_big}"),
+                               ("-3", f"{flag} must be >= 0, got -3")):
+            with pytest.raises(SystemExit) as e:
+                main([*command, "--out", str(tmp_path / "r"), f"{flag}={value}"])
+            assert e.value.code == 2 and message in capsys.readouterr().err
+    assert main(["interpolate", "run", "--seeds", f"3,{too_big}", "--out", str(tmp_path / "r")]) == 2
+    assert f"--seeds must be in [0, {2**63 - 1}], got '3,{too_big}'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys, monkeypatch):
     import dyod.inversion
 

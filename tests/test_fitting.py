@@ -56,3 +56,23 @@ def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatc
     assert len(namespace["images"]) == 2 and len(namespace["edits"]) == 2 and len(namespace["frames"]) == 8
     assert namespace["latents"].shape == latent
     assert json.loads((tmp_path / "runs" / "shoes-fit" / "run.json").read_text())["chosen_t0"]["n"] == 2
+
+
+def test_configs_made_in_python_keep_the_bounds_their_flags_have():
+    """The bounds the CLI checks as it parses a flag hold for a config made in Python too, before any work: before,
+    ``InversionConfig(seed=2**64)`` crashed inside torch after the run folder was made."""
+    from dyod.seeding import randn_per_seed
+    from dyod.world.prior_training import PretrainConfig
+
+    for make, message in ((lambda: dyod.InversionConfig(steps=0), "steps must be >= 1, got 0"),
+                          (lambda: dyod.InversionConfig(seed=2**64), f"seed must be in [0, {2**63 - 1}], got {2**64}"),
+                          (lambda: dyod.VAEConfig(seed=-1), "seed must be in [0,"),
+                          (lambda: dyod.SampleConfig(batch_size=0), "batch_size must be >= 1, got 0"),
+                          (lambda: dyod.DataConfig(max_images=-1), "max_images must be >= 0, got -1"),
+                          (lambda: PretrainConfig(corpus_seed=-5), "corpus_seed must be in [0,")):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert message in str(e.value)
+    assert dyod.InversionConfig(seed=2**63 - 1).seed == 2**63 - 1
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\*\*64\)"):  # past 2**64 a seed aliased a smaller one
+        randn_per_seed([2**64], (2,), 0)

@@ -15,6 +15,7 @@ from . import __version__
 from .config import (
     COMPILE_MODES,
     PRECISIONS,
+    SEED_LIMIT,
     DataConfig,
     InversionConfig,
     SampleConfig,
@@ -37,7 +38,7 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _ranged(kind, name: str, low: float | None):
+def _ranged(kind, name: str, low: float | None, high: float | None = None):
     def parse(text: str):
         try:
             value = kind(text)
@@ -47,9 +48,15 @@ def _ranged(kind, name: str, low: float | None):
             raise argparse.ArgumentTypeError(f"{name} takes a finite number, got {text!r}")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high}, got {value}")
         return value
 
     return parse
+
+
+def _seed(name: str):
+    return _ranged(int, name, 0, SEED_LIMIT - 1)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
@@ -66,7 +73,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
             kwargs.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
             kwargs["help"] = f"{help_text} (--{flag[2:]} alone: true; default: {f.default!r})"
         elif hint in (int, float):
-            kwargs.update(type=_ranged(hint, flag, f.metadata.get("min")), metavar=hint.__name__.upper())
+            kwargs.update(type=_ranged(hint, flag, f.metadata.get("min"), f.metadata.get("max")), metavar=hint.__name__.upper())
         elif str(hint).startswith("tuple"):
             kwargs.update(nargs="+", metavar="VALUE")
             inner = int if "int" in str(hint) else str
@@ -442,6 +449,8 @@ def cmd_interpolate(args) -> None:
     from .pipeline import interpolation_noise_seeds
 
     seed_a, seed_b = _parse_csv(args.seeds, int, "--seeds", 2)
+    if not all(0 <= s < SEED_LIMIT for s in (seed_a, seed_b)):
+        raise DyodError(f"--seeds must be in [0, {SEED_LIMIT - 1}], got {args.seeds!r}")
     config = config_from_args(args, SampleConfig)
     _require_custom_vae(args.run, config.t0)
     out = _prepare_output(Path(args.out), args.overwrite)
@@ -586,8 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sampling("sample", "distribution initialization (Eq. 9-10): custom VAE -> perturb to t0 -> DDIM with S*")
     p.add_argument("-n", type=int, default=16, help="number of samples (default: 16)")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed; sample i uses seed+i")
-    p.add_argument("--noise-seed", type=_ranged(int, "--noise-seed", 0), default=None, help="fix ε to this seed for all samples")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed; sample i uses seed+i")
+    p.add_argument("--noise-seed", type=_seed("--noise-seed"), default=None, help="fix ε to this seed for all samples")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run in --out (or extend one to a larger -n): sample only the seeds whose "
                         "image is missing, with the settings the folder was made with")
@@ -596,26 +605,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sampling("transform", "image initialization (Eq. 11): perturb inputs to t0 and denoise with S*")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--grayscale", action="store_true", help="convert inputs to grayscale first")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="input i uses noise seed seed+i")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="input i uses noise seed seed+i")
     p.set_defaults(func=cmd_transform)
 
     p = sampling("interpolate", "Fig. 6: interpolate between the VAE latents of two seeds")
     p.add_argument("--seeds", required=True, help="two seeds, e.g. 3,7")
     p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=8, help="frames, λ from 0 to 1 (default: 8)")
     p.add_argument("--fix-noise", action=argparse.BooleanOptionalAction, default=True, help="same ε for every frame")
-    p.add_argument("--noise-seed", type=_ranged(int, "--noise-seed", 0), default=None, help="seed of ε (default: the first seed)")
+    p.add_argument("--noise-seed", type=_seed("--noise-seed"), default=None, help="seed of ε (default: the first seed)")
     p.set_defaults(func=cmd_interpolate)
 
     p = sampling("traverse", "Fig. 7: traverse one dimension of the VAE latent, the rest fixed")
     p.add_argument("--dim", type=_ranged(int, "--dim", 0), required=True, help="latent dimension")
     p.add_argument("--range", default="-3,3", help="low,high values of that coordinate (default: -3,3)")
     p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed of z and ε")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="seed of z and ε")
     p.set_defaults(func=cmd_traverse)
     p = sampling("sweep", "the paper's Table 1: KID at each t0 against both baselines, with speed", skip=("t0",))
     p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="comma-separated t0 values")
     p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed")
     p.add_argument("--features", choices=("emoji", "inception"), default="emoji", help="KID features")
     p.add_argument("--inception-weights", default=None, help="path of the FID Inception weights")
     p.add_argument("--ref", default=None, help="reference folder (default: the run's dataset)")
@@ -625,13 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                  skip=("t0",))
     p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t0 values")
     p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="first seed")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed")
     p.set_defaults(func=cmd_tune)
 
     p = sampling("sweep-transform", "Fig. 5 as numbers: KID of transformed inputs with and without S*", skip=("t0",))
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--t0", dest="t0s", default="0.4,0.5,0.6,0.7,0.8", help="comma-separated t' values")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="noise seed")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="noise seed")
     p.add_argument("--baseline-prompt", default=None, help="prompt without S* (default: 'a photo of INITIALIZER')")
     p.set_defaults(func=cmd_sweep_transform)
 
@@ -644,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-size", type=_ranged(int, "--subset-size", 2), default=None,
                    help="KID subset size (default: min(1000, n_samples, n_reference))")
     p.add_argument("--num-subsets", type=_ranged(int, "--num-subsets", 1), default=100, help="(default: 100)")
-    p.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="subset seed (default: 0)")
+    p.add_argument("--seed", type=_seed("--seed"), default=0, help="subset seed (default: 0)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.add_argument("--device", default=None, help="device for the feature network (default: cpu)")
     p.set_defaults(func=cmd_eval)
@@ -655,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", metavar="NAME", help="apple-orange, faces or fruit-stack (see `dyod datasets list`)")
     q.add_argument("out", metavar="OUT", help="output folder")
     q.add_argument("-n", "--n", type=_ranged(int, "-n", 1), default=None, help="number of images (default: the dataset's)")
-    q.add_argument("--seed", type=_ranged(int, "--seed", 0), default=0, help="seed (default: 0)")
+    q.add_argument("--seed", type=_seed("--seed"), default=0, help="seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     q.set_defaults(func=cmd_datasets_make)
     datasets.add_parser("list", help="list the bundled datasets").set_defaults(func=cmd_datasets_list)
@@ -665,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = world.add_parser("train-features", help="train the emoji feature network used by offline KID")
     q.add_argument("--steps", type=_ranged(int, "--steps", 1), default=6000)
     q.add_argument("--batch-size", type=_ranged(int, "--batch-size", 2), default=128)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_seed("--seed"), default=0)
     q.add_argument("--out", default=None, help="folder (default: the package's assets)")
     q.set_defaults(func=cmd_train_features)
 

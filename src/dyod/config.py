@@ -20,6 +20,10 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 # --gradient-checkpointing from keeping the most to the least; auto tries them in this order
 CHECKPOINTING_LADDER = ("none", "feed-forward", "1", "2", "all")
 
+# Seeds are in [0, SEED_LIMIT): every torch generator takes them, with room for the offsets dyod adds (seed + i per
+# sample, per process, per purpose) below torch's 2**64.
+SEED_LIMIT = 2**63
+
 
 def canonical_checkpointing(value: Any) -> str:
     """``--gradient-checkpointing`` in one spelling per meaning: none | feed-forward | all | auto | N. true/false (and
@@ -34,9 +38,25 @@ def canonical_checkpointing(value: Any) -> str:
 
 
 def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its help text and optional bounds ``min``/``max``, which the CLI checks as it parses
+    the flag and ``check_bounds`` when the config is made (from Python, or from a run's JSON)."""
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def seed_field(help: str) -> Any:
+    return field(0, help, min=0, max=SEED_LIMIT - 1)
+
+
+def check_bounds(config: Any) -> None:
+    """Each field's ``min``/``max`` (see ``field``), so that a config made in Python is refused as its flag would be,
+    before any work."""
+    for f in dataclasses.fields(config):
+        low, high, value = f.metadata.get("min"), f.metadata.get("max"), getattr(config, f.name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{f.name} must be {bounds}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +68,7 @@ class DataConfig:
     holdout_fraction: float = field(0.0, "fraction of images kept out of training, for choosing t0 (by file-name hash)", min=0.0)
 
     def __post_init__(self):
+        check_bounds(self)
         if not 0.0 <= self.holdout_fraction < 1.0:  # at parse time: before a run folder is made
             raise ValueError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
 
@@ -99,9 +120,10 @@ class InversionConfig:
     sample_images: int = field(4, "images in each such grid (seeds 0..N-1, the same at every step)", min=1)
     sample_latents: bool = field(True, "sample VAE latents from the cached posterior (else use its mean)")
     latent_cache_max_ram_mb: int = field(1024, "above this size the latent cache lives on disk (memmap)", min=0)
-    seed: int = field(0, "training seed")
+    seed: int = seed_field("training seed")
 
     def __post_init__(self):
+        check_bounds(self)
         object.__setattr__(self, "gradient_checkpointing", canonical_checkpointing(self.gradient_checkpointing))
         if not self.templates:
             raise ValueError("--templates needs at least one context text, e.g. 'a photo of {}'")
@@ -125,9 +147,10 @@ class VAEConfig:
     lr_gamma: float = field(0.95, "exponential learning-rate decay per epoch", min=0.0)
     sample_every: int = field(10, "write a sample grid every N epochs", min=1)
     checkpoint_every: int = field(10, "write a resumable checkpoint every N epochs (0: only at the end)", min=0)
-    seed: int = field(0, "training seed")
+    seed: int = seed_field("training seed")
 
     def __post_init__(self):
+        check_bounds(self)
         if self.resolution and (self.resolution < 16 or self.resolution & (self.resolution - 1)):
             raise ValueError(f"--vae-resolution must be 0 (from the dataset) or a power of two >= 16, got "
                              f"{self.resolution}")
@@ -145,6 +168,9 @@ class SampleConfig:
     prompt: str = field("a photo of {}", "prompt; {} is replaced by S*")
     negative_prompt: str = field("", "unconditional prompt for guidance")
     batch_size: int = field(8, "images per UNet batch", min=1)
+
+    def __post_init__(self):
+        check_bounds(self)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

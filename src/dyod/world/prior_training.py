@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_training_state, save_training_state
-from ..config import field, write_json
+from ..config import check_bounds, field, seed_field, write_json
 from ..errors import DyodError
 from ..testing import bytes_to_unicode
 from .atlas import EmojiAtlas
@@ -42,7 +42,7 @@ class PretrainConfig:
 
     resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
     corpus_size: int = field(30000, "captioned scenes rendered to train on", min=1)
-    corpus_seed: int = field(0, "seed of the scene corpus (scene i of a seed is always the same)")
+    corpus_seed: int = seed_field("seed of the scene corpus (scene i of a seed is always the same)")
     emphasis_weight: float = field(0.5, "share of sprites drawn from the bundled datasets' emoji (fruits, faces), in "
                                         "[0, 1]", min=0.0)
     vocab_size: int = field(4096, "size of the BPE vocabulary trained on the captions", min=1)
@@ -64,9 +64,10 @@ class PretrainConfig:
     caption_dropout: float = field(0.1, "share of captions replaced by the empty one, so that classifier-free guidance "
                                         "works, in [0, 1]", min=0.0)
     checkpoint_every: int = field(1000, "write a resumable checkpoint of the stage in training every N steps", min=1)
-    seed: int = field(0, "training seed")
+    seed: int = seed_field("training seed")
 
     def __post_init__(self):
+        check_bounds(self)
         for name in ("emphasis_weight", "caption_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
