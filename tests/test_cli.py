@@ -325,6 +325,38 @@ def test_seeds_out_of_range_exit_2_before_any_work(tmp_path, shapes, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_file_where_an_output_folder_goes_is_named(cli_run, tmp_path, shapes, capsys):
+    """--out naming a file crashed with NotADirectoryError/FileExistsError tracebacks; each command now names it before
+    any work, and an OSError past the checks (here a --json path under a file) is one line, after what was done."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for command, what in ((["sample", str(cli_run), "-n", "1"], "output folder"),
+                          (["sweep", str(cli_run), "--t0", "0.5"], "output folder"),
+                          (["fit", str(shapes), "--model", "m"], "run folder"), (["train-vae", str(shapes)], "run folder"),
+                          (["invert", str(shapes), "--model", "m"], "run folder"), (["demo"], "demo folder")):
+        assert main([*command, "--out", str(afile)]) == 2
+        assert f"{what} {afile} is a file, not a folder; choose another --out" in capsys.readouterr().err
+    assert main(["datasets", "make", "faces", str(afile), "-n", "2"]) == 2
+    assert f"dataset folder {afile} is a file, not a folder; choose another folder" in capsys.readouterr().err
+    assert afile.read_text() == "keep me"
+    assert main(["eval", str(shapes), "--ref", str(shapes), "--num-subsets", "2", "--json", str(afile / "kid.json")]) == 1
+    out, err = capsys.readouterr()
+    assert "KID×100 = " in out  # the result came before the failure, and stays
+    assert f"dyod eval: error: [Errno 17] File exists: '{afile}'" in err and "Traceback" not in err
+
+
+def test_a_command_leaves_no_run_log_attached(cli_run, tmp_path):
+    """`main` closes the run log it attached: a later command in the same process wrote into every earlier run's
+    dyod.log (and, where an earlier --out was a file, failed on opening it)."""
+    import logging
+
+    from dyod.cli import _RunLog
+
+    assert main(["sample", str(cli_run), "-n", "1", "--out", str(tmp_path / "s")]) == 0
+    assert not any(isinstance(h, _RunLog) for h in logging.getLogger("dyod").handlers)
+    assert f"wrote 1 images and grid.png to {tmp_path / 's'}" not in (cli_run / "dyod.log").read_text()
+
+
 def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys, monkeypatch):
     import dyod.inversion
 

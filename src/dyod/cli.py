@@ -113,8 +113,9 @@ def _prepare_output(folder: Path, overwrite: bool) -> Path:
 
 
 def _check_output(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise DyodError(f"output folder {folder} is not empty; pass --overwrite or choose another --out")
+    from .run import check_output_folder
+
+    check_output_folder(folder, overwrite)
 
 
 # Commands whose work the processes of a multi-process launch (torchrun, accelerate launch) share: the training stages
@@ -154,6 +155,15 @@ def _attach_run_log(run: Path) -> None:
     handler = _RunLog(run / "dyod.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("dyod").addHandler(handler)
+
+
+def _detach_run_logs() -> None:
+    """Close the run logs a command attached: a later command in the same process (``main`` called from Python, the
+    tests) would otherwise write its records into this run's log too."""
+    dyod_logger = logging.getLogger("dyod")
+    for handler in [h for h in dyod_logger.handlers if isinstance(h, _RunLog)]:
+        dyod_logger.removeHandler(handler)
+        handler.close()
 
 
 def _quiet_libraries() -> None:
@@ -747,10 +757,16 @@ def main(argv: list[str] | None = None) -> int:
     except DyodError as e:
         print(f"dyod {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that cannot be written or read (a file where a folder goes, a full disk, ...)
+        logger.debug("dyod %s failed", args.command, exc_info=True)
+        print(f"dyod {args.command}: error: {e}\n  (what was finished before it is kept; -v shows where it happened)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; completed checkpoints and outputs are kept", file=sys.stderr)
         return 130
     finally:
+        _detach_run_logs()
         _end_processes()
     return 0
 

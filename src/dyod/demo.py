@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from .config import InversionConfig, SampleConfig, VAEConfig, to_dict, write_json
-from .errors import DyodError
 from .images import make_grid, save_png
 
 logger = logging.getLogger(__name__)
@@ -45,10 +44,9 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .vae_training import train_vae
     from .world.datasets import make_dataset
     from .world.features import EmojiFeatures
+    from .run import check_output_folder
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DyodError(f"demo folder {out} is not empty; pass --overwrite or choose another --out")
+    out = check_output_folder(out, overwrite, "demo folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     timings = {}

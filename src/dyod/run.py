@@ -30,6 +30,18 @@ def check_run_to_resume(out: str | os.PathLike) -> None:
                         "out --resume to start one there")
 
 
+def check_output_folder(folder: str | os.PathLike, overwrite: bool, what: str = "output folder",
+                        flag: str = "--out") -> Path:
+    """A folder dyod may write its outputs into: one that does not exist yet, an empty one, or with ``overwrite`` one
+    that holds files already; never a file. Checked before any work, so a refusal costs nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DyodError(f"{what} {folder} is a file, not a folder; choose another {flag}")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise DyodError(f"{what} {folder} is not empty; pass --overwrite or choose another {flag}")
+    return folder
+
+
 def is_main_process() -> bool:
     """False in the other processes of a multi-process launch (torchrun and accelerate launch set RANK): the main
     process alone writes the run folder and does what is one process's work."""
@@ -54,6 +66,8 @@ class Run:
         path = Path(path)
         if (path / RUN_FILE).exists():
             return cls.open(path)
+        if path.exists() and not path.is_dir():
+            raise DyodError(f"run folder {path} is a file, not a folder; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, {"dyod_version": __version__, "created": _now(), "stages": {}})
         run.save()

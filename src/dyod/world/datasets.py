@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import write_json
 from ..errors import DyodError
+from ..run import check_output_folder
 from .atlas import EmojiAtlas
 from .scenes import Placement, Scene, describe, overlaps
 
@@ -113,9 +114,7 @@ def make_dataset(name: str, out: str | os.PathLike, n: int | None = None, seed: 
     n = spec.default_n if n is None else n
     if n < 1:
         raise DyodError(f"--n must be >= 1, got {n}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DyodError(f"dataset folder {out} is not empty; pass --overwrite or choose another folder")
+    out = check_output_folder(out, overwrite, "dataset folder", flag="folder")
     out.mkdir(parents=True, exist_ok=True)
     atlas = EmojiAtlas.bundled()
     records = []
