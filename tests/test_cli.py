@@ -345,6 +345,20 @@ def test_a_file_where_an_output_folder_goes_is_named(cli_run, tmp_path, shapes, 
     assert f"dyod eval: error: [Errno 17] File exists: '{afile}'" in err and "Traceback" not in err
 
 
+def test_tune_without_held_out_images_loads_no_model_and_makes_no_folder(cli_run, tmp_path, capsys, monkeypatch):
+    from dyod.pipeline import DyodPipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the reference was checked")
+
+    monkeypatch.setattr(DyodPipeline, "for_sampling", load)
+    assert main(["tune", str(cli_run), "--out", str(tmp_path / "t"), "-n", "2"]) == 2
+    assert f"run {cli_run} holds no images out; fit it with --holdout-fraction 0.2" in capsys.readouterr().err
+    assert main(["sweep", str(cli_run), "--ref", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"), "-n", "2"]) == 2
+    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
 def test_a_command_leaves_no_run_log_attached(cli_run, tmp_path):
     """`main` closes the run log it attached: a later command in the same process wrote into every earlier run's
     dyod.log (and, where an earlier --out was a file, failed on opening it)."""

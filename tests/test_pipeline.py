@@ -132,6 +132,20 @@ def test_manipulating_z_at_t0_one_warns_that_z_is_unused(pipe, caplog):
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
+def test_transforming_at_t0_one_warns_that_the_inputs_are_unused(pipe, shapes, caplog):
+    from PIL import Image
+
+    inputs = [Image.open(p).convert("RGB") for p in sorted(shapes.glob("*.png"))[:2]]
+    config = SampleConfig(t0=1.0, num_inference_steps=2)
+    one, other = pipe.transform(inputs[:1], config, seed=5), pipe.transform(inputs[1:], config, seed=5)
+    assert one[0].tobytes() == other[0].tobytes()  # what the warning says: the input makes no difference
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("leaves the input images unused" in w for w in warnings)
+    caplog.clear()
+    pipe.transform(inputs[:1], SampleConfig(t0=0.5, num_inference_steps=2))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_image_initialization_stays_near_the_input_at_small_t0(pipe, shapes, fitted_run):
     from dyod.data import load_image, resize_lanczos
 

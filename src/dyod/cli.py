@@ -306,9 +306,10 @@ def cmd_sweep(args) -> None:
     from .sweep import sweep
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
-    out = _prepare_output(Path(args.out), args.overwrite)
+    out = Path(args.out)
+    _check_output(out, args.overwrite)  # made as the sweep writes: a sweep refused for its reference leaves none
     sweep(args.run, t0s, n=args.n, seed=args.seed, config=config, features=args.features,
-          inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=_pipeline(args))
+          inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=lambda: _pipeline(args))
     print((out / "sweep.md").read_text())
     print(f"table, JSON, plot and sample grids in {out}")
 
@@ -317,8 +318,10 @@ def cmd_tune(args) -> None:
     from .sweep import choose_t0
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
-    out = _prepare_output(Path(args.out or Path(args.run) / "t0_sweep"), args.overwrite)
-    t0, rows = choose_t0(args.run, t0s, n=args.n, seed=args.seed, config=config, out=out, pipe=_pipeline(args))
+    out = Path(args.out or Path(args.run) / "t0_sweep")
+    _check_output(out, args.overwrite)  # made as the sweep writes
+    t0, rows = choose_t0(args.run, t0s, n=args.n, seed=args.seed, config=config, out=out,
+                         pipe=lambda: _pipeline(args))
     print((out / "sweep.md").read_text())
     print(f"chosen t0: {t0:.2f}")
 

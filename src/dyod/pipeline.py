@@ -258,6 +258,9 @@ class DyodPipeline:
         """``transform``, a batch of results at a time as each is made (input i always uses noise seed seed + i)."""
         if not images:
             raise DyodError("no input images to transform")
+        if config.t0 == 1.0:
+            logger.warning("t0 = 1 starts from pure noise and leaves the input images unused: each result is the "
+                           "prior's sample for its seed, whatever the input (give a t0 below 1)")
 
         def run(batch: list[int]) -> list[Image.Image]:  # pixels and noise a batch at a time: 3 MiB an input at 512 px
             inputs = [images[i].convert("L").convert("RGB") if grayscale else images[i] for i in batch]

@@ -67,7 +67,10 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
           config: SampleConfig = SampleConfig(), features: str = "emoji", inception_weights: str | None = None,
           reference: str = "all", ref_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
           pipe=None, progress: bool = True) -> list[SweepRow]:
-    """Sample n images at each t0 (and the VAE alone), KID against the reference; write table, JSON, plot, grids."""
+    """Sample n images at each t0 (and the VAE alone), KID against the reference; write table, JSON, plot, grids.
+
+    ``pipe``: the run's ``DyodPipeline``, or a function that makes one, called once the reference images are found
+    (so that a sweep refused for its reference, e.g. a run that holds no images out, loads no model)."""
     from .evaluation import feature_extractor, kid
     from .pipeline import DyodPipeline
 
@@ -77,7 +80,7 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
         raise DyodError(f"-n must be >= 2 for KID, got {n}")
     extractor = feature_extractor(features, inception_weights)
     ref_features = reference_features(run, extractor, reference, ref_dir)
-    pipe = pipe or DyodPipeline.for_sampling(run)
+    pipe = pipe() if callable(pipe) else pipe or DyodPipeline.for_sampling(run)
     seeds = list(range(seed, seed + n))
     out = Path(out) if out else None
     rows: list[SweepRow] = []
