@@ -41,10 +41,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .evaluation import kid
     from .inversion import invert
     from .pipeline import DyodPipeline
+    from .run import check_output_folder
     from .vae_training import train_vae
     from .world.datasets import make_dataset
     from .world.features import EmojiFeatures
-    from .run import check_output_folder
 
     out = check_output_folder(out, overwrite, "demo folder")
     out.mkdir(parents=True, exist_ok=True)

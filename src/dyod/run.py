@@ -66,8 +66,7 @@ class Run:
         path = Path(path)
         if (path / RUN_FILE).exists():
             return cls.open(path)
-        if path.exists() and not path.is_dir():
-            raise DyodError(f"run folder {path} is a file, not a folder; choose another --out")
+        check_output_folder(path, overwrite=True, what="run folder")  # a file is refused; files already there stay
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, {"dyod_version": __version__, "created": _now(), "stages": {}})
         run.save()
