@@ -325,6 +325,25 @@ def test_seeds_out_of_range_exit_2_before_any_work(tmp_path, shapes, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_overwrite_replaces_the_earlier_results_so_resume_never_keeps_them(cli_run, tmp_path):
+    """--overwrite into a folder of 4 samples at t0 0.5 with -n 2 at t0 0.7 left seeds 2 and 3 of the old run there,
+    and a --resume to -n 4 then kept them as if made at t0 0.7: a folder whose record said one t0, holding two."""
+    flags = ["--num-inference-steps", "2", "--device", "cpu"]
+    out = tmp_path / "s"
+    assert main(["sample", str(cli_run), "-n", "4", "--t0", "0.5", *flags, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")  # not dyod's: stays
+    assert main(["sample", str(cli_run), "-n", "2", "--t0", "0.7", *flags, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dyod_output.json", "grid.png", "notes.txt", "seed-000000.png",
+                                                     "seed-000001.png"]
+    assert main(["sample", str(cli_run), "-n", "4", "--t0", "0.7", *flags, "--out", str(out), "--resume"]) == 0
+    t0s = [json.loads(Image.open(out / f"seed-{i:06d}.png").text["dyod"])["config"]["t0"] for i in range(4)]
+    assert t0s == [0.7] * 4 and (out / "notes.txt").read_text() == "mine"
+    assert main(["interpolate", str(cli_run), "--seeds", "1,2", "--steps", "2", *flags, "--out", str(out),
+                 "--overwrite"]) == 0  # another command's results are replaced the same way
+    assert sorted(p.name for p in out.iterdir()) == ["dyod_output.json", "frame-000.png", "frame-001.png", "grid.png",
+                                                     "notes.txt"]
+
+
 def test_a_file_where_an_output_folder_goes_is_named(cli_run, tmp_path, shapes, capsys):
     """--out naming a file crashed with NotADirectoryError/FileExistsError tracebacks; each command now names it before
     any work, and an OSError past the checks (here a --json path under a file) is one line, after what was done."""

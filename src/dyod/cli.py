@@ -108,8 +108,36 @@ def _parse_csv(text: str, kind, flag: str, count: int | None = None) -> list:
 
 def _prepare_output(folder: Path, overwrite: bool) -> Path:
     _check_output(folder, overwrite)
+    if overwrite:
+        _clear_previous_results(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _clear_previous_results(folder: Path) -> None:
+    """--overwrite replaces what an earlier sample/transform/interpolate/traverse wrote in ``folder``: its result PNGs
+    (each carries dyod's tEXt record), grid.png and its record. Left there, the results of a larger -n, or of an
+    interrupted run, would stand beside the new ones, and a later --resume would keep them as if made with the new
+    settings. Other files stay."""
+    from PIL import Image
+
+    from .data import OUTPUT_RECORD
+
+    if not (folder / OUTPUT_RECORD).exists():
+        return
+    removed = 0
+    for path in folder.glob("*.png"):
+        try:
+            with Image.open(path) as image:
+                ours = PNG_KEY in getattr(image, "text", {})
+        except OSError:
+            continue
+        if ours:
+            path.unlink()
+            removed += 1
+    for name in ("grid.png", OUTPUT_RECORD):
+        (folder / name).unlink(missing_ok=True)
+    logger.info("--overwrite: removed %d earlier results from %s", removed, folder)
 
 
 def _check_output(folder: Path, overwrite: bool) -> None:
@@ -392,6 +420,8 @@ def cmd_sample(args) -> None:
         todo = list(zip(seeds, names))
     processes = _processes(args)
     main = processes is None or processes.is_main_process
+    if main and args.overwrite and not args.resume:
+        _clear_previous_results(out)
     if processes is not None:
         processes.wait_for_everyone()  # every process has looked at --out before the main one writes there
         todo = todo[processes.process_index::processes.num_processes]
