@@ -108,6 +108,33 @@ def test_resume_continues_to_the_same_result(tmp_path, tiny_model, shapes):
     assert not torch.allclose(split, halfway)  # --resume really trained the remaining steps
 
 
+def test_resume_from_the_command_line_keeps_the_settings_the_run_started_with(tmp_path, tiny_model, shapes, capsys,
+                                                                           caplog):
+    """`dyod invert ... --resume` without the flags the run was started with took the defaults (batch 4, learning
+    rate 5e-3): the run went on with other settings than it started with and recorded them as if used throughout.
+    The flags not given are now the run's own; another number of vectors is refused before the model loads."""
+    from dyod.cli import main
+
+    def invert(out, *flags):
+        return main(["invert", str(shapes), "--model", str(tiny_model), "--out", str(tmp_path / out), "--device", "cpu",
+                     *flags])
+
+    started = ["--batch-size", "2", "--learning-rate", "0.05", "--sample-every", "0"]
+    assert invert("full", "--steps", "8", *started) == 0
+    assert invert("split", "--steps", "4", *started) == 0
+    assert invert("split", "--steps", "8", "--resume") == 0
+    full = load_file(str(tmp_path / "full" / "learned_embeds.safetensors"))["<dyod>"]
+    split = load_file(str(tmp_path / "split" / "learned_embeds.safetensors"))["<dyod>"]
+    torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-6)
+    recorded = json.loads((tmp_path / "split" / "run.json").read_text())["stages"]["inversion"]["config"]
+    assert recorded["batch_size"] == 2 and recorded["learning_rate"] == 0.05 and recorded["sample_every"] == 0
+    capsys.readouterr()
+    assert invert("split", "--steps", "9", "--resume", "--num-vectors", "2") == 2
+    assert "was made with other settings (num_vectors 1 then, 2 now), which shape what it holds" in capsys.readouterr().err
+    assert invert("split", "--steps", "9", "--resume", "--batch-size", "1") == 0  # as the advice after running out
+    assert "(batch_size 2 then, 1 now)" in caplog.text  # of memory has it, with a warning
+
+
 def test_sample_grids_show_what_the_prompt_gives_at_each_step(trained):
     """RUN/inversion/samples/step-*.png: the prior's samples for the first template with S* as it was at that step (the
     initializer's at step 0); the last grid is what `dyod sample --t0 1` makes with the saved S*."""

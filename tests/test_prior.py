@@ -1,5 +1,6 @@
 """The bundled reference prior and its pre-training command."""
 
+import dataclasses
 import json
 import re
 
@@ -44,6 +45,13 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
     with pytest.raises(DyodError, match="not empty; pass --resume"):
         pretrain(tmp_path / "prior", config, progress=False, device="cpu")
     assert pretrain(tmp_path / "prior", config, resume=True, progress=False, device="cpu") == out
+    # from the command line, --resume takes the settings the pre-training started with for the flags not given (it
+    # took the defaults: a 30,000-scene corpus and other widths than the checkpoint's)
+    from dyod.cli import main
+
+    assert main(["reference", "pretrain", "--out", str(out), "--resume", "--unet-steps", "4", "--device", "cpu"]) == 0
+    recorded = json.loads((out / "training" / "pretrain_config.json").read_text())
+    assert recorded == {**json.loads(json.dumps(dataclasses.asdict(config))), "unet_steps": 4}
 
 
 def test_a_folder_of_fp16_variant_weights_loads(tmp_path, tiny_model):

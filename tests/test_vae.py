@@ -194,3 +194,30 @@ def test_resuming_a_vae_on_other_data_or_without_a_checkpoint_is_refused(tmp_pat
     with pytest.raises(DyodError, match=r"training on other data \(num_images differ: 12 then, 8 now\)"):
         dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=2, batch_size=4, latent_dim=4), fewer,
                        progress=False, device="cpu", resume=True)
+
+
+def test_a_vae_resumed_from_the_command_line_keeps_the_settings_it_was_started_with(tmp_path, shapes, capsys, caplog):
+    """`train-vae --resume` without the flags the run was started with took the defaults: a latent of 128 where the
+    checkpoint held 4 crashed on loading the weights, a batch size or KL weight changed silently. The flags not given
+    are now the run's own; another shape is refused; another learning rate is taken (as the advice after a
+    non-finite loss says), with a warning."""
+    from safetensors.torch import load_file
+
+    from dyod.checkpoint import checkpoint_meta
+    from dyod.cli import main
+
+    flags = ["--vae-batch-size", "4", "--vae-latent-dim", "4", "--vae-kld-weight", "0.01", "--device", "cpu"]
+    assert main(["train-vae", str(shapes), "--out", str(tmp_path / "whole"), "--vae-epochs", "2", *flags]) == 0
+    assert main(["train-vae", str(shapes), "--out", str(tmp_path / "run"), "--vae-epochs", "1", *flags]) == 0
+    assert main(["train-vae", str(shapes), "--out", str(tmp_path / "run"), "--vae-epochs", "2", "--resume"]) == 0
+    whole = load_file(str(tmp_path / "whole" / "vae" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "run" / "vae" / "model.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    capsys.readouterr()
+    assert main(["train-vae", str(shapes), "--out", str(tmp_path / "run"), "--resume", "--vae-latent-dim", "8"]) == 2
+    assert "was made with other settings (latent_dim 4 then, 8 now), which shape what it holds" in capsys.readouterr().err
+    assert main(["train-vae", str(shapes), "--out", str(tmp_path / "run"), "--vae-epochs", "3", "--resume",
+                 "--vae-learning-rate", "0.001"]) == 0
+    assert "(learning_rate 0.005 then, 0.001 now)" in caplog.text
+    schedule = checkpoint_meta(tmp_path / "run" / "vae" / "checkpoint.safetensors")["scheduler"]
+    assert schedule["base_lrs"] == [0.001] and schedule["_last_lr"][0] == pytest.approx(0.001 * 0.95**3)

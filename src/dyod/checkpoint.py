@@ -5,12 +5,18 @@ Written atomically (temporary file, then rename), so a crash leaves the previous
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .config import to_dict
+from .errors import DyodError
+
+logger = logging.getLogger(__name__)
 
 
 def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -29,8 +35,8 @@ def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer:
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                         device: torch.device | str = "cpu") -> tuple[int, dict[str, torch.Tensor], dict]:
     """Restore the optimizer and the generator; return (step, the other tensors, the metadata)."""
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
+    meta = checkpoint_meta(path)
+    step = meta.pop("step")
     tensors = load_file(str(path))
     state = optimizer.state_dict()
     for key in [k for k in tensors if k.startswith("optim.")]:
@@ -39,8 +45,7 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, generator:
         state["state"].setdefault(int(i), {})[name] = value.to(device) if value.ndim else value
     optimizer.load_state_dict(state)
     generator.set_state(tensors.pop("generator"))
-    meta = {k: json.loads(v) for k, v in metadata.items() if k != "step"}
-    return int(metadata["step"]), tensors, meta
+    return step, tensors, meta
 
 
 def truncate_log(path: Path, last: int, key: str = "step") -> None:
@@ -51,3 +56,36 @@ def truncate_log(path: Path, last: int, key: str = "step") -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's metadata alone (the step and what ``save_training_state`` was given), without its tensors."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    return {k: int(v) if k == "step" else json.loads(v) for k, v in metadata.items()}
+
+
+def check_resumed_config(recorded: dict | None, config, shape: tuple[str, ...], results: tuple[str, ...],
+                         where: Path) -> None:
+    """A stage resumed with other settings than its checkpoint's: those that shape what the checkpoint holds
+    (``shape``: the number of vectors, the VAE's size) are refused, before anything loads into the wrong shape; those
+    that change what is learned (``results``: batch size, learning rate, ...) are taken, with a warning that the
+    result is not an uninterrupted run's (halving the batch size after running out of memory is such a change). The
+    others (steps, checkpointing, precision, ...) change nothing that is learned. ``recorded``: None for a checkpoint
+    older than this record, which is then taken as it is."""
+    if not recorded:
+        return
+    asked = to_dict(config)
+
+    def changes(names: tuple[str, ...]) -> list[str]:
+        return [f"{k} {recorded[k]!r} then, {asked[k]!r} now" for k in names
+                if k in recorded and recorded[k] != asked[k]]
+
+    if changes(shape):
+        raise DyodError(f"--resume: the checkpoint in {where} was made with other settings "
+                        f"({'; '.join(changes(shape))}), which shape what it holds; resume with its settings (on the command line, the settings not"
+                        " given are the run's own) or pass --overwrite to start over")
+    if changes(results):
+        logger.warning(
+            "--resume with other settings than the checkpoint in %s (%s): training goes on with them, so the result "
+            "is not what an uninterrupted run would give", where, "; ".join(changes(results)))

@@ -274,11 +274,19 @@ def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict
 def cmd_invert(args) -> None:
     from .inversion import invert
 
-    config, data_config = config_from_args(args, InversionConfig), _data_config(args)  # bad settings: before any work
+    config, data_config = _inversion_config(args), _data_config(args)  # bad settings: before any work
     _attach_run_log(Path(args.out))
     path = invert(args.data_dir, args.model, args.out, config, data_config, resume=args.resume,
                   overwrite=args.overwrite, device=args.device)
     print(f"dataset prompt: {path}")
+
+
+def _resumed_config(args, cls: type, recorded: dict | None):
+    """A stage's settings from its flags; with --resume, those not given are what the run recorded, so that
+    `dyod invert DATA --model M --out RUN --resume` goes on as the run started, whatever flags it was started with."""
+    if not (args.resume and recorded):
+        return config_from_args(args, cls)
+    return config_from_args(args, cls, **{k: v for k, v in recorded.items() if f"{cls.__name__}.{k}" not in vars(args)})
 
 
 def _data_config(args) -> DataConfig:
@@ -287,16 +295,29 @@ def _data_config(args) -> DataConfig:
     from .run import RUN_FILE
 
     run_file = Path(args.out) / RUN_FILE
-    if not (args.resume and run_file.exists()):
-        return config_from_args(args, DataConfig)
-    recorded = json.loads(run_file.read_text()).get("data_config", {})
-    return config_from_args(args, DataConfig, **{k: v for k, v in recorded.items() if f"DataConfig.{k}" not in vars(args)})
+    recorded = json.loads(run_file.read_text()).get("data_config") if run_file.exists() else None
+    return _resumed_config(args, DataConfig, recorded)
+
+
+def _inversion_config(args) -> InversionConfig:
+    from .checkpoint import checkpoint_meta
+    from .inversion import CHECKPOINT_FILE
+
+    checkpoint = Path(args.out) / "inversion" / CHECKPOINT_FILE
+    recorded = checkpoint_meta(checkpoint).get("config") if checkpoint.exists() else None
+    return _resumed_config(args, InversionConfig, recorded)
+
+
+def _vae_config(args) -> VAEConfig:
+    from .vae_training import recorded_vae_config
+
+    return _resumed_config(args, VAEConfig, recorded_vae_config(Path(args.out) / "vae"))
 
 
 def cmd_train_vae(args) -> None:
     from .vae_training import train_vae
 
-    config, data_config = config_from_args(args, VAEConfig), _data_config(args)  # bad settings: before any work
+    config, data_config = _vae_config(args), _data_config(args)  # bad settings: before any work
     _attach_run_log(Path(args.out))
     path = train_vae(args.data_dir, args.out, config, data_config, overwrite=args.overwrite, device=args.device,
                      resume=args.resume)
@@ -310,7 +331,7 @@ def cmd_fit(args) -> None:
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
         args.__dict__["DataConfig.holdout_fraction"] = 0.2
     # bad settings of either stage: before any work
-    configs = config_from_args(args, InversionConfig), config_from_args(args, VAEConfig), _data_config(args)
+    configs = _inversion_config(args), _vae_config(args), _data_config(args)
     _attach_run_log(Path(args.out))
     run = fit(args.data_dir, args.model, args.out, *configs, choose_t0=args.choose_t0,
               choose_t0_samples=args.choose_t0_samples, resume=args.resume, overwrite=args.overwrite,
@@ -560,7 +581,8 @@ def cmd_train_features(args) -> None:
 def cmd_pretrain(args) -> None:
     from .world.prior_training import PretrainConfig, pretrain, write_model_card
 
-    config = config_from_args(args, PretrainConfig)
+    recorded = Path(args.out) / "training" / "pretrain_config.json"  # with --resume, the flags not given
+    config = _resumed_config(args, PretrainConfig, json.loads(recorded.read_text()) if recorded.exists() else None)
     out = pretrain(args.out, config, resume=args.resume, device=args.device)
     card = write_model_card(out)
     print(f"reference prior: {out} (model card: {card})")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_training_state, save_training_state, truncate_log
+from .checkpoint import check_resumed_config, checkpoint_meta, load_training_state, save_training_state, truncate_log
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -60,6 +60,10 @@ from .run import Run, check_run_to_resume
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+# --resume at other values of these changes what is learned from there on (it warns); the generator's state comes
+# from the checkpoint, so the seed does not, nor does the initializer word after step 0
+INVERSION_RESULT_FIELDS = ("templates", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+                           "sample_latents")
 PREVIEW_STEPS = 25  # DDIM steps of the sample grids written while S* trains
 
 
@@ -366,6 +370,10 @@ def invert(
         )
     if resume and not checkpoint.exists():
         raise DyodError(f"--resume: {checkpoint} does not exist, so there is nothing to resume")
+    if resume:  # before the model loads
+        check_resumed_config(checkpoint_meta(checkpoint).get("config"), config,
+                             shape=("placeholder_token", "num_vectors"), results=INVERSION_RESULT_FIELDS,
+                             where=checkpoint)
     accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
     if overwrite and not resume and main:
         checkpoint.unlink(missing_ok=True)

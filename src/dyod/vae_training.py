@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_training_state, save_training_state, truncate_log
-from .config import DataConfig, VAEConfig, to_dict, write_json
+from .checkpoint import check_resumed_config, checkpoint_meta, load_training_state, save_training_state, truncate_log
+from .config import DataConfig, VAEConfig, read_json, to_dict, write_json
 from .data import (
     ImageFolder,
     dataset_files,
@@ -32,6 +32,10 @@ from .vae import VanillaVAE, check_resolution, default_hidden_dims, save_vae, va
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+# --resume refuses other values of these (the checkpoint's weights have their shapes) and warns at other values of
+# these (what is learned from there on changes)
+VAE_SHAPE_FIELDS = ("resolution", "latent_dim", "hidden_dims")
+VAE_RESULT_FIELDS = ("beta", "kld_weight", "batch_size", "learning_rate", "lr_gamma")
 
 
 def vae_resolution(config: VAEConfig, data_resolution: int) -> int:
@@ -85,6 +89,9 @@ def train_vae(
     checkpoint = folder / CHECKPOINT_FILE
     if resume and not checkpoint.exists():
         raise DyodError(f"--resume: {checkpoint} does not exist, so the custom VAE has nothing to resume")
+    if resume:
+        check_resumed_config(recorded_vae_config(folder), config, shape=VAE_SHAPE_FIELDS, results=VAE_RESULT_FIELDS,
+                             where=checkpoint)
     if not resume and not overwrite and ((folder / "model.safetensors").exists() or checkpoint.exists()):
         raise DyodError(f"{folder} already holds a custom VAE; pass --resume to continue it or --overwrite to train a "
                         "new one")
@@ -136,7 +143,7 @@ def train_vae(
     start_epoch, loss, rec = 0, math.nan, math.nan
     if resume:
         start_epoch, loss, rec = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler,
-                                                  generator, data_facts)
+                                                  generator, data_facts, config)
         if start_epoch >= config.epochs:
             logger.warning("--resume: the custom VAE in %s already finished (%d of %d epochs); nothing to do (raise "
                            "--vae-epochs to train further)", folder, start_epoch, config.epochs)
@@ -180,7 +187,7 @@ def train_vae(
             f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
         if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
             _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, generator, epoch + 1,
-                             {**data_facts, "loss": loss, "recon": rec})
+                             {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})
         if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
             model.eval()
             with torch.no_grad():
@@ -190,8 +197,8 @@ def train_vae(
     model = accelerator.unwrap_model(model).eval()
     if main:
         save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,
-                         {**data_facts, "loss": loss, "recon": rec})  # --resume with more --vae-epochs goes on from here
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,  # --resume with more
+                         {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})  # --vae-epochs goes on
         run.set_stage(
             "vae",
             {
@@ -224,8 +231,18 @@ def _save_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, genera
     save_training_state(path, tensors, optimizer, generator, epoch, {**meta, "scheduler": scheduler.state_dict()})
 
 
+def recorded_vae_config(folder: Path) -> dict | None:
+    """The training settings of the custom VAE in ``folder``: its checkpoint's, or (a checkpoint written before they
+    were recorded there) those of the finished VAE's config.json; None where neither says."""
+    checkpoint = folder / CHECKPOINT_FILE
+    recorded = checkpoint_meta(checkpoint).get("config") if checkpoint.exists() else None
+    if recorded is None and (folder / "config.json").exists():
+        recorded = read_json(folder / "config.json").get("training")
+    return recorded
+
+
 def _load_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, generator: torch.Generator,
-                     data_facts: dict) -> tuple[int, float, float]:
+                     data_facts: dict, config: VAEConfig) -> tuple[int, float, float]:
     device = next(model.parameters()).device
     epoch, tensors, meta = load_training_state(path, optimizer, generator, device)
     changed = [k for k in data_facts if meta.get(k) != data_facts[k]]
@@ -239,6 +256,11 @@ def _load_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, genera
         torch.cuda.set_rng_state(cuda_state, device)
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
     scheduler.load_state_dict(meta["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the optimizer's own lr is not saved
+    lrs = scheduler.get_last_lr()  # the optimizer's own lr is not saved
+    if (scheduler.base_lrs[0], scheduler.gamma) != (config.learning_rate, config.lr_gamma):
+        # resumed with another rate (say, a lower one after a non-finite loss): the schedule the new settings give
+        scheduler.base_lrs, scheduler.gamma = [config.learning_rate] * len(lrs), config.lr_gamma
+        lrs = [config.learning_rate * config.lr_gamma ** scheduler.last_epoch] * len(lrs)
+    for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     return epoch, meta["loss"], meta["recon"]
