@@ -378,6 +378,27 @@ def test_tune_without_held_out_images_loads_no_model_and_makes_no_folder(cli_run
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 
 
+def test_choose_t0_holds_out_a_fifth_unless_given_or_recorded(tmp_path, shapes, monkeypatch):
+    """`fit --choose-t0` holds out 0.2 of the images unless --holdout-fraction says otherwise; on --resume the run's
+    own fraction (it took 0.2 there too, and the resume was then refused as training on other data)."""
+    import dyod.fitting
+    from dyod.run import Run
+
+    fractions = []
+
+    def fit(data_dir, model, out, inversion_config, vae_config, data_config, **kwargs):
+        fractions.append(data_config.holdout_fraction)
+        Run.open_or_create(out).update(chosen_t0={"t0": 0.5})  # what the command prints afterwards
+        return Path(out)
+
+    monkeypatch.setattr(dyod.fitting, "fit", fit)
+    Run.open_or_create(tmp_path / "run").update(data_config={"holdout_fraction": 0.3})
+    for flags in ([], ["--holdout-fraction", "0.4"], ["--resume"]):
+        out = tmp_path / ("run" if "--resume" in flags else "new")
+        main(["fit", str(shapes), "--model", "m", "--out", str(out), "--choose-t0", *flags])
+    assert fractions == [0.2, 0.4, 0.3]
+
+
 def test_a_command_leaves_no_run_log_attached(cli_run, tmp_path):
     """`main` closes the run log it attached: a later command in the same process wrote into every earlier run's
     dyod.log (and, where an earlier --out was a file, failed on opening it)."""

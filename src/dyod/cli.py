@@ -328,10 +328,11 @@ def cmd_fit(args) -> None:
     from .fitting import fit
     from .run import is_main_process
 
-    if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args):
-        args.__dict__["DataConfig.holdout_fraction"] = 0.2
     # bad settings of either stage: before any work
     configs = _inversion_config(args), _vae_config(args), _data_config(args)
+    if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args) and not configs[2].holdout_fraction:
+        # t0 is chosen on held-out images: 0.2 of them unless given (or, resuming, recorded)
+        configs = configs[:2] + (dataclasses.replace(configs[2], holdout_fraction=0.2),)
     _attach_run_log(Path(args.out))
     run = fit(args.data_dir, args.model, args.out, *configs, choose_t0=args.choose_t0,
               choose_t0_samples=args.choose_t0_samples, resume=args.resume, overwrite=args.overwrite,
