@@ -83,8 +83,8 @@ def check_resumed_config(recorded: dict | None, config, shape: tuple[str, ...], 
 
     if changes(shape):
         raise DyodError(f"--resume: the checkpoint in {where} was made with other settings "
-                        f"({'; '.join(changes(shape))}), which shape what it holds; resume with its settings (on the command line, the settings not"
-                        " given are the run's own) or pass --overwrite to start over")
+                        f"({'; '.join(changes(shape))}), which shape what it holds; resume with its settings (on the "
+                        "command line, the settings not given are the run's own) or pass --overwrite to start over")
     if changes(results):
         logger.warning(
             "--resume with other settings than the checkpoint in %s (%s): training goes on with them, so the result "

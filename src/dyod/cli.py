@@ -21,6 +21,7 @@ from .config import (
     SampleConfig,
     VAEConfig,
     from_dict,
+    read_json,
     to_dict,
     write_json,
 )
@@ -295,17 +296,13 @@ def _data_config(args) -> DataConfig:
     from .run import RUN_FILE
 
     run_file = Path(args.out) / RUN_FILE
-    recorded = json.loads(run_file.read_text()).get("data_config") if run_file.exists() else None
-    return _resumed_config(args, DataConfig, recorded)
+    return _resumed_config(args, DataConfig, read_json(run_file).get("data_config") if run_file.exists() else None)
 
 
 def _inversion_config(args) -> InversionConfig:
-    from .checkpoint import checkpoint_meta
-    from .inversion import CHECKPOINT_FILE
+    from .inversion import recorded_inversion_config
 
-    checkpoint = Path(args.out) / "inversion" / CHECKPOINT_FILE
-    recorded = checkpoint_meta(checkpoint).get("config") if checkpoint.exists() else None
-    return _resumed_config(args, InversionConfig, recorded)
+    return _resumed_config(args, InversionConfig, recorded_inversion_config(args.out))
 
 
 def _vae_config(args) -> VAEConfig:
@@ -474,7 +471,6 @@ def _require_custom_vae(run: str, t0: float) -> None:
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
     """--resume continues only what the same run, settings and noise seed made, so that every image is of one run."""
-    from .config import read_json
     from .data import OUTPUT_RECORD
 
     record_path = out / OUTPUT_RECORD
@@ -583,7 +579,7 @@ def cmd_pretrain(args) -> None:
     from .world.prior_training import PretrainConfig, pretrain, write_model_card
 
     recorded = Path(args.out) / "training" / "pretrain_config.json"  # with --resume, the flags not given
-    config = _resumed_config(args, PretrainConfig, json.loads(recorded.read_text()) if recorded.exists() else None)
+    config = _resumed_config(args, PretrainConfig, read_json(recorded) if recorded.exists() else None)
     out = pretrain(args.out, config, resume=args.resume, device=args.device)
     card = write_model_card(out)
     print(f"reference prior: {out} (model card: {card})")

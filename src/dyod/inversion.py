@@ -67,6 +67,12 @@ INVERSION_RESULT_FIELDS = ("templates", "batch_size", "gradient_accumulation_ste
 PREVIEW_STEPS = 25  # DDIM steps of the sample grids written while S* trains
 
 
+def recorded_inversion_config(run: str | os.PathLike) -> dict | None:
+    """The settings the dataset prompt of ``run`` was training with, from its checkpoint; None where it has none."""
+    checkpoint = Path(run) / "inversion" / CHECKPOINT_FILE
+    return checkpoint_meta(checkpoint).get("config") if checkpoint.exists() else None
+
+
 class LatentCache:
     """Posterior mean and std of the frozen VAE for every image: [N, C, h, w] each, in RAM or memory-mapped."""
 
@@ -371,9 +377,8 @@ def invert(
     if resume and not checkpoint.exists():
         raise DyodError(f"--resume: {checkpoint} does not exist, so there is nothing to resume")
     if resume:  # before the model loads
-        check_resumed_config(checkpoint_meta(checkpoint).get("config"), config,
-                             shape=("placeholder_token", "num_vectors"), results=INVERSION_RESULT_FIELDS,
-                             where=checkpoint)
+        check_resumed_config(recorded_inversion_config(run.path), config, shape=("placeholder_token", "num_vectors"),
+                             results=INVERSION_RESULT_FIELDS, where=checkpoint)
     accelerator.wait_for_everyone()  # every process has seen the run as it was before this one changes it
     if overwrite and not resume and main:
         checkpoint.unlink(missing_ok=True)
