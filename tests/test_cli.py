@@ -554,6 +554,11 @@ def test_datasets_make_writes_the_asked_number_of_images(tmp_path, capsys):
     assert e.value.code == 2 and "-n must be >= 1, got 0" in capsys.readouterr().err
     assert main(["datasets", "make", "faces", str(tmp_path / "faces"), "-n", "2"]) == 2  # never silently overwritten
     assert "dataset folder" in capsys.readouterr().err and len(list((tmp_path / "faces").glob("*.png"))) == 3
+    (tmp_path / "faces" / "notes.txt").write_text("mine")
+    # --overwrite with fewer images: the third image of the earlier dataset does not stay to be trained on
+    assert main(["datasets", "make", "apple-orange", str(tmp_path / "faces"), "-n", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == ["00000.png", "00001.png", "dataset.json",
+                                                                     "notes.txt"]
 
 
 def test_the_readme_commands_parse():

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import write_json
+from ..config import read_json, write_json
 from ..errors import DyodError
 from ..run import check_output_folder
 from .atlas import EmojiAtlas
@@ -115,6 +115,10 @@ def make_dataset(name: str, out: str | os.PathLike, n: int | None = None, seed: 
     if n < 1:
         raise DyodError(f"--n must be >= 1, got {n}")
     out = check_output_folder(out, overwrite, "dataset folder", flag="folder")
+    if overwrite and (out / "dataset.json").exists():
+        # the images an earlier, larger dataset left past the new n would otherwise stay and be trained on
+        for record in read_json(out / "dataset.json").get("images", []):
+            (out / Path(record["file"]).name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     atlas = EmojiAtlas.bundled()
     records = []
