@@ -47,6 +47,12 @@ def test_sweep_produces_a_complete_table(fitted_run, tmp_path):
     assert len(saved["rows"]) == 4 and (tmp_path / "sweep.png").stat().st_size > 1000
     assert table.count("**") == 2  # the best DYOD t0 is marked
     assert markdown_table(rows, 10) == table.strip()
+    # again into the same folder (the CLI's --overwrite) at other t0s: the earlier sweep's other grids go
+    (tmp_path / "notes.txt").write_text("mine")
+    sweep(fitted_run, [0.6], n=4, config=FAST, out=tmp_path, progress=False)
+    grids = sorted(p.name for p in tmp_path.glob("samples_*.png"))
+    assert grids == sorted(r["grid"] for r in json.loads((tmp_path / "sweep.json").read_text())["rows"])
+    assert len(grids) == 2 and (tmp_path / "notes.txt").exists()  # VAE alone and t0 = 0.6
 
 
 def test_sweep_scores_a_batch_at_a_time_with_the_kid_of_all_samples(fitted_run, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import SampleConfig, to_dict, write_json
+from .config import SampleConfig, read_json, to_dict, write_json
 from .errors import DyodError
 from .images import make_grid, save_png
 from .run import Run
@@ -185,7 +185,13 @@ def plot_sweep(rows: list[SweepRow], path: Path, title: str = "") -> None:
 
 
 def write_sweep_outputs(rows: list[SweepRow], out: Path, meta: dict) -> None:
+    """The table, JSON and plot of a finished sweep; the sample grids of an earlier sweep in ``out`` (its sweep.json
+    lists them) that this one did not make again go, so that every grid there is of this sweep."""
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "sweep.json").exists():
+        earlier = {row.get("grid") for row in read_json(out / "sweep.json").get("rows", [])}
+        for name in earlier - {r.grid for r in rows} - {"", None}:
+            (out / Path(name).name).unlink(missing_ok=True)
     steps = meta.get("config", {}).get("num_inference_steps", 50)
     write_json(out / "sweep.json", {**meta, "rows": [dataclasses.asdict(r) for r in rows]})
     (out / "sweep.md").write_text(markdown_table(rows, steps) + "\n")
