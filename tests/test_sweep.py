@@ -110,6 +110,19 @@ def test_sweep_transform_with_and_without_the_prompt(fitted_run, shapes, tmp_pat
     assert [(r["t0"], r["prompt"]) for r in rows] == [(0.5, "with S*"), (0.5, "without S*")]
     assert rows[1]["prompt_text"] == "a photo of object"
     assert "| KID × 100, with S* |" in (tmp_path / "sweep_transform.md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["transform_t0_0.50_plain.png", "transform_t0_0.50_s.png"]
+    assert [r["grid"] for r in rows] == ["transform_t0_0.50_s.png", "transform_t0_0.50_plain.png"]
+
+    # again into the same folder (the CLI's --overwrite) at another t': the earlier grids go, also those of a record
+    # written before the rows named their grids; other files stay
+    record = json.loads((tmp_path / "sweep_transform.json").read_text())
+    for row in record["rows"]:
+        del row["grid"]
+    (tmp_path / "sweep_transform.json").write_text(json.dumps(record))
+    (tmp_path / "notes.png").write_bytes(b"")
+    sweep_transform(fitted_run, inputs, t0s=(0.7,), config=FAST, out=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["notes.png", "transform_t0_0.70_plain.png",
+                                                              "transform_t0_0.70_s.png"]
 
 
 def test_sweep_transform_of_one_input_is_refused_before_loading_the_model(fitted_run, shapes, tmp_path, capsys,

@@ -188,14 +188,25 @@ def write_sweep_outputs(rows: list[SweepRow], out: Path, meta: dict) -> None:
     """The table, JSON and plot of a finished sweep; the sample grids of an earlier sweep in ``out`` (its sweep.json
     lists them) that this one did not make again go, so that every grid there is of this sweep."""
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "sweep.json").exists():
-        earlier = {row.get("grid") for row in read_json(out / "sweep.json").get("rows", [])}
-        for name in earlier - {r.grid for r in rows} - {"", None}:
-            (out / Path(name).name).unlink(missing_ok=True)
+    remove_earlier_grids(out / "sweep.json", {r.grid for r in rows}, lambda row: row.get("grid"))
     steps = meta.get("config", {}).get("num_inference_steps", 50)
     write_json(out / "sweep.json", {**meta, "rows": [dataclasses.asdict(r) for r in rows]})
     (out / "sweep.md").write_text(markdown_table(rows, steps) + "\n")
     plot_sweep(rows, out / "sweep.png", title=Path(meta.get("run", "")).name)
+
+
+def remove_earlier_grids(record: Path, kept: set, grid_of) -> None:
+    """Remove the grids an earlier sweep's ``record`` (JSON) lists, ``grid_of(row)`` for each row, but for ``kept``:
+    what a new sweep into the same folder (``--overwrite``) did not make again would otherwise pass for its own."""
+    if not record.exists():
+        return
+    earlier = {grid_of(row) for row in read_json(record).get("rows", [])}
+    for name in earlier - set(kept) - {"", None}:
+        (record.parent / Path(name).name).unlink(missing_ok=True)
+
+
+def transform_grid_name(t0: float, label: str) -> str:
+    return f"transform_t0_{t0:.2f}_{'s' if label == 'with S*' else 'plain'}.png"
 
 
 def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int = 0,
@@ -239,12 +250,17 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
         for label, prompt in (("with S*", config.prompt), ("without S*", baseline_prompt)):
             images = pipe.transform(inputs, dataclasses.replace(config, t0=t0, prompt=prompt), seed=seed, progress=progress)
             score = kid(extractor(images), ref_features, num_subsets=50, seed=seed)
+            grid = transform_grid_name(t0, label) if out is not None else ""
             results.append({"t0": t0, "prompt": label, "prompt_text": prompt, "kid_x100": score.mean_x100,
-                            "kid_x100_std": score.std_x100, "n": len(images)})
+                            "kid_x100_std": score.std_x100, "n": len(images), "grid": grid})
             if out is not None:
-                save_png(make_grid(images[:16], 8), out / f"transform_t0_{t0:.2f}_{'s' if label == 'with S*' else 'plain'}.png")
+                save_png(make_grid(images[:16], 8), out / grid)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        # an earlier sweep's rows name their grids (older records only their t0 and prompt)
+        remove_earlier_grids(out / "sweep_transform.json", {r["grid"] for r in results},
+                             lambda row: row.get("grid") or (transform_grid_name(row["t0"], row.get("prompt"))
+                                                           if isinstance(row.get("t0"), (int, float)) else None))
         write_json(out / "sweep_transform.json", {"run": str(run.path), "rows": results})
         lines = ["| t0 | " + " | ".join(f"{t:.1f}" for t in t0s) + " |", "|---" * (len(t0s) + 1) + "|"]
         for label in ("with S*", "without S*"):
