@@ -561,6 +561,16 @@ def test_datasets_make_writes_the_asked_number_of_images(tmp_path, capsys):
                                                                      "notes.txt"]
 
 
+def test_datasets_make_takes_the_folder_as_out_too(tmp_path, capsys):
+    assert main(["datasets", "make", "faces", "--out", str(tmp_path / "a"), "-n", "1"]) == 0
+    assert [p.name for p in (tmp_path / "a").glob("*.png")] == ["00000.png"]
+    assert main(["datasets", "make", "faces", "-n", "1"]) == 2
+    assert "give the output folder" in capsys.readouterr().err
+    assert main(["datasets", "make", "faces", str(tmp_path / "b"), "--out", str(tmp_path / "c"), "-n", "1"]) == 2
+    assert "two output folders given" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_the_readme_commands_parse():
     """Every `dyod …` line of the README's code blocks is read by the parser as `main` reads it (flags renamed or
     removed would fail here): optional parts in brackets included, shell variables given a value."""

@@ -557,7 +557,11 @@ def cmd_demo(args) -> None:
 def cmd_datasets_make(args) -> None:
     from .world.datasets import make_dataset
 
-    out = make_dataset(args.name, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    if args.out is None and args.out_flag is None:
+        raise DyodError("give the output folder: `dyod datasets make NAME OUT` or `--out OUT`")
+    if args.out is not None and args.out_flag is not None and Path(args.out) != Path(args.out_flag):
+        raise DyodError(f"two output folders given: OUT {args.out} and --out {args.out_flag}; give one")
+    out = make_dataset(args.name, args.out or args.out_flag, n=args.n, seed=args.seed, overwrite=args.overwrite)
     print(f"dataset {args.name}: {out}")
 
 
@@ -724,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     datasets = p.add_subparsers(dest="datasets_command", required=True)
     q = datasets.add_parser("make", help="write a bundled dataset as PNG files")
     q.add_argument("name", metavar="NAME", help="apple-orange, faces or fruit-stack (see `dyod datasets list`)")
-    q.add_argument("out", metavar="OUT", help="output folder")
+    q.add_argument("out", metavar="OUT", nargs="?", default=None, help="output folder (or --out)")
+    q.add_argument("--out", dest="out_flag", metavar="OUT", default=None, help="output folder, as every other command takes it")
     q.add_argument("-n", "--n", type=_ranged(int, "-n", 1), default=None, help="number of images (default: the dataset's)")
     q.add_argument("--seed", type=_seed("--seed"), default=0, help="seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
