@@ -96,6 +96,37 @@ def test_chosen_t0_is_the_argmin_of_the_heldout_sweep_and_becomes_the_default(ho
     assert record["config"]["t0"] == t0 and record["denoising_steps"] == round(t0 * 10)
 
 
+def test_a_chosen_t0_is_not_used_once_a_stage_is_trained_again(holdout_run, shapes, tiny_model, tmp_path, caplog):
+    """`dyod tune`, then `invert --overwrite` (or `train-vae --overwrite`): the t0 chosen for the earlier S* (VAE) is
+    no longer `dyod sample`'s default; the run says so and samples at the config's default."""
+    import shutil
+
+    from dyod.run import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(holdout_run, run)
+    t0, _ = choose_t0(run, [0.2, 0.5], n=3, config=FAST, progress=False)
+    assert Run.open(run).chosen_t0() == t0
+    flags = ["--num-inference-steps", "10", "--device", "cpu", "-n", "1"]
+    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "dyod_output.json").read_text())["config"]["t0"] == t0
+
+    assert main(["invert", str(shapes), "--model", str(tiny_model), "--out", str(run), "--steps", "2",
+                 "--batch-size", "2", "--seed", "5", "--holdout-fraction", "0.3", "--sample-every", "0",
+                 "--device", "cpu", "--overwrite"]) == 0
+    caplog.clear()
+    assert Run.open(run).chosen_t0() is None
+    assert "chosen with the dataset prompt S* as it was before it was trained again" in caplog.text
+    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "dyod_output.json").read_text())["config"]["t0"] == SampleConfig().t0
+
+    choose_t0(run, [0.2, 0.5], n=3, config=FAST, progress=False)  # chosen again: used again
+    assert Run.open(run).chosen_t0() is not None
+    dyod.train_vae(shapes, run, dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4, seed=3),
+                   dyod.DataConfig(holdout_fraction=0.3), progress=False, device="cpu", overwrite=True)
+    assert Run.open(run).chosen_t0() is None and "chosen with the custom VAE as it was" in caplog.text
+
+
 def test_heldout_reference_needs_a_holdout(fitted_run):
     with pytest.raises(DyodError, match="holds no images out"):
         choose_t0(fitted_run, [0.5], n=2, config=FAST, progress=False)

@@ -406,10 +406,10 @@ def _run_default_t0(args) -> dict:
         return {}
     from .run import Run
 
-    chosen = Run.open(args.run).info.get("chosen_t0")
-    if chosen:
-        logger.info("using the run's chosen t0 = %.2f", chosen["t0"])
-        return {"t0": chosen["t0"]}
+    chosen = Run.open(args.run).chosen_t0()
+    if chosen is not None:
+        logger.info("using the run's chosen t0 = %.2f", chosen)
+        return {"t0": chosen}
     return {}
 
 

@@ -13,6 +13,8 @@ Layout::
 from __future__ import annotations
 
 import datetime
+import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from .config import read_json, write_json
 from .data import RUN_FILE
 from .embeddings import EMBEDDINGS_FILE
 from .errors import DyodError
+
+logger = logging.getLogger(__name__)
 
 
 def check_run_to_resume(out: str | os.PathLike) -> None:
@@ -111,9 +115,41 @@ class Run:
     def inversion_path(self) -> Path:
         return self.path / "inversion"
 
+    def results_fingerprint(self) -> dict:
+        """SHA-256 of what the two stages made (S* and the custom VAE's weights; None for a stage not made): stored
+        with the t0 ``dyod tune`` chooses, which holds only for the S* and VAE it was chosen with."""
+        return {name: _sha256(path) if path.exists() else None
+                for name, path in (("embedding", self.embeddings_path), ("vae", self.vae_path / "model.safetensors"))}
+
+    def chosen_t0(self) -> float | None:
+        """The t0 chosen on held-out images (``dyod tune``, ``fit --choose-t0``), if S* and the custom VAE are still
+        those it was chosen for (a stage trained again since, by --overwrite or --resume, makes it stale)."""
+        chosen = self.info.get("chosen_t0")
+        if not chosen:
+            return None
+        recorded = chosen.get("fingerprint")  # runs from before fingerprints were recorded: taken as they are
+        if recorded is not None:
+            current = self.results_fingerprint()
+            changed = [name for name in ("embedding", "vae") if recorded.get(name) != current[name]]
+            if changed:
+                what = " and ".join({"embedding": "the dataset prompt S*", "vae": "the custom VAE"}[n] for n in changed)
+                logger.warning("run %s: the t0 chosen on held-out images (%.2f) was chosen with %s as it was "
+                               "before it was trained again; not using it (`dyod tune %s` chooses again)",
+                               self.path, chosen["t0"], what, self.path)
+                return None
+        return float(chosen["t0"])
+
     @property
     def data_resolution(self) -> int | None:
         return self.info.get("data", {}).get("resolution")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _now() -> str:

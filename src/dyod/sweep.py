@@ -218,7 +218,8 @@ def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed:
                  out=out, pipe=pipe, progress=progress)
     best = best_row(rows)
     run.update(chosen_t0={"t0": best.t0, "kid_x100": best.kid_x100, "n": n,
-                          "sweep": {f"{r.t0:.2f}": r.kid_x100 for r in rows if r.t0 is not None}})
+                          "sweep": {f"{r.t0:.2f}": r.kid_x100 for r in rows if r.t0 is not None},
+                          "fingerprint": run.results_fingerprint()})
     logger.info("chosen t0 = %.2f (held-out KID×100 %.3f)", best.t0, best.kid_x100)
     return best.t0, rows
 
