@@ -97,6 +97,28 @@ def test_a_long_sample_run_writes_as_it_goes_and_keeps_what_it_made(cli_run, tmp
     assert len(list(stopped.glob("seed-*.png"))) == 75  # nothing added
 
 
+def test_sample_resume_refuses_a_folder_made_before_the_run_was_trained_again(cli_run, shapes, tmp_path, capsys):
+    """Extending a sample folder after `train-vae --overwrite` would mix two generators' images in one folder."""
+    import shutil
+
+    run, out = tmp_path / "run", tmp_path / "s"
+    shutil.copytree(cli_run, run)
+    flags = ["--num-inference-steps", "4", "--t0", "0.5", "--device", "cpu", "--out", str(out)]
+    assert main(["sample", str(run), "-n", "2", *flags]) == 0
+    record = json.loads((out / "dyod_output.json").read_text())
+    assert set(record["run_files"]) == {"embedding", "vae"} and all(record["run_files"].values())
+    assert main(["train-vae", str(shapes), "--out", str(run), "--vae-epochs", "1", "--vae-latent-dim", "6",
+                 "--vae-batch-size", "4", "--vae-seed", "9", "--device", "cpu", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "-n", "3", *flags, "--resume"]) == 2
+    assert "made with the run's custom VAE as it was before it was trained again" in capsys.readouterr().err
+    assert len(list(out.glob("seed-*.png"))) == 2
+    del record["run_files"]  # a folder from before the record kept them: resumed as before
+    (out / "dyod_output.json").write_text(json.dumps(record))
+    assert main(["sample", str(run), "-n", "3", *flags, "--resume"]) == 0
+    assert len(list(out.glob("seed-*.png"))) == 3
+
+
 def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_path):
     """--precision bf16 on the CPU: the same images as fp32 up to bf16 rounding (a few 8-bit levels at most)."""
     images = {}

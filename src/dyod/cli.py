@@ -255,6 +255,7 @@ def _finish_outputs(out: Path, ncols: int | None, record: dict, listed: list[str
 
 
 def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict:
+    from .run import Run
     from .sampling import Schedule, num_denoising_steps
 
     schedule = Schedule.from_scheduler_config(pipe.prior.scheduler_config, config.num_inference_steps)
@@ -263,6 +264,7 @@ def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict
         "command": args.command,
         "run": str(run),
         "model": pipe.prior.model,
+        "run_files": Run.open(run).results_fingerprint(),  # SHA-256 of the S* and the custom VAE sampled with
         "config": to_dict(config),
         "start_timestep": "pure noise (x_T)" if config.t0 == 1.0 else int(schedule.start(config.t0)[0]),
         "denoising_steps": n,
@@ -488,6 +490,16 @@ def _check_resumable(out: Path, args, config: SampleConfig) -> None:
     if differ:
         raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
                         f"({', '.join(f'{k}={made[k]!r}' for k in differ)}); run with those, or choose another --out")
+    from .run import Run
+
+    recorded = record.get("run_files")  # records from before it was kept: not checked
+    current = Run.open(args.run).results_fingerprint()
+    changed = [name for name in ("embedding", "vae") if recorded is not None and recorded.get(name) != current[name]]
+    if changed:
+        what = " and ".join({"embedding": "dataset prompt S*", "vae": "custom VAE"}[name] for name in changed)
+        raise DyodError(f"--resume: the samples in {out} were made with the run's {what} as it was before it was "
+                        "trained again; the new samples would not match them. Choose another --out, or --overwrite "
+                        "to start this folder again")
 
 
 def cmd_transform(args) -> None:
