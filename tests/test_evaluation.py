@@ -103,6 +103,28 @@ def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypa
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
 
 
+def test_cached_features_belong_to_the_weights_that_made_them(tmp_path, monkeypatch):
+    """Features cached with one Inception file are not another's (a wrong file first, then the right one), nor the
+    emoji network's before `dyod world train-features` replaced it."""
+    from dyod.evaluation import folder_features
+    from dyod.inception import FIDInceptionV3, InceptionFeatures
+    from dyod.world.datasets import make_dataset
+
+    monkeypatch.setenv("DYOD_CACHE", str(tmp_path / "cache"))
+    folder = make_dataset("faces", tmp_path / "faces", n=2, seed=0, progress=False)
+    extractors = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(FIDInceptionV3().eval().state_dict(), tmp_path / f"inception-{seed}.pth")
+        extractors.append(InceptionFeatures(tmp_path / f"inception-{seed}.pth"))
+    first, info = folder_features(folder, extractors[0])
+    assert not info["cached"]
+    second, info = folder_features(folder, extractors[1])
+    assert not info["cached"] and not torch.allclose(first, second)
+    again, info = folder_features(folder, InceptionFeatures(tmp_path / "inception-0.pth"))  # the same weights
+    assert info["cached"] and torch.equal(again, first)
+
+
 def test_feature_extractors_take_images_of_mixed_sizes(tmp_path):
     """A folder of photos rarely has one size: each extractor resizes the images of each size together, keeps their
     order, and gives a folder of one size the numbers of stacking it whole."""

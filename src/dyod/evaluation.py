@@ -92,6 +92,21 @@ def feature_extractor(name: str = "emoji", inception_weights: str | None = None,
     raise DyodError(f"--features must be emoji or inception, got {name!r}")
 
 
+def extractor_key(extractor) -> str:
+    """The extractor's name and a digest of its weights: features cached under one Inception file (or one emoji
+    network, which `dyod world train-features` can replace) are not another's."""
+    key = getattr(extractor, "_cache_key", None)
+    if key is None:
+        import hashlib
+
+        digest = hashlib.sha1()
+        for name, tensor in sorted(extractor.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        key = extractor._cache_key = f"{extractor.name}-{digest.hexdigest()[:16]}"
+    return key
+
+
 def folder_features(folder, extractor, cache_dir=None, files=None) -> tuple[torch.Tensor, dict]:
     """Features of every readable image in ``folder`` (``files``: its images as ``dataset_files`` lists them, when the
     caller has listed them already), cached by (extractor, file names, sizes, mtimes)."""
@@ -104,7 +119,7 @@ def folder_features(folder, extractor, cache_dir=None, files=None) -> tuple[torc
 
     files = dataset_files(folder) if files is None else files
     cache_dir = Path(cache_dir or os.environ.get("DYOD_CACHE", Path.home() / ".cache" / "dyod")) / "features"
-    key = files_fingerprint(files, extractor.name)
+    key = files_fingerprint(files, extractor_key(extractor))
     path = cache_dir / f"{key}.safetensors"
     if path.exists():
         return load_file(str(path))["features"], {"cached": True, "n": len(files)}
