@@ -443,6 +443,10 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys
     assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--templates", "a photo of {}",
                  "a photo"]) == 2
     assert "each of --templates must contain {} where S* goes; 'a photo' does not" in capsys.readouterr().err
+    assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--placeholder-token", " "]) == 2
+    assert "--placeholder-token must be a word without spaces around it" in capsys.readouterr().err
+    assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--initializer", ""]) == 2
+    assert "--initializer must be a word" in capsys.readouterr().err
     assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--vae-resolution", "24"]) == 2
     assert "--vae-resolution must be 0 (from the dataset) or a power of two >= 16, got 24" in capsys.readouterr().err
     assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--holdout-fraction", "1.5"]) == 2

@@ -125,6 +125,11 @@ class InversionConfig:
     def __post_init__(self):
         check_bounds(self)
         object.__setattr__(self, "gradient_checkpointing", canonical_checkpointing(self.gradient_checkpointing))
+        if not self.placeholder_token.strip() or self.placeholder_token != self.placeholder_token.strip():
+            raise ValueError(f"--placeholder-token must be a word without spaces around it, e.g. '<my-dataset>'; "
+                             f"got {self.placeholder_token!r}")
+        if not self.initializer.strip():
+            raise ValueError("--initializer must be a word whose embedding starts S*, e.g. 'object'; got ''")
         if not self.templates:
             raise ValueError("--templates needs at least one context text, e.g. 'a photo of {}'")
         lacking = [t for t in self.templates if "{}" not in t and self.placeholder_token not in t]
