@@ -93,6 +93,11 @@ def test_multi_vector_token_loads_in_diffusers(tmp_path, tiny_model, shapes):
     pipe.load_textual_inversion(str(tmp_path / "run" / "learned_embeds.safetensors"))
     ids = pipe.tokenizer.convert_tokens_to_ids(["<shapes>", "<shapes>_1", "<shapes>_2"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], state["<shapes>"])
+    # dyod's sampler reads S* written out in a prompt as diffusers' pipeline does: all three vectors, as {} gives
+    dyod_pipe = dyod.DyodPipeline.from_run(tmp_path / "run", device="cpu")
+    assert dyod_pipe.prompt("a photo of <shapes>") == dyod_pipe.prompt("a photo of {}") == \
+        pipe.maybe_convert_prompt("a photo of <shapes>", pipe.tokenizer) == "a photo of <shapes> <shapes>_1 <shapes>_2"
+    assert dyod_pipe.prompt("a photo of apple") == "a photo of apple"
 
 
 def test_resume_continues_to_the_same_result(tmp_path, tiny_model, shapes):

@@ -113,7 +113,10 @@ class DyodPipeline:
     def prompt(self, template: str) -> str:
         if "{}" in template and self.token is None:
             raise DyodError("this run has no learned token yet; run `dyod invert` first or give a prompt without {}")
-        return expand_prompt(template, self.token, self.num_vectors) if "{}" in template else template
+        # S* written out ("a photo of <dyod>") expands as {} does: a multi-vector token needs all its vectors, as
+        # diffusers' maybe_convert_prompt gives them
+        uses_token = "{}" in template or (self.token is not None and self.token in template)
+        return expand_prompt(template, self.token, self.num_vectors) if uses_token else template
 
     def denoiser(self, config: SampleConfig) -> GuidedDenoiser:
         cond = encode_prompts(self.prior.tokenizer, self.prior.text_encoder, [self.prompt(config.prompt)])
