@@ -377,9 +377,11 @@ def cmd_tune(args) -> None:
 
 def cmd_sweep_transform(args) -> None:
     from .pipeline import load_input_images
-    from .sweep import check_transform_inputs, sweep_transform
+    from .run import Run
+    from .sweep import check_run_can_sample, check_transform_inputs, sweep_transform
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before any work
+    check_run_can_sample(Run.open(args.run), config.prompt)
     images, _, skipped = load_input_images(args.inputs, size=_model_resolution(args.run))
     check_transform_inputs(images)  # before loading the model
     out = _prepare_output(Path(args.out), args.overwrite)

@@ -78,6 +78,7 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
     t0s = sorted(set(float(t) for t in t0s))
     if n < 2:
         raise DyodError(f"-n must be >= 2 for KID, got {n}")
+    check_run_can_sample(run, config.prompt, t0s)
     extractor = feature_extractor(features, inception_weights)
     ref_features = reference_features(run, extractor, reference, ref_dir)
     pipe = pipe() if callable(pipe) else pipe or DyodPipeline.for_sampling(run)
@@ -110,14 +111,24 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
     if pipe.custom_vae is not None:
         record("VAE alone", None, (pipe.vae_samples(seeds[i:i + 256]) for i in range(0, n, 256)))
     for t0 in t0s:
-        if t0 < 1.0 and pipe.custom_vae is None:
-            continue
         record(f"t0={t0:.2f}", t0, pipe.iter_samples(n, dataclasses.replace(config, t0=t0), seed=seed,
                                                      progress=progress))
     if out is not None:
         write_sweep_outputs(rows, out, {"run": str(run.path), "n": n, "seed": seed, "features": features,
                                         "reference": reference, "config": to_dict(config)})
     return rows
+
+
+def check_run_can_sample(run: Run, prompt: str, t0s=(1.0,)) -> None:
+    """Before any model loads: a sweep needs the custom VAE below t0 = 1 and S* for a prompt that uses it (a sweep
+    that left those rows out would print a table of fewer rows, or none, and pass for done)."""
+    below = [t for t in t0s if t < 1.0]
+    if below and not (run.vae_path / "model.safetensors").exists():
+        raise DyodError(f"run {run.path} has no custom VAE, which t0 = {below[0]:g} starts from (and the VAE-alone "
+                        "baseline is); run `dyod train-vae` (or `dyod fit`) first, or sweep --t0 1 alone")
+    if "{}" in prompt and not run.embeddings_path.exists():
+        raise DyodError(f"run {run.path} has no dataset prompt S* ({run.embeddings_path.name}), which the prompt "
+                        f"{prompt!r} uses; run `dyod invert` (or `dyod fit`) first, or give a --prompt without {{}}")
 
 
 def best_row(rows: list[SweepRow]) -> SweepRow:
@@ -239,6 +250,7 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
 
     check_transform_inputs(inputs)
     run = run if isinstance(run, Run) else Run.open(run)
+    check_run_can_sample(run, config.prompt)
     pipe = pipe or DyodPipeline.for_sampling(run)
     extractor = feature_extractor("emoji")
     ref_features = reference_features(run, extractor)
