@@ -45,6 +45,23 @@ def test_recursive_search_and_skipped_files_are_reported(tmp_path):
     assert stats["num_skipped"] == 3 and stats["resolution"] == 20
 
 
+def test_hidden_files_and_folders_are_not_the_data(tmp_path, caplog):
+    """A thumbnail cache (.thumbnails/) would add copies of the images, and macOS's ._name files beside each image
+    copied from a Mac are not images; upper-case suffixes are images."""
+    root = tmp_path / ".my-data"  # the folder given may itself be hidden
+    (root / ".thumbnails").mkdir(parents=True)
+    (root / "sub").mkdir()
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(root / "A.PNG")
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(root / "sub" / "b.Jpeg", format="JPEG")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / ".thumbnails" / "A.png")
+    (root / "._A.PNG").write_bytes(b"\x00\x05\x16\x07")
+    with caplog.at_level("INFO", logger="dyod.data"):
+        assert [f.relative_to(root).as_posix() for f in find_image_files(root)] == ["A.PNG", "sub/b.Jpeg"]
+    assert "left out 2 hidden image file(s)" in caplog.text
+    folder = load_image_folder(root)
+    assert len(folder) == 2 and not folder.skipped
+
+
 def test_empty_folder_and_unreadable_only_folder_are_clear_errors(tmp_path):
     with pytest.raises(DyodError, match="no image files found in"):
         load_image_folder(tmp_path)
