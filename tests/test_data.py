@@ -62,6 +62,20 @@ def test_hidden_files_and_folders_are_not_the_data(tmp_path, caplog):
     assert len(folder) == 2 and not folder.skipped
 
 
+def test_folders_linked_into_the_data_folder_are_searched_once(tmp_path):
+    """A dataset made of links to folders elsewhere is searched through them; a link back up ends there."""
+    elsewhere, root = tmp_path / "photos", tmp_path / "data"
+    elsewhere.mkdir()
+    (root / "own").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(elsewhere / "cat.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(root / "own" / "dog.png")
+    (root / "cats").symlink_to(elsewhere, target_is_directory=True)
+    (root / "own" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "cats-again").symlink_to(elsewhere, target_is_directory=True)  # the same folder twice: once
+    files = [f.relative_to(root).as_posix() for f in find_image_files(root)]
+    assert files == ["cats/cat.png", "own/dog.png"]
+
+
 def test_empty_folder_and_unreadable_only_folder_are_clear_errors(tmp_path):
     with pytest.raises(DyodError, match="no image files found in"):
         load_image_folder(tmp_path)

@@ -78,7 +78,7 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         raise DyodError(f"{root} does not exist; give a folder of images (searched recursively) or an image file")
     if root.is_file():
         return [root]
-    found = [p for p in root.rglob("*") if p.is_file()]
+    found = _files_under(root)
     files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
     # Hidden files and folders are not the data (thumbnail caches such as .thumbnails/, macOS's ._name AppleDouble
     # files beside each image copied from a Mac), as Hugging Face's imagefolder also leaves them out.
@@ -97,6 +97,21 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         logger.info("%s: left out %d image(s) that dyod wrote: the grids beside its results (%s lists the results) "
                     "and what run folders inside it hold", root, len(files) - len(kept), OUTPUT_RECORD)
     return kept
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, through folders that are symbolic links too (a dataset assembled from links to
+    folders elsewhere; pathlib's rglob does not enter them), each real folder once (a link to a parent ends there)."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()  # which of two links to one folder is kept: the first by name, on every machine
+        files.extend(Path(folder) / name for name in names)
+    return [f for f in files if f.is_file()]
 
 
 def _is_run_record(path: Path) -> bool:
