@@ -191,7 +191,15 @@ def test_modes_become_rgb_and_grayscale_on_request(tmp_path):
     pal.save(tmp_path / "palette.png", transparency=0)
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     deep = load_image(tmp_path / "deep.png")
-    assert deep.mode == "RGB" and np.asarray(deep).max() == 255 and np.asarray(deep).min() == 0
+    # 16 bits to 8 by the format's range (v / 257), not stretched to each image's own minimum and maximum
+    assert deep.mode == "RGB" and np.array_equal(np.asarray(deep)[..., 0], np.round(arr16 / 257.0).astype(np.uint8))
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "white16.png")
+    assert np.asarray(load_image(tmp_path / "white16.png")).min() == 255  # was black
+    Image.new("F", (4, 4), 0.5).save(tmp_path / "half.tiff")
+    assert np.asarray(load_image(tmp_path / "half.tiff")).max() == 128  # floats in [0, 1]
+    Image.fromarray(np.arange(16, dtype=np.float32).reshape(4, 4) * 1000).save(tmp_path / "unscaled.tiff")
+    unscaled = np.asarray(load_image(tmp_path / "unscaled.tiff"))  # no standard range: the image's own
+    assert unscaled.min() == 0 and unscaled.max() == 255
     assert np.asarray(load_image(tmp_path / "transparent.png")).min() == 255  # transparent -> white
     assert np.asarray(load_image(tmp_path / "palette.png")).min() == 255
     cmyk = np.asarray(load_image(tmp_path / "cmyk.jpg")).mean(axis=(0, 1))

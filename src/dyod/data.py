@@ -156,17 +156,28 @@ def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
     if im.width < 1 or im.height < 1:
         raise ValueError("image has no pixels")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / float grayscale: rescale the full range to 8 bits instead of clipping.
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        im = Image.fromarray(arr.round().astype(np.uint8), "L")
+        im = Image.fromarray(_deep_gray_to_8_bits(np.asarray(im, dtype=np.float64), im.mode), "L")
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
     im = im.convert("L" if grayscale else "RGB")
     return im.convert("RGB")
+
+
+def _deep_gray_to_8_bits(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit and float grayscale to 8 bits by the format's own range, as PNG viewers show them, not by each
+    image's own minimum and maximum (which would stretch every image of a dataset to full contrast, and made a
+    uniform one black): 16-bit data / 65535 (PIL opens 16-bit PNGs as I;16 or as 32-bit I), floats in [0, 1] × 1.
+    Values outside those ranges (true 32-bit or unscaled float data) have no standard range: each image's own."""
+    lo, hi = float(arr.min()), float(arr.max())
+    if mode.startswith("I") and 0 <= lo and hi <= 65535:
+        unit = arr / 65535.0
+    elif mode == "F" and 0 <= lo and hi <= 1:
+        unit = arr
+    else:
+        unit = (arr - lo) / (hi - lo) if hi > lo else np.full_like(arr, 0.5)
+    return (unit * 255.0).round().astype(np.uint8)
 
 
 def is_heldout(path: Path, root: Path, fraction: float) -> bool:
