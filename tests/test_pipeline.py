@@ -62,6 +62,29 @@ def test_t0_one_equals_text_to_image(pipe, tiny_model, fitted_run):
     assert pipe.last_unet_calls == 20
 
 
+def test_a_grayscale_run_gives_grayscale_images(fitted_run, tmp_path):
+    """A run fitted with --grayscale: every output (samples, transforms, the VAE alone) is its colour output read as
+    the dataset was read (PIL's L, kept as 3 channels); a colour run's outputs are left as they are."""
+    import json
+    import shutil
+
+    run = tmp_path / "gray"
+    shutil.copytree(fitted_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info["data_config"]["grayscale"] = True
+    (run / "run.json").write_text(json.dumps(info))
+    colour, gray = DyodPipeline.from_run(fitted_run, device="cpu"), DyodPipeline.from_run(run, device="cpu")
+    assert not colour.grayscale and gray.grayscale
+    config = SampleConfig(t0=0.6, num_inference_steps=10)
+    made = {"sample": lambda p: p.sample(2, config, progress=False), "VAE alone": lambda p: p.vae_samples([0, 1]),
+            "transform": lambda p: p.transform(colour.vae_samples([5]), config, progress=False)}
+    for what, make in made.items():
+        expected = [np.asarray(im.convert("L").convert("RGB")) for im in make(colour)]
+        got = [np.asarray(im) for im in make(gray)]
+        assert all(np.array_equal(g, e) for g, e in zip(got, expected)), what
+    assert any(np.ptp(np.asarray(im).astype(int), axis=2).max() > 0 for im in colour.sample(2, config, progress=False))
+
+
 def test_sample_is_batch_size_invariant_and_seeded(pipe):
     one = pipe.sample(3, SampleConfig(t0=0.6, num_inference_steps=10, batch_size=1), seed=4, progress=False)
     three = pipe.sample(3, SampleConfig(t0=0.6, num_inference_steps=10, batch_size=3), seed=4, progress=False)

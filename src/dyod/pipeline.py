@@ -40,12 +40,16 @@ class DyodPipeline:
         num_vectors: int = 1,
         custom_vae: VanillaVAE | None = None,
         output_resolution: int | None = None,
+        grayscale: bool = False,
     ):
         self.prior = prior
         self.token = token
         self.num_vectors = num_vectors
         self.custom_vae = custom_vae
         self.output_resolution = output_resolution or prior.resolution
+        # a run fitted to grayscale data (--grayscale) gives grayscale images, as its dataset was read: the prior's
+        # decoder may tint what it draws
+        self.grayscale = grayscale
         self.last_unet_calls = 0
         self.compiled = False  # set by optimize(compile=...): batches are then padded to one shape
 
@@ -74,7 +78,8 @@ class DyodPipeline:
         else:
             logger.warning("run %s has no dataset prompt yet: prompts cannot use S*", run.path)
         custom_vae = load_vae(run.vae_path, device) if (run.vae_path / "model.safetensors").exists() else None
-        return cls(prior, token, num_vectors, custom_vae, run.data_resolution)
+        grayscale = bool(run.info.get("data_config", {}).get("grayscale", False))
+        return cls(prior, token, num_vectors, custom_vae, run.data_resolution, grayscale)
 
     @classmethod
     def for_sampling(cls, run: str | os.PathLike | Run, device: str | None = None, precision: str = "auto",
@@ -188,8 +193,10 @@ class DyodPipeline:
         return out
 
     def to_images(self, images: torch.Tensor, size: int | None = None) -> list[Image.Image]:
-        """Decoded pixels in [-1, 1] -> Lanczos to the output size where the images are (in float) -> 8-bit PIL."""
-        return tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
+        """Decoded pixels in [-1, 1] -> Lanczos to the output size where the images are (in float) -> 8-bit PIL
+        (for a grayscale run, to grayscale kept as RGB, as ``load_image`` reads its dataset)."""
+        pils = tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
+        return [im.convert("L").convert("RGB") for im in pils] if self.grayscale else pils
 
     def _batched(self, n: int, config: SampleConfig, progress: bool, fn) -> list[Image.Image]:
         return [image for batch in self._iter_batched(n, config, progress, fn) for image in batch]
