@@ -119,6 +119,30 @@ def test_sample_resume_refuses_a_folder_made_before_the_run_was_trained_again(cl
     assert len(list(out.glob("seed-*.png"))) == 3
 
 
+def test_sample_resume_takes_the_run_however_it_is_named(cli_run, tmp_path, monkeypatch, capsys):
+    """The record names the run as the first command did (`run`, from its folder); a resume from elsewhere names it
+    otherwise (absolute, `../run`), or the run has moved with the same S* and VAE: the same run all the same."""
+    import shutil
+
+    shutil.copytree(cli_run, tmp_path / "run")
+    (tmp_path / "work").mkdir()
+    flags = ["--num-inference-steps", "4", "--t0", "0.5", "--device", "cpu"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "run", "-n", "1", *flags, "--out", "s"]) == 0
+    assert main(["sample", str(tmp_path / "run"), "-n", "2", *flags, "--out", str(tmp_path / "s"), "--resume"]) == 0
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["sample", "../run", "-n", "3", *flags, "--out", "../s", "--resume"]) == 0
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    assert main(["sample", "../moved", "-n", "4", *flags, "--out", "../s", "--resume"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("seed-*.png")) == [f"seed-{i:06d}.png" for i in range(4)]
+    other = tmp_path / "other"  # another run (other S*): still refused
+    shutil.copytree(cli_run, other)
+    (other / "learned_embeds.safetensors").write_bytes((other / "learned_embeds.safetensors").read_bytes() + b" ")
+    capsys.readouterr()
+    assert main(["sample", "../other", "-n", "5", *flags, "--out", "../s", "--resume"]) == 2
+    assert "were made with another run" in capsys.readouterr().err
+
+
 def test_sample_precision_flag_runs_the_prior_in_that_precision(cli_run, tmp_path):
     """--precision bf16 on the CPU: the same images as fp32 up to bf16 rounding (a few 8-bit levels at most)."""
     images = {}
@@ -282,6 +306,29 @@ def test_a_run_whose_model_has_moved_samples_with_model(cli_run, tiny_model, tin
     assert json.loads((tmp_path / "b" / "dyod_output.json").read_text())["model"] == str(moved)
     assert main(["sample", str(run), *flags, "--model", str(tiny_v_model), "--out", str(tmp_path / "d")]) == 2
     assert "is not the model run" in capsys.readouterr().err
+
+
+def test_a_model_folder_given_relative_is_recorded_where_it_is(tiny_model, shapes, tmp_path, monkeypatch, capsys):
+    """`--model models/sd` from one folder: run.json records the folder's absolute path, so that a later command run
+    from elsewhere loads it (before: "could not load the diffusers model 'models/sd'"), and the same folder named
+    otherwise (absolute, or as an earlier run recorded it, relative) is the run's model."""
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "sd")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    fast = ["--steps", "2", "--batch-size", "2", "--sample-every", "0", "--device", "cpu"]
+    assert main(["invert", str(shapes), "--model", "models/sd", "--out", "run", *fast]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["model"] == str(tmp_path / "models" / "sd")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["sample", "../run", "-n", "1", "--t0", "1", "--num-inference-steps", "2", "--device", "cpu",
+                 "--out", "s"]) == 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps({**info, "model": "../models/sd"}))  # as recorded before
+    assert main(["invert", str(shapes), "--model", str(tmp_path / "models" / "sd"), "--out", "../run", *fast,
+                 "--steps", "3", "--resume"]) == 0
+    assert main(["invert", str(shapes), "--model", str(tiny_model), "--out", "../run", *fast, "--overwrite"]) == 2
+    assert "was made for model" in capsys.readouterr().err  # another folder (a copy) is another model
 
 
 def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):

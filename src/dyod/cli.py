@@ -263,6 +263,7 @@ def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict
     return {
         "command": args.command,
         "run": str(run),
+        "run_path": str(run.resolve()),
         "model": pipe.prior.model,
         "run_files": Run.open(run).results_fingerprint(),  # SHA-256 of the S* and the custom VAE sampled with
         "config": to_dict(config),
@@ -483,19 +484,22 @@ def _check_resumable(out: Path, args, config: SampleConfig) -> None:
             raise DyodError(f"--resume: {out} holds no {OUTPUT_RECORD}, so it is not a `dyod sample` folder; "
                             "choose another --out")
         return
+    from .run import Run
+
     record = read_json(record_path)
+    recorded = record.get("run_files")  # records from before it was kept: not checked
+    current = Run.open(args.run).results_fingerprint()
     made = {"command": record.get("command"), "run": record.get("run"), "config": record.get("config"),
             "noise_seed": record.get("noise_seed"), "seed": (record.get("seeds") or [None])[0]}
     asked = {"command": "sample", "run": str(Path(args.run)), "config": to_dict(config), "noise_seed": args.noise_seed,
              "seed": args.seed}
-    differ = [k for k in made if made[k] != asked[k]]
+    # the same run however it is named (relative from another folder, absolute), or moved with the same S* and VAE
+    same_run = (Path(record.get("run_path") or made["run"] or "").resolve() == Path(args.run).resolve()
+                or (recorded is not None and all(recorded.values()) and recorded == current))
+    differ = [k for k in made if made[k] != asked[k] and not (k == "run" and same_run)]
     if differ:
         raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
                         f"({', '.join(f'{k}={made[k]!r}' for k in differ)}); run with those, or choose another --out")
-    from .run import Run
-
-    recorded = record.get("run_files")  # records from before it was kept: not checked
-    current = Run.open(args.run).results_fingerprint()
     changed = [name for name in ("embedding", "vae") if recorded is not None and recorded.get(name) != current[name]]
     if changed:
         what = " and ".join({"embedding": "dataset prompt S*", "vae": "custom VAE"}[name] for name in changed)

@@ -54,7 +54,7 @@ from .performance import (
     resolve_mixed_precision,
     to_device_async,
 )
-from .prior import Prior, load_prior
+from .prior import Prior, load_prior, model_reference
 from .run import Run, check_run_to_resume
 
 logger = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ def invert(
 
     prior = load_prior(model)
     if main:
-        run.bind_model(str(model), prior.describe())
+        run.bind_model(model_reference(model), prior.describe())
 
     # Each image is read (straight to the model's resolution), goes through the frozen VAE once, in fp32, and is let
     # go; the VAE then leaves the accelerator. A cache on disk is written by the main process and read by the others.

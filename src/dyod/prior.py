@@ -139,6 +139,24 @@ def check_text_to_image(model: str, unet_config: dict, vae_config: dict, text_wi
                         "UNet on the VAE's latents, conditioned on one CLIP text encoder by cross-attention")
 
 
+def model_reference(model: str | os.PathLike) -> str:
+    """How a run records its model: a local folder as its absolute path (a relative one would name another folder, or
+    none, from wherever a later command runs), the bundled prior and a hub id as given."""
+    name = str(model)
+    if name != BUNDLED_PRIOR and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
+
+
+def same_model(recorded: str, model: str) -> bool:
+    """Whether ``model`` names the model a run records: the same name, or the same local folder (a run from before
+    folders were recorded absolute names them relative to where it was made)."""
+    if recorded == model:
+        return True
+    a, b = Path(recorded), Path(model)
+    return BUNDLED_PRIOR not in (recorded, model) and a.is_dir() and b.is_dir() and a.resolve() == b.resolve()
+
+
 def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Prior:
     """Load the frozen prior from a local diffusers folder or a hub id, with a clear error when it is missing."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

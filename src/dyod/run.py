@@ -90,8 +90,10 @@ class Run:
 
     def bind_model(self, model: str, prior_facts: dict) -> None:
         """Record the prior; a run made for one model refuses another (an embedding only fits its text encoder)."""
+        from .prior import same_model
+
         known = self.info.get("model")
-        if known is not None and known != model:
+        if known is not None and not same_model(known, model):
             raise DyodError(
                 f"run {self.path} was made for model {known!r}, not {model!r}; use a new --out folder"
             )
