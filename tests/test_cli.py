@@ -560,6 +560,14 @@ def test_a_device_this_machine_lacks_is_named(cli_run, tmp_path, capsys, monkeyp
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["invert", "d", "--model", "m", "--out", str(tmp_path / "r"), "--device", "cuda:1"]) == 2
     assert "--device cuda:1: this machine has 1 CUDA GPU(s)" in capsys.readouterr().err
+    # a named second GPU for training, which Accelerate would silently replace with the first: refused, with the way
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for command in (["invert", str(cli_run), "--model", "m"], ["train-vae", str(cli_run)]):
+        assert main([*command, "--out", str(tmp_path / "r"), "--device", "cuda:1"]) == 2
+        assert "`CUDA_VISIBLE_DEVICES=1 dyod ...`" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # another backend this machine lacks
+    assert main(["sample", str(cli_run), "-n", "1", "--out", str(tmp_path / "s"), "--device", "mps"]) == 2
+    assert "--device mps: this machine (or this PyTorch) has no mps device" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()  # refused before any work
 
 

@@ -641,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="run folder")
         p.add_argument("--overwrite", action="store_true", help="replace what the run folder already holds")
         p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-        p.add_argument("--device", default=None, help="cpu to force the CPU (default: Accelerate's choice)")
+        p.add_argument("--device", default=None, help="cpu to force the CPU (default: Accelerate's choice, the first GPU; "
+                       "CUDA_VISIBLE_DEVICES picks another)")
         add_config_flags(p, DataConfig)
         if inversion:
             add_config_flags(p, InversionConfig)
@@ -812,6 +813,11 @@ def _check_device(device: str | None) -> None:
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise DyodError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                             "numbered from 0")
+    elif parsed.type != "cpu":  # mps (Apple GPUs), xpu, ...: each backend says whether this machine has one
+        backend = getattr(torch.backends, parsed.type, None) or getattr(torch, parsed.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise DyodError(f"--device {device}: this machine (or this PyTorch) has no {parsed.type} device; leave "
+                            "--device out to run on the GPU if there is one, else the CPU")
 
 
 def main(argv: list[str] | None = None) -> int:

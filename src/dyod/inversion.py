@@ -53,6 +53,7 @@ from .performance import (
     parse_checkpointing,
     resolve_mixed_precision,
     to_device_async,
+    training_on_cpu,
 )
 from .prior import Prior, load_prior, model_reference
 from .run import Run, check_run_to_resume
@@ -355,11 +356,12 @@ def invert(
     """Learn S* for the dataset in ``data_dir`` and write ``out/learned_embeds.safetensors``; return its path."""
     if resume:
         check_run_to_resume(out)
+    on_cpu = training_on_cpu(device)  # a device training cannot take: before anything else
     files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before anything is made
     accelerator = new_accelerator(
         mixed_precision=resolve_mixed_precision(config.mixed_precision, device),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=device == "cpu",
+        cpu=on_cpu,
     )
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)  # before any work
     check_compile_device(config.compile_unet, accelerator.device, "--compile-unet")

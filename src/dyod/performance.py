@@ -38,6 +38,20 @@ def resolve_mixed_precision(mixed_precision: str, device: str | None = None) -> 
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
+def training_on_cpu(device: str | None) -> bool:
+    """The training stages' ``device``: None (Accelerate's choice: the GPU, else the CPU) or "cpu" to force the CPU.
+    Accelerate places a single process on the default GPU itself, so a named one (cuda:1) would be ignored: refused,
+    with the way to choose a GPU that Accelerate and every other process honour."""
+    if device is None or device == "cpu":
+        return device == "cpu"
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index in (None, 0) or parsed.type == "mps" and parsed.index in (None, 0):
+        return False
+    raise DyodError(f"--device {device}: training runs where Accelerate places it (the first GPU, else the CPU); to "
+                    f"train on another GPU make it the only visible one, e.g. `CUDA_VISIBLE_DEVICES={parsed.index or 0} "
+                    "dyod ...` (a launch over several GPUs: `accelerate launch -m dyod.cli ...`), or give --device cpu")
+
+
 def check_mixed_precision(mixed_precision: str, device: torch.device | str) -> None:
     """fp16 mixed precision is CUDA's: on the CPU Accelerate runs no fp16 autocast, so the fp16 UNet would meet fp32
     inputs at its first layer. Say so before any work, naming the flag and what runs there instead."""

@@ -76,12 +76,13 @@ def train_vae(
 ) -> Path:
     """Train the vanilla VAE on ``data_dir`` and save it to ``out/vae``; return that folder. A checkpoint is written
     every ``config.checkpoint_every`` epochs; ``resume`` continues from it to what an uninterrupted run gives."""
-    from .performance import new_accelerator
+    from .performance import new_accelerator, training_on_cpu
 
     if resume:
         check_run_to_resume(out)
+    on_cpu = training_on_cpu(device)  # a device training cannot take: before anything else
     files = dataset_files(data_dir, data_config.holdout_fraction)  # an empty folder fails before anything is made
-    accelerator = new_accelerator(mixed_precision="no", cpu=device == "cpu")
+    accelerator = new_accelerator(mixed_precision="no", cpu=on_cpu)
     main = accelerator.is_main_process  # under a multi-process launch the main process alone writes the run folder
     with accelerator.main_process_first():
         run = Run.open_or_create(out)
