@@ -132,10 +132,25 @@ def test_fixed_noise_gives_identical_outputs(pipe):
     assert frames[0].tobytes() == a.tobytes()
 
 
+def test_outputs_come_at_the_dataset_resolution_or_the_models_if_the_dataset_is_larger(pipe, fitted_run):
+    """Lanczos down to the dataset's resolution (Eq. 10's last step); a dataset larger than the model (here 32 px
+    against 16) gets the model's: upsampling adds pixels, not detail."""
+    from dyod.data import lanczos_resize_tensor, tensor_to_pil
+
+    assert dyod.Run.open(fitted_run).data_resolution == 32 and pipe.prior.resolution == 16
+    config = SampleConfig(t0=0.5, num_inference_steps=4)
+    assert pipe.output_resolution == 16 and pipe.sample(1, config, progress=False)[0].size == (16, 16)
+    small = DyodPipeline(pipe.prior, pipe.token, pipe.num_vectors, pipe.custom_vae, output_resolution=8)
+    z, noise = small.z([3]), small.noise([3])
+    decoded = small.decode(small.denoise_from(small.encode(lanczos_resize_tensor(small.vae_images(z), 16).clamp(-1, 1)),
+                                              noise, 0.5, config))
+    made = small.generate(z, noise, config)
+    assert made[0].size == (8, 8) and made[0].tobytes() == tensor_to_pil(lanczos_resize_tensor(decoded, 8))[0].tobytes()
+
+
 def test_interpolation_and_traversal_shapes(pipe, fitted_run):
-    resolution = dyod.Run.open(fitted_run).data_resolution
     frames = pipe.interpolate(1, 2, steps=4, config=SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
-    assert len(frames) == 4 and all(f.size == (resolution, resolution) for f in frames)
+    assert len(frames) == 4 and all(f.size == (pipe.output_resolution,) * 2 for f in frames)
     values = pipe.traverse(0, 3, [-2.0, 0.0, 2.0], SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
     assert len(values) == 3 and values[0].tobytes() != values[2].tobytes()
     with pytest.raises(DyodError, match="--dim must be in"):
@@ -174,8 +189,7 @@ def test_image_initialization_stays_near_the_input_at_small_t0(pipe, shapes, fit
 
     images = [load_image(p) for p in sorted(shapes.iterdir())[:3]]
     out = pipe.transform(images, SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
-    resolution = dyod.Run.open(fitted_run).data_resolution
-    assert len(out) == 3 and all(im.size == (resolution, resolution) for im in out)
+    assert len(out) == 3 and all(im.size == (pipe.output_resolution,) * 2 for im in out)
     # Eq. 11 in latent space: starting at t' = 1 of 50 steps changes the input latents far less than t' = T.
     latents = pipe.encode(pil_to_tensor([resize_lanczos(im, pipe.prior.resolution) for im in images]))
     noise = pipe.noise([0, 1, 2])
@@ -194,7 +208,7 @@ def test_round_trip_is_the_prior_autoencoder_on_the_images_in_any_batch(pipe, sh
     whole = pipe.round_trip(images)
     x = pil_to_tensor([resize_lanczos(im, pipe.prior.resolution) for im in images])
     by_hand = pipe.to_images(pipe.decode(pipe.encode(x)))
-    assert len(whole) == 5 and whole[0].size == images[0].size
+    assert len(whole) == 5 and whole[0].size == (min(images[0].size[0], pipe.prior.resolution),) * 2
     for a, b, c in zip(whole, pipe.round_trip(images, batch_size=2), by_hand):
         a, b, c = (np.asarray(im, dtype=int) for im in (a, b, c))
         assert np.abs(a - b).max() <= 1 and np.array_equal(a, c)

@@ -46,7 +46,9 @@ class DyodPipeline:
         self.token = token
         self.num_vectors = num_vectors
         self.custom_vae = custom_vae
-        self.output_resolution = output_resolution or prior.resolution
+        # Lanczos down to the dataset's resolution; a dataset larger than the model (camera photos) gets the model's:
+        # upsampling would add pixels, not detail (a 3000-px dataset made 3000-px PNGs of 512-px samples)
+        self.output_resolution = min(output_resolution or prior.resolution, prior.resolution)
         # a run fitted to grayscale data (--grayscale) gives grayscale images, as its dataset was read: the prior's
         # decoder may tint what it draws
         self.grayscale = grayscale
