@@ -82,11 +82,11 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
     files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
     # Hidden files and folders are not the data (thumbnail caches such as .thumbnails/, macOS's ._name AppleDouble
     # files beside each image copied from a Mac), as Hugging Face's imagefolder also leaves them out.
-    hidden = [f for f in files if any(part.startswith(".") for part in f.relative_to(root).parts)]
+    hidden = {f for f in files if any(part.startswith(".") for part in f.relative_to(root).parts)}
     if hidden:
         logger.info("%s: left out %d hidden image file(s), whose name or folder starts with '.' (e.g. %s)", root,
-                    len(hidden), hidden[0].relative_to(root))
-        files = [f for f in files if f not in set(hidden)]
+                    len(hidden), min(hidden).relative_to(root))
+        files = [f for f in files if f not in hidden]
     # A folder dyod wrote results to also holds their grid: `dyod eval` of it, or a dataset made of it, would count
     # the grid as one more image. A run folder inside the data folder (`--out DATA/run`) holds only dyod's grids.
     results = {folder: _result_images(folder) for folder in {f.parent for f in files}}

@@ -45,7 +45,7 @@ def training_on_cpu(device: str | None) -> bool:
     if device is None or device == "cpu":
         return device == "cpu"
     parsed = torch.device(device)
-    if parsed.type == "cuda" and parsed.index in (None, 0) or parsed.type == "mps" and parsed.index in (None, 0):
+    if parsed.type in ("cuda", "mps") and parsed.index in (None, 0):
         return False
     raise DyodError(f"--device {device}: training runs where Accelerate places it (the first GPU, else the CPU); to "
                     f"train on another GPU make it the only visible one, e.g. `CUDA_VISIBLE_DEVICES={parsed.index or 0} "
