@@ -378,16 +378,14 @@ def cmd_tune(args) -> None:
 
 def cmd_sweep_transform(args) -> None:
     from .pipeline import load_input_images
-    from .run import Run
-    from .sweep import check_run_can_sample, check_transform_inputs, sweep_transform
+    from .sweep import sweep_transform
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before any work
-    check_run_can_sample(Run.open(args.run), config.prompt)
     images, _, skipped = load_input_images(args.inputs, size=_model_resolution(args.run))
-    check_transform_inputs(images)  # before loading the model
-    out = _prepare_output(Path(args.out), args.overwrite)
+    out = Path(args.out)
+    _check_output(out, args.overwrite)  # made as the sweep writes: a sweep refused for its run leaves none
     sweep_transform(args.run, images, t0s, seed=args.seed, config=config,
-                    baseline_prompt=args.baseline_prompt, out=out, pipe=_pipeline(args))
+                    baseline_prompt=args.baseline_prompt, out=out, pipe=lambda: _pipeline(args))
     print((out / "sweep_transform.md").read_text())
 
 
@@ -469,7 +467,7 @@ def _require_custom_vae(run: str, t0: float) -> None:
     """Below t0 = 1 sampling starts from the custom VAE: a run without one is refused before the model loads."""
     from .run import Run
 
-    if t0 < 1.0 and not (Run.open(run).vae_path / "model.safetensors").exists():
+    if t0 < 1.0 and not Run.open(run).vae_weights_path.exists():
         raise DyodError(f"run {run} has no custom VAE, which t0 = {t0} starts from; run `dyod train-vae` (or "
                         "`dyod fit`) first, or use --t0 1.0")
 
@@ -488,22 +486,21 @@ def _check_resumable(out: Path, args, config: SampleConfig) -> None:
 
     record = read_json(record_path)
     recorded = record.get("run_files")  # records from before it was kept: not checked
-    current = Run.open(args.run).results_fingerprint()
+    changed = Run.open(args.run).changed_results(recorded) if recorded is not None else []
     made = {"command": record.get("command"), "run": record.get("run"), "config": record.get("config"),
             "noise_seed": record.get("noise_seed"), "seed": (record.get("seeds") or [None])[0]}
     asked = {"command": "sample", "run": str(Path(args.run)), "config": to_dict(config), "noise_seed": args.noise_seed,
              "seed": args.seed}
     # the same run however it is named (relative from another folder, absolute), or moved with the same S* and VAE
     same_run = (Path(record.get("run_path") or made["run"] or "").resolve() == Path(args.run).resolve()
-                or (recorded is not None and all(recorded.values()) and recorded == current))
+                or (recorded is not None and all(recorded.values()) and not changed))
     differ = [k for k in made if made[k] != asked[k] and not (k == "run" and same_run)]
     if differ:
         raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
                         f"({', '.join(f'{k}={made[k]!r}' for k in differ)}); run with those, or choose another --out")
-    changed = [name for name in ("embedding", "vae") if recorded is not None and recorded.get(name) != current[name]]
     if changed:
-        what = " and ".join({"embedding": "dataset prompt S*", "vae": "custom VAE"}[name] for name in changed)
-        raise DyodError(f"--resume: the samples in {out} were made with the run's {what} as it was before it was "
+        raise DyodError(f"--resume: the samples in {out} were made with the run's {' and '.join(changed)} as it was "
+                        "before it was "
                         "trained again; the new samples would not match them. Choose another --out, or --overwrite "
                         "to start this folder again")
 

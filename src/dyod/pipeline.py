@@ -79,7 +79,7 @@ class DyodPipeline:
             num_vectors = vectors.shape[0]
         else:
             logger.warning("run %s has no dataset prompt yet: prompts cannot use S*", run.path)
-        custom_vae = load_vae(run.vae_path, device) if (run.vae_path / "model.safetensors").exists() else None
+        custom_vae = load_vae(run.vae_path, device) if run.vae_weights_path.exists() else None
         grayscale = bool(run.info.get("data_config", {}).get("grayscale", False))
         return cls(prior, token, num_vectors, custom_vae, run.data_resolution, grayscale)
 

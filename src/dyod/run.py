@@ -114,6 +114,11 @@ class Run:
         return self.path / "vae"
 
     @property
+    def vae_weights_path(self) -> Path:
+        """The custom VAE's weights: there once stage 2 has finished."""
+        return self.vae_path / "model.safetensors"
+
+    @property
     def inversion_path(self) -> Path:
         return self.path / "inversion"
 
@@ -121,7 +126,13 @@ class Run:
         """SHA-256 of what the two stages made (S* and the custom VAE's weights; None for a stage not made): stored
         with the t0 ``dyod tune`` chooses, which holds only for the S* and VAE it was chosen with."""
         return {name: _sha256(path) if path.exists() else None
-                for name, path in (("embedding", self.embeddings_path), ("vae", self.vae_path / "model.safetensors"))}
+                for name, path in (("embedding", self.embeddings_path), ("vae", self.vae_weights_path))}
+
+    def changed_results(self, recorded: dict) -> list[str]:
+        """What was trained again since ``recorded`` (a ``results_fingerprint``): "dataset prompt S*", "custom VAE"."""
+        current = self.results_fingerprint()
+        return [what for name, what in (("embedding", "dataset prompt S*"), ("vae", "custom VAE"))
+                if recorded.get(name) != current[name]]
 
     def chosen_t0(self) -> float | None:
         """The t0 chosen on held-out images (``dyod tune``, ``fit --choose-t0``), if S* and the custom VAE are still
@@ -130,15 +141,12 @@ class Run:
         if not chosen:
             return None
         recorded = chosen.get("fingerprint")  # runs from before fingerprints were recorded: taken as they are
-        if recorded is not None:
-            current = self.results_fingerprint()
-            changed = [name for name in ("embedding", "vae") if recorded.get(name) != current[name]]
-            if changed:
-                what = " and ".join({"embedding": "the dataset prompt S*", "vae": "the custom VAE"}[n] for n in changed)
-                logger.warning("run %s: the t0 chosen on held-out images (%.2f) was chosen with %s as it was "
-                               "before it was trained again; not using it (`dyod tune %s` chooses again)",
-                               self.path, chosen["t0"], what, self.path)
-                return None
+        changed = self.changed_results(recorded) if recorded is not None else []
+        if changed:
+            logger.warning("run %s: the t0 chosen on held-out images (%.2f) was chosen with %s as it was before it was "
+                           "trained again; not using it (`dyod tune %s` chooses again)", self.path, chosen["t0"],
+                           " and ".join(f"the {what}" for what in changed), self.path)
+            return None
         return float(chosen["t0"])
 
     @property

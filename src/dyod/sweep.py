@@ -123,7 +123,7 @@ def check_run_can_sample(run: Run, prompt: str, t0s=(1.0,)) -> None:
     """Before any model loads: a sweep needs the custom VAE below t0 = 1 and S* for a prompt that uses it (a sweep
     that left those rows out would print a table of fewer rows, or none, and pass for done)."""
     below = [t for t in t0s if t < 1.0]
-    if below and not (run.vae_path / "model.safetensors").exists():
+    if below and not run.vae_weights_path.exists():
         raise DyodError(f"run {run.path} has no custom VAE, which t0 = {below[0]:g} starts from (and the VAE-alone "
                         "baseline is); run `dyod train-vae` (or `dyod fit`) first, or sweep --t0 1 alone")
     if "{}" in prompt and not run.embeddings_path.exists():
@@ -244,14 +244,15 @@ def check_transform_inputs(inputs: list) -> None:
 def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0.6, 0.7, 0.8), seed: int = 0,
                     config: SampleConfig = SampleConfig(), baseline_prompt: str | None = None,
                     out: str | os.PathLike | None = None, progress: bool = True, pipe=None) -> list[dict]:
-    """Fig. 5 as numbers: KID of transformed inputs against the dataset, with S* and with a plain prompt."""
+    """Fig. 5 as numbers: KID of transformed inputs against the dataset, with S* and with a plain prompt. ``pipe``: as
+    for ``sweep``, the run's pipeline or a function that makes one once the run is found able to sample."""
     from .evaluation import feature_extractor, kid
     from .pipeline import DyodPipeline
 
-    check_transform_inputs(inputs)
     run = run if isinstance(run, Run) else Run.open(run)
-    check_run_can_sample(run, config.prompt)
-    pipe = pipe or DyodPipeline.for_sampling(run)
+    check_run_can_sample(run, config.prompt)  # both before the model loads
+    check_transform_inputs(inputs)
+    pipe = pipe() if callable(pipe) else pipe or DyodPipeline.for_sampling(run)
     extractor = feature_extractor("emoji")
     ref_features = reference_features(run, extractor)
     if baseline_prompt is None:
