@@ -270,8 +270,8 @@ def test_what_a_run_lacks_is_named_before_the_model_loads(cli_run, tmp_path, cap
     # a sweep (tune) refuses rather than leave out the rows it cannot make: before, an empty table and exit 0
     for command in (["sweep", "--ref", str(cli_run)], ["tune"]):
         assert main([*command[:1], str(run), *command[1:], "--t0", "0.5", "-n", "2", "--out", str(out)]) == 2
-        assert "has no custom VAE, which t0 = 0.5 starts from (and the VAE-alone baseline is)" in \
-            capsys.readouterr().err
+        assert "has no custom VAE, which t0 = 0.5 starts from; run `dyod train-vae` (or `dyod fit`) first, or sweep " \
+            "--t0 1 alone (the VAE-alone baseline needs it too)" in capsys.readouterr().err
     vae_only = tmp_path / "vae-only"  # a run whose prompt stage has not run
     vae_only.mkdir()
     (vae_only / "run.json").write_text((cli_run / "run.json").read_text())
@@ -282,6 +282,12 @@ def test_what_a_run_lacks_is_named_before_the_model_loads(cli_run, tmp_path, cap
     assert main(["sweep-transform", str(vae_only), str(cli_run / "vae" / "samples"), "--t0", "0.5", "--out",
                  str(out)]) == 2
     assert "has no dataset prompt S*" in capsys.readouterr().err
+    # sampling commands likewise (before, the model loaded and the pipeline refused: "no learned token yet")
+    for command in (["sample", "-n", "2", "--t0", "0.5"], ["interpolate", "--seeds", "1,2"], ["traverse", "--dim", "0"],
+                    ["transform", str(cli_run / "vae" / "samples")]):
+        assert main([command[0], str(vae_only), *command[1:], "--out", str(out)]) == 2
+        assert "has no dataset prompt S* (learned_embeds.safetensors), which the prompt 'a photo of {}' uses; run " \
+            "`dyod invert` (or `dyod fit`) first, or give a --prompt without {}" in capsys.readouterr().err
     assert not out.exists()
 
 

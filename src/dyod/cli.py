@@ -428,7 +428,7 @@ def cmd_sample(args) -> None:
     from .sampling import num_denoising_steps
 
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything
-    _require_custom_vae(args.run, config.t0)
+    _require_what_sampling_needs(args.run, config)
     seeds = list(range(args.seed, args.seed + args.n))
     names = [f"seed-{s:06d}.png" for s in seeds]
     out = Path(args.out)
@@ -463,13 +463,12 @@ def cmd_sample(args) -> None:
         _finish_outputs(out, None, record, names)
 
 
-def _require_custom_vae(run: str, t0: float) -> None:
-    """Below t0 = 1 sampling starts from the custom VAE: a run without one is refused before the model loads."""
+def _require_what_sampling_needs(run: str, config: SampleConfig, from_vae: bool = True) -> None:
+    """The custom VAE below t0 = 1 (``from_vae``: the samples start from it) and S* for a prompt with {}: a run without
+    them is refused before the model loads."""
     from .run import Run
 
-    if t0 < 1.0 and not Run.open(run).vae_weights_path.exists():
-        raise DyodError(f"run {run} has no custom VAE, which t0 = {t0} starts from; run `dyod train-vae` (or "
-                        "`dyod fit`) first, or use --t0 1.0")
+    Run.open(run).check_can_sample(config.prompt, (config.t0,) if from_vae else ())
 
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
@@ -509,6 +508,7 @@ def cmd_transform(args) -> None:
     from .pipeline import load_input_images
 
     config = config_from_args(args, SampleConfig)
+    _require_what_sampling_needs(args.run, config, from_vae=False)  # transforms start from the inputs
     images, paths, skipped = load_input_images(args.inputs, grayscale=args.grayscale, size=_model_resolution(args.run))
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
@@ -528,7 +528,7 @@ def cmd_interpolate(args) -> None:
     if not all(0 <= s < SEED_LIMIT for s in (seed_a, seed_b)):
         raise DyodError(f"--seeds must be in [0, {SEED_LIMIT - 1}], got {args.seeds!r}")
     config = config_from_args(args, SampleConfig)
-    _require_custom_vae(args.run, config.t0)
+    _require_what_sampling_needs(args.run, config)
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
@@ -553,6 +553,7 @@ def cmd_traverse(args) -> None:
         raise DyodError(f"--dim must be in [0, {latent_dim - 1}]: the run's custom VAE has {latent_dim} latent "
                         f"dimensions; got {args.dim}")
     config = config_from_args(args, SampleConfig)
+    _require_what_sampling_needs(args.run, config, from_vae=False)  # the VAE is checked above
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     images = pipe.traverse(args.seed, args.dim, values, config)

@@ -47,17 +47,17 @@ def fit(
     images ``data_config.holdout_fraction`` keeps out of both stages and store the best as the run's default t0.
     ``resume`` continues whichever stage was stopped. Returns the run folder."""
     from .inversion import invert
-    from .run import is_main_process
+    from .run import Run, is_main_process
     from .vae_training import CHECKPOINT_FILE, train_vae
 
     if choose_t0:
         check_heldout(data_dir, data_config.holdout_fraction)  # before any training
     invert(data_dir, model, out, inversion_config, data_config, resume=resume, overwrite=overwrite, progress=progress,
            device=device)
-    vae_folder = Path(out) / "vae"
-    resume_vae = resume and (vae_folder / CHECKPOINT_FILE).exists()
-    if resume and not resume_vae and (vae_folder / "model.safetensors").exists():  # made before VAE checkpoints
-        logger.info("custom VAE: %s (already trained)", vae_folder)
+    run = Run.open(out)
+    resume_vae = resume and (run.vae_path / CHECKPOINT_FILE).exists()
+    if resume and not resume_vae and run.vae_weights_path.exists():  # made before VAE checkpoints
+        logger.info("custom VAE: %s (already trained)", run.vae_path)
     else:
         train_vae(data_dir, out, vae_config, data_config, overwrite=overwrite, progress=progress, device=device,
                   resume=resume_vae)

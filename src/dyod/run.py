@@ -149,6 +149,17 @@ class Run:
             return None
         return float(chosen["t0"])
 
+    def check_can_sample(self, prompt: str, t0s=(1.0,), otherwise: str = "use --t0 1") -> None:
+        """Before any model loads: sampling below t0 = 1 starts from the custom VAE, and a prompt with {} uses S*.
+        ``otherwise`` is the way round a missing VAE that the command offers."""
+        below = [t for t in t0s if t < 1.0]
+        if below and not self.vae_weights_path.exists():
+            raise DyodError(f"run {self.path} has no custom VAE, which t0 = {below[0]:g} starts from; run "
+                            f"`dyod train-vae` (or `dyod fit`) first, or {otherwise}")
+        if "{}" in prompt and not self.embeddings_path.exists():
+            raise DyodError(f"run {self.path} has no dataset prompt S* ({self.embeddings_path.name}), which the prompt "
+                            f"{prompt!r} uses; run `dyod invert` (or `dyod fit`) first, or give a --prompt without {{}}")
+
     @property
     def data_resolution(self) -> int | None:
         return self.info.get("data", {}).get("resolution")

@@ -120,15 +120,9 @@ def sweep(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int
 
 
 def check_run_can_sample(run: Run, prompt: str, t0s=(1.0,)) -> None:
-    """Before any model loads: a sweep needs the custom VAE below t0 = 1 and S* for a prompt that uses it (a sweep
-    that left those rows out would print a table of fewer rows, or none, and pass for done)."""
-    below = [t for t in t0s if t < 1.0]
-    if below and not run.vae_weights_path.exists():
-        raise DyodError(f"run {run.path} has no custom VAE, which t0 = {below[0]:g} starts from (and the VAE-alone "
-                        "baseline is); run `dyod train-vae` (or `dyod fit`) first, or sweep --t0 1 alone")
-    if "{}" in prompt and not run.embeddings_path.exists():
-        raise DyodError(f"run {run.path} has no dataset prompt S* ({run.embeddings_path.name}), which the prompt "
-                        f"{prompt!r} uses; run `dyod invert` (or `dyod fit`) first, or give a --prompt without {{}}")
+    """Before any model loads (a sweep that left out the rows it cannot make would print a table of fewer rows, or
+    none, and pass for done)."""
+    run.check_can_sample(prompt, t0s, otherwise="sweep --t0 1 alone (the VAE-alone baseline needs it too)")
 
 
 def best_row(rows: list[SweepRow]) -> SweepRow:
