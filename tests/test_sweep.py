@@ -55,6 +55,26 @@ def test_sweep_produces_a_complete_table(fitted_run, tmp_path):
     assert len(grids) == 2 and (tmp_path / "notes.txt").exists()  # VAE alone and t0 = 0.6
 
 
+def test_a_sweep_without_t0_1_shows_no_speed_it_did_not_measure(fitted_run, tmp_path):
+    """The measured speed-up is against t0 = 1: a sweep of t0 < 1 alone (``tune``) has neither its table row (before:
+    a row of dashes) nor the plot's second axis (before: an empty 0..1 axis) nor a legend naming t0 = 1."""
+    import matplotlib.pyplot as plt
+
+    from dyod.sweep import sweep_figure
+
+    rows = sweep(fitted_run, [0.3, 0.6], n=4, config=FAST, progress=False)
+    assert "speed, measured" not in markdown_table(rows, 10)
+    fig = sweep_figure(rows)
+    assert len(fig.axes) == 1 and {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"DYOD", "VAE alone"}
+    plt.close(fig)
+    with_alone = rows + sweep(fitted_run, [1.0], n=4, config=FAST, progress=False)[1:]  # its t0 = 1 row
+    assert "| speed, measured | ×" in markdown_table(with_alone, 10)
+    fig = sweep_figure(with_alone)
+    legend = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert len(fig.axes) == 2 and legend == {"DYOD (t0 = 1: prior + S* alone)", "VAE alone", "measured speed-up"}
+    plt.close(fig)
+
+
 def test_sweep_scores_a_batch_at_a_time_with_the_kid_of_all_samples(fitted_run, monkeypatch):
     """A sweep keeps features, not samples: the feature network sees one batch of images at a time, and the KID is
     that of the whole set of samples scored at once."""

@@ -152,10 +152,11 @@ def markdown_table(rows: list[SweepRow], num_inference_steps: int) -> str:
         "| KID × 100 | " + " | ".join(fmt_kid(r) for r in ordered) + " |",
         "| UNet calls | " + " | ".join(str(r.unet_calls) for r in ordered) + " |",
         "| speed, paper's T/t0 | " + " | ".join(f"×{num_inference_steps / r.unet_calls:.2f}" if r.unet_calls else "-" for r in ordered) + " |",
-        "| speed, measured | " + " | ".join(
-            f"×{base_seconds / r.seconds_per_image:.2f}" if base_seconds and r.t0 is not None else "-" for r in ordered) + " |",
-        "| s / image | " + " | ".join(f"{r.seconds_per_image:.3f}" for r in ordered) + " |",
     ]
+    if base_seconds:  # measured against the prior + S* alone: a sweep without t0 = 1 has nothing to measure against
+        lines.append("| speed, measured | " + " | ".join(
+            f"×{base_seconds / r.seconds_per_image:.2f}" if r.t0 is not None else "-" for r in ordered) + " |")
+    lines.append("| s / image | " + " | ".join(f"{r.seconds_per_image:.3f}" for r in ordered) + " |")
     return "\n".join(lines)
 
 
@@ -165,28 +166,38 @@ def plot_sweep(rows: list[SweepRow], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = sweep_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_figure(rows: list[SweepRow], title: str = ""):
+    """KID against t0, the VAE alone as a line; the measured speed-up on a second axis when the sweep has the
+    t0 = 1 row it is measured against (and only then: an empty axis would read as a measurement)."""
+    import matplotlib.pyplot as plt
+
     curve = [r for r in rows if r.t0 is not None]
     vae = next((r for r in rows if r.t0 is None), None)
+    alone = next((r for r in curve if r.t0 == 1.0), None)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.errorbar([r.t0 for r in curve], [r.kid_x100 for r in curve], yerr=[r.kid_x100_std for r in curve],
-                marker="o", label="DYOD (t0 = 1: prior + S* alone)")
+                marker="o", label="DYOD (t0 = 1: prior + S* alone)" if alone else "DYOD")
     if vae is not None:
         ax.axhline(vae.kid_x100, color="gray", linestyle="--", label="VAE alone")
     ax.set_xlabel("t0 (fraction of T)")
     ax.set_ylabel("KID × 100 (lower is better)")
-    ax2 = ax.twinx()
-    base = next((r.seconds_per_image for r in curve if r.t0 == 1.0), None)
-    if base:
-        ax2.plot([r.t0 for r in curve], [base / r.seconds_per_image for r in curve], color="tab:orange", marker="s",
-                 alpha=0.7, label="measured speed-up")
+    handles, labels = ax.get_legend_handles_labels()
+    if alone is not None and alone.seconds_per_image:
+        ax2 = ax.twinx()
+        ax2.plot([r.t0 for r in curve], [alone.seconds_per_image / r.seconds_per_image for r in curve],
+                 color="tab:orange", marker="s", alpha=0.7, label="measured speed-up")
         ax2.set_ylabel("speed-up vs t0 = 1", color="tab:orange")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper center")
+        handles2, labels2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + handles2, labels + labels2
+    ax.legend(handles, labels, fontsize=8, loc="best")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def write_sweep_outputs(rows: list[SweepRow], out: Path, meta: dict) -> None:
