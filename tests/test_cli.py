@@ -539,6 +539,9 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys
         (few / path.name).write_bytes(path.read_bytes())  # three images, none held out at 0.2
     assert main(["fit", str(few), "--model", "m", "--out", str(tmp_path / "r"), "--choose-t0"]) == 2
     assert "which needs at least 2; --holdout-fraction 0.2 holds out" in capsys.readouterr().err
+    # a folder that is missing is named as such (before: "holds out 0 of the images in" it)
+    assert main(["fit", str(tmp_path / "nowhere"), "--model", "m", "--out", str(tmp_path / "r"), "--choose-t0"]) == 2
+    assert f"{tmp_path / 'nowhere'} does not exist; give a folder of images" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -118,7 +118,15 @@ def test_a_run_folder_inside_the_data_folder_is_not_data(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / folder / "vae" / "samples" / "epoch-0001.png")
     names = [p.relative_to(tmp_path).as_posix() for p in find_image_files(tmp_path)]
     assert names == ["other/vae/samples/epoch-0001.png", "photo.png"]
-    assert len(find_image_files(tmp_path / "run")) == 1  # the run folder itself, given as the folder, is read
+    # the run folder itself given as the folder of images (`dyod eval SAMPLES --ref RUN`, `dyod fit RUN`): before, its
+    # grids were scored or trained on; now refused, naming the dataset the run records
+    with pytest.raises(DyodError, match=r"run is a dyod run folder \(run.json\), not a folder of images: the images in "
+                                        r"it are dyod's sample grids. Give a folder of images$"):
+        find_image_files(tmp_path / "run")
+    (tmp_path / "run" / "data.json").write_text(json.dumps({"root": "/photos/cats", "num_images": 1}))
+    with pytest.raises(DyodError, match=r"Give a folder of images \(the run was trained on /photos/cats\)"):
+        find_image_files(tmp_path / "run")
+    assert len(find_image_files(tmp_path / "other")) == 1  # a run.json dyod did not write: an ordinary folder
 
 
 def test_exif_orientation_is_applied(tmp_path):

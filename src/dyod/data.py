@@ -78,6 +78,8 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         raise DyodError(f"{root} does not exist; give a folder of images (searched recursively) or an image file")
     if root.is_file():
         return [root]
+    if _is_run_record(root / RUN_FILE):
+        raise DyodError(_run_folder_is_not_data(root))
     found = _files_under(root)
     files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
     # Hidden files and folders are not the data (thumbnail caches such as .thumbnails/, macOS's ._name AppleDouble
@@ -112,6 +114,18 @@ def _files_under(root: Path) -> list[Path]:
         subfolders.sort()  # which of two links to one folder is kept: the first by name, on every machine
         files.extend(Path(folder) / name for name in names)
     return [f for f in files if f.is_file()]
+
+
+def _run_folder_is_not_data(root: Path) -> str:
+    """A run folder given where images are wanted (``eval --ref RUN``): it holds only dyod's grids, and the folder
+    meant is most likely the dataset the run was trained on, which it records."""
+    try:
+        trained_on = json.loads((root / "data.json").read_text()).get("root")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None
+    hint = f" (the run was trained on {trained_on})" if trained_on else ""
+    return (f"{root} is a dyod run folder ({RUN_FILE}), not a folder of images: the images in it are dyod's sample "
+            f"grids. Give a folder of images{hint}")
 
 
 def _is_run_record(path: Path) -> bool:

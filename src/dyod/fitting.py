@@ -19,6 +19,7 @@ def check_heldout(data_dir: str | os.PathLike, fraction: float) -> None:
 
     if not fraction:
         raise DyodError("--choose-t0 chooses t0 on held-out images; give --holdout-fraction above 0 (default 0.2)")
+    dataset_files(data_dir)  # a folder that is no dataset at all is named as such, not as a split too small
     try:
         held = dataset_files(data_dir, fraction, split="heldout")
     except DyodError:
