@@ -54,6 +54,37 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
     assert recorded == {**json.loads(json.dumps(dataclasses.asdict(config))), "unet_steps": 4}
 
 
+def test_ctrl_c_in_pretraining_writes_its_state_and_resume_goes_on(tmp_path, monkeypatch):
+    """Pre-training checkpoints every 1,000 steps: Ctrl-C between them lost everything since (hours on a CPU). Now
+    the step in progress finishes and its state is written; --resume goes on from there."""
+    import os
+    import signal
+
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    config = PretrainConfig(corpus_size=64, vae_steps=2, vae_batch_size=4, unet_steps=5, unet_batch_size=4,
+                            vocab_size=600, text_width=32, text_layers=1, vae_channels=(32, 32, 32),
+                            unet_channels=(32, 32, 32), checkpoint_every=100)
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupted_in_step_three(*args, **kwargs):  # the UNet loop's alone
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tmp_path / "prior", config, progress=False, device="cpu")
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "prior" / "training" / "unet_state.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "3"
+    out = pretrain(tmp_path / "prior", config, resume=True, progress=False, device="cpu")
+    assert len(json.loads((out / "training" / "unet_losses.json").read_text())) == 5  # steps 4 and 5 added
+
+
 def test_a_folder_of_fp16_variant_weights_loads(tmp_path, tiny_model):
     """A download of a model's fp16 variant holds only `*.fp16.safetensors` files, which from_pretrained finds only
     when told the variant: dyod tells it, and loads the fp16 numbers (in the dtype asked for)."""

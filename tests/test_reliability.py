@@ -250,3 +250,61 @@ def test_half_precision_sampling_on_a_v_prediction_model_stays_finite(tmp_path, 
         assert latents.dtype == torch.float32 and torch.isfinite(latents).all()  # the DDIM arithmetic stays in fp32
     images = pipe.sample(1, SampleConfig(t0=0.6, num_inference_steps=3), progress=False)
     assert all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for im in images)
+
+
+def test_ctrl_c_writes_a_checkpoint_where_training_stopped_and_resume_loses_nothing(tmp_path, tiny_model, shapes,
+                                                                                    monkeypatch):
+    """Ctrl-C (SIGINT) in a training loop without periodic checkpoints: before, every step since the start was lost
+    (`--checkpoint-every` 500 by default); now the step in progress finishes, a checkpoint is written there, and
+    --resume ends where an uninterrupted run ends, logging each step once. A second Ctrl-C stops at once."""
+    import dyod.inversion as inversion
+    import dyod.vae_training as vae_training
+
+    def interrupt_at(module, name, calls_at, times=1):
+        real, calls = getattr(module, name), {"n": 0}
+
+        def interrupted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls_at:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)  # as the terminal delivers Ctrl-C, mid-step
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return real
+
+    config = dyod.InversionConfig(steps=12, batch_size=2, checkpoint_every=0, learning_rate=0.05, sample_every=0,
+                                  gradient_checkpointing="none")  # no probe step: one loss per step
+    real = interrupt_at(inversion, "inversion_loss", 7)
+    with pytest.raises(KeyboardInterrupt):
+        dyod.invert(shapes, tiny_model, tmp_path / "stopped", config, progress=False, device="cpu")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    checkpoint = tmp_path / "stopped" / "inversion" / "checkpoint.safetensors"
+    assert _checkpoint_step(checkpoint) == 7 and not (tmp_path / "stopped" / "learned_embeds.safetensors").exists()
+    monkeypatch.setattr(inversion, "inversion_loss", real)
+    dyod.invert(shapes, tiny_model, tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
+    dyod.invert(shapes, tiny_model, tmp_path / "straight", config, progress=False, device="cpu")
+    torch.testing.assert_close(load_file(str(tmp_path / "stopped" / "learned_embeds.safetensors"))["<dyod>"],
+                               load_file(str(tmp_path / "straight" / "learned_embeds.safetensors"))["<dyod>"],
+                               rtol=1e-5, atol=1e-6)
+    log = (tmp_path / "stopped" / "inversion" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 13))
+
+    interrupt_at(inversion, "inversion_loss", 3, times=2)  # Ctrl-C twice: at once, no checkpoint of a half step
+    with pytest.raises(KeyboardInterrupt):
+        dyod.invert(shapes, tiny_model, tmp_path / "twice", config, progress=False, device="cpu")
+    assert not (tmp_path / "twice" / "inversion" / "checkpoint.safetensors").exists()
+    monkeypatch.setattr(inversion, "inversion_loss", real)
+
+    vae_config = dyod.VAEConfig(epochs=4, batch_size=4, latent_dim=4, checkpoint_every=0)
+    real = interrupt_at(vae_training, "vae_loss", 5)  # three steps an epoch: in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        dyod.train_vae(shapes, tmp_path / "vae-stopped", vae_config, progress=False, device="cpu")
+    vae_checkpoint = tmp_path / "vae-stopped" / "vae" / "checkpoint.safetensors"
+    assert _checkpoint_step(vae_checkpoint) == 2 and not (tmp_path / "vae-stopped" / "vae" / "model.safetensors").exists()
+    monkeypatch.setattr(vae_training, "vae_loss", real)
+    dyod.train_vae(shapes, tmp_path / "vae-stopped", vae_config, progress=False, device="cpu", resume=True)
+    dyod.train_vae(shapes, tmp_path / "vae-straight", vae_config, progress=False, device="cpu")
+    whole = load_file(str(tmp_path / "vae-straight" / "vae" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "vae-stopped" / "vae" / "model.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

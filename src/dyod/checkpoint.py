@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -89,3 +91,32 @@ def check_resumed_config(recorded: dict | None, config, shape: tuple[str, ...], 
         logger.warning(
             "--resume with other settings than the checkpoint in %s (%s): training goes on with them, so the result "
             "is not what an uninterrupted run would give", where, "; ".join(changes(results)))
+
+
+class CheckpointOnInterrupt:
+    """Ctrl-C during a training loop: the step in progress finishes (an optimizer step cut in two would leave its
+    moments half-updated), the loop writes a checkpoint there and stops, so that --resume loses nothing done; a second
+    Ctrl-C stops at once. ``requested`` is what the loop reads after each step. Only in a single process's main thread:
+    signal handlers can be set nowhere else, and the processes of a multi-process launch would stop at different steps
+    (there Ctrl-C stops at once, back to the last periodic checkpoint)."""
+
+    def __init__(self, enabled: bool = True, what: str = "step"):
+        self.enabled, self.what = enabled, what
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "CheckpointOnInterrupt":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C interrupts as it always does
+        logger.warning("interrupted: finishing the %s in progress and writing a checkpoint (Ctrl-C again stops at "
+                       "once)", self.what)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_resumed_config, checkpoint_meta, load_training_state, save_training_state, truncate_log
+from .checkpoint import (CheckpointOnInterrupt, check_resumed_config, checkpoint_meta, load_training_state,
+                         save_training_state, truncate_log)
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -438,38 +439,47 @@ def invert(
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                disable=not progress or not main, desc="dataset prompt")
     pending: list[torch.Tensor] = []  # losses of steps not yet read back: reading one waits for the GPU
-    for step in bar:
-        try:
-            pending.append(trainer.step())
-        except torch.OutOfMemoryError:
-            raise DyodError(_out_of_memory_advice(config, checkpoint, trainer.checkpointing)) from None
-        done = step + 1
-        if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
-            write_preview(done)
-        save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps
-        if not (save or len(pending) == SYNC_EVERY):
-            continue
-        first = done - len(pending)
-        values = torch.stack(pending).tolist()
-        pending.clear()
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
-            raise DyodError(
-                f"the loss became {values[bad]} at step {first + bad}; the last checkpoint in {checkpoint} is intact. "
-                "Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
-            )
-        if not torch.isfinite(trainer.embedding.learned).all():
-            raise DyodError(
-                f"the learned embedding became non-finite between steps {first} and {done}; the last checkpoint in "
-                f"{checkpoint} is intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
-            )
-        losses.extend(values)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if main:
-            with open(log_file, "a") as f:
-                f.writelines(json.dumps({"step": first + i + 1, "loss": v}) + "\n" for i, v in enumerate(values))
-            if save:
-                trainer.save(checkpoint, done, losses)
+    with CheckpointOnInterrupt(enabled=accelerator.num_processes == 1) as interrupt:
+        for step in bar:
+            try:
+                pending.append(trainer.step())
+            except torch.OutOfMemoryError:
+                raise DyodError(_out_of_memory_advice(config, checkpoint, trainer.checkpointing)) from None
+            done = step + 1
+            stopping = interrupt.requested and done < config.steps  # the last step ends the loop anyway
+            if config.sample_every and (done % config.sample_every == 0 or done == config.steps) and not stopping:
+                write_preview(done)
+            save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps or stopping
+            if not (save or len(pending) == SYNC_EVERY):
+                continue
+            first = done - len(pending)
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise DyodError(
+                    f"the loss became {values[bad]} at step {first + bad}; the last checkpoint in {checkpoint} is "
+                    "intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
+                )
+            if not torch.isfinite(trainer.embedding.learned).all():
+                raise DyodError(
+                    f"the learned embedding became non-finite between steps {first} and {done}; the last checkpoint "
+                    f"in {checkpoint} is intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then "
+                    "--resume"
+                )
+            losses.extend(values)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if main:
+                with open(log_file, "a") as f:
+                    f.writelines(json.dumps({"step": first + i + 1, "loss": v}) + "\n" for i, v in enumerate(values))
+                if save:
+                    trainer.save(checkpoint, done, losses)
+            if stopping:
+                bar.n = done  # the bar counts an iteration when the next begins
+                bar.close()
+                logger.warning("the dataset prompt stopped at step %d of %d; %s holds it: the same command with "
+                               "--resume continues", done, config.steps, checkpoint)
+                raise KeyboardInterrupt
 
     text_encoder = trainer.text_encoder
     vectors = accelerator.unwrap_model(text_encoder).get_input_embeddings().learned.detach()

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_resumed_config, checkpoint_meta, load_training_state, save_training_state, truncate_log
+from .checkpoint import (CheckpointOnInterrupt, check_resumed_config, checkpoint_meta, load_training_state,
+                         save_training_state, truncate_log)
 from .config import DataConfig, VAEConfig, read_json, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -157,43 +158,53 @@ def train_vae(
     started = time.time()
     bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
                disable=not progress or not main, desc="custom VAE")
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        totals = torch.zeros(3, device=accelerator.device)  # read once an epoch: a read per step waits for the GPU
-        if noise_generator is not None:
-            noise_generator.manual_seed(process_noise_seed(config.seed, epoch, accelerator.process_index))
-        for batch in epoch_batches(order, batch_size, accelerator.process_index, processes):
-            x = to_unit_range(pixels[batch]).to(accelerator.device)
-            noise = None
+    with CheckpointOnInterrupt(enabled=processes == 1, what="epoch") as interrupt:
+        for epoch in bar:
+            model.train()
+            order = torch.randperm(n, generator=generator)
+            totals = torch.zeros(3, device=accelerator.device)  # read once an epoch: a read waits for the GPU
             if noise_generator is not None:
-                noise = torch.randn(len(batch), config.latent_dim, generator=noise_generator).to(accelerator.device)
-            recons, mu, log_var = model(x, noise)
-            loss, rec, kld = vae_loss(recons, x, mu, log_var, kl_scale)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            totals += torch.stack([loss.detach(), rec.detach(), kld.detach()])
-        scheduler.step()
-        if processes > 1:
-            totals = accelerator.reduce(totals, "mean")  # the epoch's losses over every process's images
-        loss, rec, kld = (totals.cpu() / steps).tolist()
-        if not math.isfinite(loss):
-            raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; the last checkpoint in {checkpoint} "
-                            "is intact. Try a lower --vae-learning-rate, then --resume")
-        bar.set_postfix(loss=f"{loss:.4f}", recon=f"{rec:.4f}")
-        if not main:
-            continue
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
-        if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < config.epochs:
-            _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, generator, epoch + 1,
-                             {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})
-        if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
-            model.eval()
-            with torch.no_grad():
-                samples = accelerator.unwrap_model(model).decode(fixed_z.to(accelerator.device))
-            save_png(make_grid(tensor_to_pil(samples), 8), folder / "samples" / f"epoch-{epoch + 1:04d}.png")
+                noise_generator.manual_seed(process_noise_seed(config.seed, epoch, accelerator.process_index))
+            for batch in epoch_batches(order, batch_size, accelerator.process_index, processes):
+                x = to_unit_range(pixels[batch]).to(accelerator.device)
+                noise = None
+                if noise_generator is not None:
+                    noise = torch.randn(len(batch), config.latent_dim,
+                                        generator=noise_generator).to(accelerator.device)
+                recons, mu, log_var = model(x, noise)
+                loss, rec, kld = vae_loss(recons, x, mu, log_var, kl_scale)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+                totals += torch.stack([loss.detach(), rec.detach(), kld.detach()])
+            scheduler.step()
+            if processes > 1:
+                totals = accelerator.reduce(totals, "mean")  # the epoch's losses over every process's images
+            loss, rec, kld = (totals.cpu() / steps).tolist()
+            if not math.isfinite(loss):
+                raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; the last checkpoint in {checkpoint} "
+                                "is intact. Try a lower --vae-learning-rate, then --resume")
+            bar.set_postfix(loss=f"{loss:.4f}", recon=f"{rec:.4f}")
+            if not main:
+                continue
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
+            stopping = interrupt.requested and epoch + 1 < config.epochs  # the last epoch ends the loop anyway
+            if stopping or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0
+                            and epoch + 1 < config.epochs):
+                _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, generator,
+                                 epoch + 1, {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})
+            if stopping:
+                bar.n = epoch + 1  # the bar counts an iteration when the next begins
+                bar.close()
+                logger.warning("the custom VAE stopped at epoch %d of %d; %s holds it: the same command with "
+                               "--resume continues", epoch + 1, config.epochs, checkpoint)
+                raise KeyboardInterrupt
+            if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
+                model.eval()
+                with torch.no_grad():
+                    samples = accelerator.unwrap_model(model).decode(fixed_z.to(accelerator.device))
+                save_png(make_grid(tensor_to_pil(samples), 8), folder / "samples" / f"epoch-{epoch + 1:04d}.png")
 
     model = accelerator.unwrap_model(model).eval()
     if main:

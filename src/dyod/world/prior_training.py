@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_training_state, save_training_state
+from ..checkpoint import CheckpointOnInterrupt, load_training_state, save_training_state
 from ..config import check_bounds, field, seed_field, write_json
 from ..errors import DyodError
 from ..testing import bytes_to_unicode
@@ -136,6 +136,15 @@ def _load_state(path: Path, modules: dict, optimizer, generator: torch.Generator
     return step, meta
 
 
+def _stopped(bar, done: int, total: int, what: str, state_path: Path):
+    """After Ctrl-C: the state of step ``done`` is written; stop there."""
+    bar.n = done  # the bar counts an iteration when the next begins
+    bar.close()
+    logger.warning("%s stopped at step %d of %d; %s holds it: the same command with --resume continues", what, done,
+                   total, state_path)
+    raise KeyboardInterrupt
+
+
 # -- 2. VAE -------------------------------------------------------------------------------------------------------------
 def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path, device, progress: bool, resume: bool):
     from diffusers import AutoencoderKL
@@ -154,22 +163,26 @@ def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path
         losses = extra.get("losses", [])
     vae.train()
     bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, disable=not progress, desc="prior VAE")
-    for step in bar:
-        x = to_unit(images[torch.randint(len(images), (config.vae_batch_size,), generator=generator)]).to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
-        recon = vae.decode(z).sample
-        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        kl = posterior.kl().mean()
-        loss = rec + config.vae_kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(rec.item())
-        if step % 20 == 0:
-            bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % config.checkpoint_every == 0:
-            _save_state(state_path, {"vae": vae}, optimizer, step + 1, generator, {"losses": losses})
+    with CheckpointOnInterrupt() as interrupt:
+        for step in bar:
+            x = to_unit(images[torch.randint(len(images), (config.vae_batch_size,), generator=generator)]).to(device)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+            recon = vae.decode(z).sample
+            rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+            kl = posterior.kl().mean()
+            loss = rec + config.vae_kl_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(rec.item())
+            if step % 20 == 0:
+                bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
+            stopping = interrupt.requested and step + 1 < config.vae_steps
+            if (step + 1) % config.checkpoint_every == 0 or stopping:
+                _save_state(state_path, {"vae": vae}, optimizer, step + 1, generator, {"losses": losses})
+            if stopping:
+                _stopped(bar, step + 1, config.vae_steps, "the prior's autoencoder", state_path)
     vae.eval()
     # SD's recipe: scale latents to unit variance (SD 1.5 uses 0.18215)
     with torch.no_grad():
@@ -276,32 +289,36 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
     warmup = 200
     t_unet = time.time()
     bar = tqdm(range(start, config.unet_steps), initial=start, total=config.unet_steps, disable=not progress, desc="prior UNet")
-    for step in bar:
-        lr = config.unet_learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.unet_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(len(means), (config.unet_batch_size,), generator=generator)
-        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(1000, (len(idx),), generator=generator)
-        ids = token_ids[idx].clone()
-        drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
-        ids[drop] = empty_ids[0]
-        latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
-        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise  # Eq. 4
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)  # Eq. 5
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
-            _save_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1, generator,
-                        {"losses": losses, "unet_s": unet_before + time.time() - t_unet})
+    with CheckpointOnInterrupt() as interrupt:
+        for step in bar:
+            lr = config.unet_learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.unet_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(len(means), (config.unet_batch_size,), generator=generator)
+            latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(1000, (len(idx),), generator=generator)
+            ids = token_ids[idx].clone()
+            drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
+            ids[drop] = empty_ids[0]
+            latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
+            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+            noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise  # Eq. 4
+            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+            loss = F.mse_loss(pred, noise)  # Eq. 5
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            stopping = interrupt.requested and step + 1 < config.unet_steps
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps or stopping:
+                _save_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1, generator,
+                            {"losses": losses, "unet_s": unet_before + time.time() - t_unet})
+            if stopping:
+                _stopped(bar, step + 1, config.unet_steps, "the prior's UNet", state_path)
     timings["unet_s"] = round(unet_before + time.time() - t_unet, 1)
     write_json(work / "unet_losses.json", losses)
 
