@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 import dyod
 from dyod import SampleConfig
@@ -161,7 +162,15 @@ def test_sweep_transform_with_and_without_the_prompt(fitted_run, shapes, tmp_pat
     assert [(r["t0"], r["prompt"]) for r in rows] == [(0.5, "with S*"), (0.5, "without S*")]
     assert rows[1]["prompt_text"] == "a photo of object"
     assert "| KID × 100, with S* |" in (tmp_path / "sweep_transform.md").read_text()
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["transform_t0_0.50_plain.png", "transform_t0_0.50_s.png"]
+    assert sorted(p.name for p in tmp_path.glob("transform_*.png")) == ["transform_t0_0.50_plain.png",
+                                                                        "transform_t0_0.50_s.png"]
+    assert Image.open(tmp_path / "sweep_transform.png").size[0] > 300  # the plot, as a sweep has one
+    from dyod.sweep import transform_sweep_figure
+
+    fig = transform_sweep_figure(rows + [{**r, "t0": 0.7, "kid_x100": r["kid_x100"] + 1} for r in rows])
+    curves = {bars.get_label(): bars.lines[0].get_xydata().tolist() for bars in fig.axes[0].containers}
+    assert curves == {"with S* ('a photo of {}')": [[0.5, rows[0]["kid_x100"]], [0.7, rows[0]["kid_x100"] + 1]],
+                      "without S* ('a photo of object')": [[0.5, rows[1]["kid_x100"]], [0.7, rows[1]["kid_x100"] + 1]]}
     assert [r["grid"] for r in rows] == ["transform_t0_0.50_s.png", "transform_t0_0.50_plain.png"]
 
     # again into the same folder (the CLI's --overwrite) at another t': the earlier grids go, also those of a record
@@ -172,8 +181,8 @@ def test_sweep_transform_with_and_without_the_prompt(fitted_run, shapes, tmp_pat
     (tmp_path / "sweep_transform.json").write_text(json.dumps(record))
     (tmp_path / "notes.png").write_bytes(b"")
     sweep_transform(fitted_run, inputs, t0s=(0.7,), config=FAST, out=tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["notes.png", "transform_t0_0.70_plain.png",
-                                                              "transform_t0_0.70_s.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["notes.png", "sweep_transform.png",
+                                                              "transform_t0_0.70_plain.png", "transform_t0_0.70_s.png"]
 
 
 def test_sweep_transform_of_one_input_is_refused_before_loading_the_model(fitted_run, shapes, tmp_path, capsys,

@@ -161,20 +161,28 @@ def markdown_table(rows: list[SweepRow], num_inference_steps: int) -> str:
 
 
 def plot_sweep(rows: list[SweepRow], path: Path, title: str = "") -> None:
+    _save_figure(sweep_figure(rows, title), path)
+
+
+def _pyplot():
+    """pyplot drawing to files (no display is needed, nor used where there is one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = sweep_figure(rows, title)
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def sweep_figure(rows: list[SweepRow], title: str = ""):
     """KID against t0, the VAE alone as a line; the measured speed-up on a second axis when the sweep has the
     t0 = 1 row it is measured against (and only then: an empty axis would read as a measurement)."""
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     curve = [r for r in rows if r.t0 is not None]
     vae = next((r for r in rows if r.t0 is None), None)
@@ -287,4 +295,23 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
                      for t in t0s]
             lines.append(f"| KID × 100, {label} | " + " | ".join(cells) + " |")
         (out / "sweep_transform.md").write_text("\n".join(lines) + "\n")
+        _save_figure(transform_sweep_figure(results, title=run.path.name), out / "sweep_transform.png")
     return results
+
+
+def transform_sweep_figure(results: list[dict], title: str = ""):
+    """Fig. 5 as a plot: KID of the transformed inputs against t', with S* and with the plain prompt."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, marker in (("with S*", "o"), ("without S*", "s")):
+        rows = sorted((r for r in results if r["prompt"] == label), key=lambda r: r["t0"])
+        text = rows[0]["prompt_text"] if rows else ""
+        ax.errorbar([r["t0"] for r in rows], [r["kid_x100"] for r in rows], yerr=[r["kid_x100_std"] for r in rows],
+                    marker=marker, capsize=3, label=f"{label} ({text!r})")
+    ax.set_xlabel("t' (fraction of T)")
+    ax.set_ylabel("KID × 100 (lower is better)")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
