@@ -1,5 +1,7 @@
 """KID: invariants and agreement with torchmetrics."""
 
+import re
+
 import pytest
 import torch
 
@@ -70,8 +72,18 @@ def test_inception_features_from_a_local_state_dict_and_clear_errors(tmp_path):
             return (print, ("pickled code ran",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(DyodError, match="refuses pickled code"):
+    with pytest.raises(DyodError, match=r"evil.pth holds pickled objects besides tensors, which dyod does not load "
+                                        r"\(a pickle can run code\)"):
         InceptionFeatures(tmp_path / "evil.pth")
+    # a broken download, a file of another kind, a pickle of tensors that is no state dict: named, not a traceback
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "evil.pth").read_bytes()[:100])
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    torch.save([state["fc.weight"]], tmp_path / "list.pth")
+    for name, expected in (("truncated.pth", "cannot be read as a weights file"),
+                           ("broken.safetensors", "cannot be read as a weights file (SafetensorError"),
+                           ("list.pth", "holds a list, not a state dict of tensors")):
+        with pytest.raises(DyodError, match=re.escape(f"{name} {expected}")):
+            InceptionFeatures(tmp_path / name)
     with pytest.raises(DyodError, match="Inception weights .* not found. dyod cannot download them"):
         feature_extractor("inception", str(tmp_path / "missing.pth"))
     torch.save({"fc.weight": state["fc.weight"]}, tmp_path / "partial.pth")

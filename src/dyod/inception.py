@@ -10,6 +10,7 @@ convention; torch-fidelity's TF-1.x resampling differs slightly) and scaled to [
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -180,15 +181,29 @@ def load_inception_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "torchmetrics / pytorch-fid keep it in ~/.cache/torch/hub/checkpoints/) to this machine and pass "
             "--inception-weights PATH, or use --features emoji"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
-    except Exception as e:  # noqa: BLE001
-        raise DyodError(f"{path} is not a plain tensor state dict ({type(e).__name__}); dyod refuses pickled code") from None
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e):  # a pickle that holds more than tensors: what it would run is not run
+            raise DyodError(f"{path} holds pickled objects besides tensors, which dyod does not load (a pickle can "
+                            f"run code); give the FID Inception weights file {WEIGHTS_NAME}") from None
+        raise DyodError(_unreadable_weights(path, e)) from None
+    except Exception as e:  # noqa: BLE001 - a truncated download, a file of another kind
+        raise DyodError(_unreadable_weights(path, e)) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DyodError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; give the FID Inception "
+                        f"weights file {WEIGHTS_NAME}")
     return state
+
+
+def _unreadable_weights(path: Path, error: Exception) -> str:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"{path} cannot be read as a weights file ({type(error).__name__}{': ' + detail[:200] if detail else ''}); "
+            f"it may be truncated or of another kind: give the FID Inception weights file {WEIGHTS_NAME}")
 
 
 class InceptionFeatures:
