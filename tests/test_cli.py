@@ -513,6 +513,10 @@ def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys
     assert "each of --templates must contain {} where S* goes; 'a photo' does not" in capsys.readouterr().err
     assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--placeholder-token", " "]) == 2
     assert "--placeholder-token must be a word without spaces around it" in capsys.readouterr().err
+    # a token the context texts hold: the tokenizer reads it there too (before: "a photo of photo" trained S* twice)
+    assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--placeholder-token", "photo"]) == 2
+    assert ("--placeholder-token 'photo' occurs in the context text 'a photo of {}' outside {}, where the tokenizer "
+            "would read it as S* too") in capsys.readouterr().err
     assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--initializer", ""]) == 2
     assert "--initializer must be a word" in capsys.readouterr().err
     assert main(["fit", str(shapes), "--model", "m", "--out", str(tmp_path / "r"), "--vae-resolution", "24"]) == 2

@@ -100,6 +100,36 @@ def test_multi_vector_token_loads_in_diffusers(tmp_path, tiny_model, shapes):
     assert dyod_pipe.prompt("a photo of apple") == "a photo of apple"
 
 
+def test_a_token_inside_other_words_is_read_as_s_star_there_so_it_is_refused_or_warned(fitted_run, caplog):
+    """Why a placeholder that a context text holds is refused: the CLIP tokenizer matches an added token anywhere in
+    a text, inside words too, so "photo" makes "a photo of {}" hold S* twice (shown with the real tokenizer). At
+    sampling, a prompt or negative prompt that holds the run's token is warned of, once."""
+    from transformers import CLIPTokenizer
+
+    from dyod.prior import bundled_prior_path
+
+    tokenizer = CLIPTokenizer.from_pretrained(bundled_prior_path(), subfolder="tokenizer")
+    tokenizer.add_tokens(["photo"])
+    assert tokenizer.tokenize("a photo of photo").count("photo") == 2
+    with pytest.raises(ValueError, match="occurs in the context text 'a photo of {}' outside {}"):
+        dyod.InversionConfig(placeholder_token="photo")
+    with pytest.raises(ValueError, match="occurs in the context text 'a <x> picture of {}'"):
+        dyod.InversionConfig(placeholder_token="<x>", templates=("a photo of {}", "a <x> picture of {}"))
+    dyod.InversionConfig(placeholder_token="<x>", templates=("a photo of <x>",))  # S* written out: meant
+
+    pipe = dyod.DyodPipeline.from_run(fitted_run, device="cpu")
+    config = dyod.SampleConfig(t0=1.0, num_inference_steps=1, prompt="a <dyod>-like photo of {}",
+                               negative_prompt="<dyod>")
+    with caplog.at_level("WARNING", logger="dyod.pipeline"):
+        for _ in range(2):  # two batches: warned once
+            pipe.denoiser(config)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dyod.pipeline"]
+    assert warnings == ["the prompt 'a <dyod>-like photo of {}' holds the learned token '<dyod>' besides its {}: the "
+                        "model reads S* there too",
+                        "the negative prompt '<dyod>' holds the learned token '<dyod>': the model reads S* there "
+                        "(guidance then steers away from the dataset)"]
+
+
 def test_resume_continues_to_the_same_result(tmp_path, tiny_model, shapes):
     config = dyod.InversionConfig(steps=8, batch_size=2, checkpoint_every=4, learning_rate=0.05)
     dyod.invert(shapes, tiny_model, tmp_path / "full", config, progress=False, device="cpu")

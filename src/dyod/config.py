@@ -135,6 +135,14 @@ class InversionConfig:
         lacking = [t for t in self.templates if "{}" not in t and self.placeholder_token not in t]
         if lacking:
             raise ValueError(f"each of --templates must contain {{}} where S* goes; {lacking[0]!r} does not")
+        # the tokenizer matches an added token anywhere in a text, inside words too: a token that a context text
+        # holds outside {} would be read as S* there as well ("photo" in "a photo of {}": S* twice)
+        captured = [t for t in self.templates if "{}" in t and self.placeholder_token in t.replace("{}", "\0")]
+        if captured:
+            raise ValueError(f"--placeholder-token {self.placeholder_token!r} occurs in the context text "
+                             f"{captured[0]!r} outside {{}}, where the tokenizer would read it as S* too (it matches "
+                             "the token anywhere, inside words as well); choose a token no text holds, e.g. "
+                             "'<my-dataset>'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,7 @@ class DyodPipeline:
         self.token = token
         self.num_vectors = num_vectors
         self.custom_vae = custom_vae
+        self._warned: set[tuple[str, str]] = set()  # each prompt's warning once, not once a batch
         # Lanczos down to the dataset's resolution; a dataset larger than the model (camera photos) gets the model's:
         # upsampling would add pixels, not detail (a 3000-px dataset made 3000-px PNGs of 512-px samples)
         self.output_resolution = min(output_resolution or prior.resolution, prior.resolution)
@@ -126,9 +127,24 @@ class DyodPipeline:
         return expand_prompt(template, self.token, self.num_vectors) if uses_token else template
 
     def denoiser(self, config: SampleConfig) -> GuidedDenoiser:
+        self._warn_of_captured_words(config)
         cond = encode_prompts(self.prior.tokenizer, self.prior.text_encoder, [self.prompt(config.prompt)])
         uncond = encode_prompts(self.prior.tokenizer, self.prior.text_encoder, [config.negative_prompt])
         return GuidedDenoiser(self.prior.unet, cond, uncond, config.guidance_scale)
+
+    def _warn_of_captured_words(self, config: SampleConfig) -> None:
+        """The tokenizer reads the learned token wherever a text holds it, inside other words too: say so where a
+        prompt holds it besides its {} (a placeholder such as "photo" in "a photo of {}"), or the negative prompt does."""
+        token = self.token
+        if token is None or (config.prompt, config.negative_prompt) in self._warned:
+            return
+        self._warned.add((config.prompt, config.negative_prompt))
+        if "{}" in config.prompt and token in config.prompt.replace("{}", "\0"):
+            logger.warning("the prompt %r holds the learned token %r besides its {}: the model reads S* there too",
+                           config.prompt, token)
+        if token in config.negative_prompt:
+            logger.warning("the negative prompt %r holds the learned token %r: the model reads S* there (guidance "
+                           "then steers away from the dataset)", config.negative_prompt, token)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
