@@ -116,6 +116,8 @@ def test_a_token_inside_other_words_is_read_as_s_star_there_so_it_is_refused_or_
     with pytest.raises(ValueError, match="occurs in the context text 'a <x> picture of {}'"):
         dyod.InversionConfig(placeholder_token="<x>", templates=("a photo of {}", "a <x> picture of {}"))
     dyod.InversionConfig(placeholder_token="<x>", templates=("a photo of <x>",))  # S* written out: meant
+    with pytest.raises(ValueError, match="cannot hold {}, which marks where S\\* goes"):
+        dyod.InversionConfig(placeholder_token="<{}>")
 
     pipe = dyod.DyodPipeline.from_run(fitted_run, device="cpu")
     config = dyod.SampleConfig(t0=1.0, num_inference_steps=1, prompt="a <dyod>-like photo of {}",

@@ -128,6 +128,9 @@ class InversionConfig:
         if not self.placeholder_token.strip() or self.placeholder_token != self.placeholder_token.strip():
             raise ValueError(f"--placeholder-token must be a word without spaces around it, e.g. '<my-dataset>'; "
                              f"got {self.placeholder_token!r}")
+        if "{}" in self.placeholder_token:
+            raise ValueError(f"--placeholder-token cannot hold {{}}, which marks where S* goes in a text; got "
+                             f"{self.placeholder_token!r}")
         if not self.initializer.strip():
             raise ValueError("--initializer must be a word whose embedding starts S*, e.g. 'object'; got ''")
         if not self.templates:
