@@ -21,6 +21,17 @@ def test_demo_smoke_writes_report(tmp_path):
     assert "| dataset images through the prior's autoencoder (the floor) | - | - |" in text and f"{floor:.2f}" in text
     assert "![](run/inversion/samples/step-000000.png) ![](run/inversion/samples/step-000002.png)" in text
     assert (tmp_path / "demo" / "dataset_through_autoencoder.png").exists()
+    assert "![KID against t0](kid_vs_t0.png)" in text and (tmp_path / "demo" / "kid_vs_t0.png").stat().st_size > 1000
+
+
+def test_the_sweep_plot_draws_the_floor_when_given():
+    from dyod.sweep import SweepRow, sweep_figure
+
+    rows = [SweepRow("VAE alone", None, 200.0, 5.0, 0, 0.01, 4), SweepRow("t0=0.50", 0.5, 300.0, 6.0, 2, 0.1, 4),
+            SweepRow("t0=1.00", 1.0, 310.0, 6.0, 4, 0.2, 4)]
+    lines = {line.get_label(): line.get_ydata()[0] for line in sweep_figure(rows, floor=150.0).axes[0].get_lines()
+             if not line.get_label().startswith("_")}
+    assert lines == {"VAE alone": 200.0, "dataset through the prior's autoencoder (floor)": 150.0}
 
 
 def test_the_verdict_says_what_the_numbers_say():

@@ -42,6 +42,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .inversion import invert
     from .pipeline import DyodPipeline
     from .run import check_output_folder
+    from .sweep import SweepRow, plot_sweep
     from .vae_training import train_vae
     from .world.datasets import make_dataset
     from .world.features import EmojiFeatures
@@ -96,6 +97,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     floor_row = ("dataset images through the prior's autoencoder (the floor)", "-", "-", time.time() - t, floor,
                  "dataset_through_autoencoder.png")
     prompt_grids = sorted((run / "inversion" / "samples").glob("step-*.png"))
+    plot_sweep([SweepRow(label, t0, score.mean_x100, score.std_x100, 0 if calls == "-" else calls,
+                         seconds / config.num_samples, config.num_samples)
+                for (label, calls, _, seconds, score, _), t0 in zip(rows, (None, *config.t0s))],
+               out / "kid_vs_t0.png", title=f"{config.dataset} on {model}", floor=floor.mean_x100)
     wall = time.time() - started
 
     best = min((r for r in rows if r[0].startswith("DYOD")), key=lambda r: r[4].mean)
@@ -114,6 +119,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
           for label, calls, speed, seconds, score, img in rows + [floor_row]],
         "",
         f"Best DYOD row: **{best[0]}**, KID × 100 = {best[4].mean_x100:.2f}. {verdict(best[4], vae_alone, alone, floor)}",
+        "",
+        "![KID against t0](kid_vs_t0.png)",
         "",
         "Dataset: ![](dataset.png)",
         "",
