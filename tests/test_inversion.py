@@ -433,3 +433,9 @@ def test_an_on_disk_latent_cache_is_reused_only_for_the_same_files(tmp_path, tin
     assert "reusing the latent cache" in caplog.text
     data = json.loads((run / "data.json").read_text())
     assert data["root"] == str(other.resolve()) and data["num_images"] == 12 and data["resolution"] == 32
+    for damaged in ("{ cut short", "[]"):  # the cache's record damaged: the cache is made again, not a traceback
+        (run / "cache" / "latents.json").write_text(damaged)
+        caplog.clear()
+        dyod.invert(other, tiny_model, run, longer, overwrite=True, progress=False, device="cpu")
+        assert "reusing the latent cache" not in caplog.text
+        assert json.loads((run / "cache" / "latents.json").read_text())["num_images"] == 12

@@ -308,3 +308,28 @@ def test_ctrl_c_writes_a_checkpoint_where_training_stopped_and_resume_loses_noth
     whole = load_file(str(tmp_path / "vae-straight" / "vae" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "vae-stopped" / "vae" / "model.safetensors"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_damaged_json_records_are_named_not_tracebacks(fitted_run, tmp_path, capsys):
+    """A run's JSON files edited by hand or cut short: each is named with what to do (before: an AttributeError for
+    a run.json holding a list, a KeyError for a VAE config without its architecture); a damaged latent-cache record
+    is only a cache, made again (test_inversion)."""
+    import shutil
+
+    from dyod.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    good_run, good_vae = (run / "run.json").read_text(), (run / "vae" / "config.json").read_text()
+    cases = [("run.json", "[]", "run.json holds a JSON list, not the object dyod writes there; the file may be damaged"),
+             ("run.json", "{ cut", "run.json is not valid JSON"),
+             ("vae/config.json", "[1]", "config.json holds a JSON list"),
+             ("vae/config.json", "{}", 'config.json records no "model" (the VAE\'s architecture); the file may be '
+                                       "damaged: train the VAE again with `dyod train-vae --overwrite`")]
+    for name, text, expected in cases:
+        (run / "run.json").write_text(good_run)
+        (run / "vae" / "config.json").write_text(good_vae)
+        (run / name).write_text(text)
+        assert main(["sample", str(run), "-n", "1", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -212,13 +212,18 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike) -> dict:
+    """One of the JSON objects dyod writes (run.json, config.json, dyod_output.json, ...), or a clear error."""
     from .errors import DyodError
 
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise DyodError(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DyodError(f"{path} is not valid JSON ({e}); the file may be damaged") from None
+    if not isinstance(value, dict):  # every file dyod writes holds an object: a list or a number is not one of them
+        raise DyodError(f"{path} holds a JSON {type(value).__name__}, not the object dyod writes there; the file may "
+                        "be damaged")
+    return value

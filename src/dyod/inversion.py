@@ -110,7 +110,11 @@ class LatentCache:
             folder.mkdir(parents=True, exist_ok=True)
             meta_path = folder / "latents.json"
             paths = folder / "latents_mean.npy", folder / "latents_std.npy"
-            stored = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            try:  # a damaged record (an interrupted write) means the cache is made again
+                stored = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+                stored = stored if isinstance(stored, dict) else {}
+            except (OSError, ValueError):
+                stored = {}
             if {k: stored.get(k) for k in meta} == meta and all(p.exists() for p in paths):
                 logger.info("reusing the latent cache in %s", folder)
                 n = stored["num_images"]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .config import VAEConfig, from_dict, to_dict
+from .config import VAEConfig, from_dict, read_json, to_dict
 from .errors import DyodError
 
 logger = logging.getLogger(__name__)
@@ -134,8 +134,12 @@ def model_config_of(folder: str | os.PathLike) -> dict:
             pickles = sorted(str(q.name) for q in folder.glob("*") if q.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             hint = f" ({', '.join(pickles)} found: pickles are refused, save as safetensors)" if pickles else ""
             raise DyodError(f"the custom VAE in {folder} lacks {p.name}{hint}; run `dyod train-vae` first")
-    return json.loads((folder / "config.json").read_text())["model"]
+    model = read_json(folder / "config.json").get("model")
+    if not isinstance(model, dict):
+        raise DyodError(f"{folder / 'config.json'} records no \"model\" (the VAE's architecture); the file may be "
+                        "damaged: train the VAE again with `dyod train-vae --overwrite`")
+    return model
 
 
 def training_config_of(folder: str | os.PathLike) -> VAEConfig:
-    return from_dict(VAEConfig, json.loads((Path(folder) / "config.json").read_text()).get("training", {}))
+    return from_dict(VAEConfig, read_json(Path(folder) / "config.json").get("training", {}))
