@@ -310,7 +310,7 @@ def test_ctrl_c_writes_a_checkpoint_where_training_stopped_and_resume_loses_noth
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-def test_damaged_json_records_are_named_not_tracebacks(fitted_run, tmp_path, capsys):
+def test_damaged_json_records_are_named_not_tracebacks(fitted_run, tiny_model, shapes, tmp_path, capsys):
     """A run's JSON files edited by hand or cut short: each is named with what to do (before: an AttributeError for
     a run.json holding a list, a KeyError for a VAE config without its architecture); a damaged latent-cache record
     is only a cache, made again (test_inversion)."""
@@ -333,3 +333,36 @@ def test_damaged_json_records_are_named_not_tracebacks(fitted_run, tmp_path, cap
         assert main(["sample", str(run), "-n", "1", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (run / "run.json").write_text(good_run)
+    (run / "vae" / "config.json").write_text(good_vae)
+
+    # safetensors files cut short (before: SafetensorError tracebacks)
+    damaged = "cannot be read (Error while deserializing header"
+    weights = run / "vae" / "model.safetensors"
+    good_weights = weights.read_bytes()
+    weights.write_bytes(good_weights[:300])
+    assert main(["sample", str(run), "-n", "1", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert f"the custom VAE's weights {weights} {damaged}" in capsys.readouterr().err
+    weights.write_bytes(good_weights)
+    for stage, folder in ((["invert", "--model", str(tiny_model)], "inversion"), (["train-vae"], "vae")):
+        checkpoint = run / folder / "checkpoint.safetensors"
+        checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+        assert main([stage[0], str(shapes), *stage[1:], "--out", str(run), "--resume", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"the checkpoint {checkpoint} {damaged}" in err and err.rstrip().endswith(
+            "start the stage again with --overwrite")
+
+
+def test_a_damaged_feature_cache_entry_is_computed_again(shapes, tmp_path, monkeypatch, caplog):
+    from dyod.evaluation import folder_features
+    from dyod.world.features import EmojiFeatures
+
+    monkeypatch.setenv("DYOD_CACHE", str(tmp_path / "cache"))
+    extractor = EmojiFeatures.bundled()
+    first, info = folder_features(shapes, extractor)
+    assert not info["cached"]
+    (entry,) = (tmp_path / "cache" / "features").glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:100])
+    again, info = folder_features(shapes, extractor)
+    assert not info["cached"] and torch.equal(first, again) and "computing them again" in caplog.text
+    assert folder_features(shapes, extractor)[1]["cached"]  # written whole again

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import to_dict
@@ -39,7 +39,7 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, generator:
     """Restore the optimizer and the generator; return (step, the other tensors, the metadata)."""
     meta = checkpoint_meta(path)
     step = meta.pop("step")
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path, "checkpoint", "start the stage again with --overwrite")
     state = optimizer.state_dict()
     for key in [k for k in tensors if k.startswith("optim.")]:
         _, i, name = key.split(".", 2)
@@ -62,9 +62,28 @@ def truncate_log(path: Path, last: int, key: str = "step") -> None:
 
 def checkpoint_meta(path: Path) -> dict:
     """A checkpoint's metadata alone (the step and what ``save_training_state`` was given), without its tensors."""
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    return {k: int(v) if k == "step" else json.loads(v) for k, v in metadata.items()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        return {k: int(v) if k == "step" else json.loads(v) for k, v in metadata.items()}
+    except (OSError, ValueError, SafetensorError) as e:
+        raise DyodError(_damaged(path, "checkpoint", e, "start the stage again with --overwrite")) from None
+
+
+def read_safetensors(path: Path, what: str, remedy: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file dyod wrote; a damaged one is named, with ``remedy``, not a traceback."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DyodError(_damaged(path, what, e, remedy)) from None
+
+
+def _damaged(path: Path, what: str, error: Exception, remedy: str) -> str:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"the {what} {path} cannot be read ({detail}): it is damaged (dyod writes its files whole, so a copy cut "
+            f"short or another program changed it); {remedy}")
 
 
 def check_resumed_config(recorded: dict | None, config, shape: tuple[str, ...], results: tuple[str, ...],

@@ -6,10 +6,13 @@ over random subsets (the torchmetrics / torch-fidelity definition). dyod reports
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from .errors import DyodError
+
+logger = logging.getLogger(__name__)
 
 
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor, degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> torch.Tensor:
@@ -122,7 +125,10 @@ def folder_features(folder, extractor, cache_dir=None, files=None) -> tuple[torc
     key = files_fingerprint(files, extractor_key(extractor))
     path = cache_dir / f"{key}.safetensors"
     if path.exists():
-        return load_file(str(path))["features"], {"cached": True, "n": len(files)}
+        try:
+            return load_file(str(path))["features"], {"cached": True, "n": len(files)}
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is computed again
+            logger.warning("the cached features %s cannot be read (%s); computing them again", path, e)
     feats, skipped = image_features(folder, files, extractor)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -121,7 +121,10 @@ def save_vae(model: VanillaVAE, folder: str | os.PathLike, train_config: VAEConf
 
 def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> VanillaVAE:
     model = VanillaVAE(**model_config_of(folder))
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    from .checkpoint import read_safetensors
+
+    model.load_state_dict(read_safetensors(Path(folder) / "model.safetensors", "custom VAE's weights",
+                                           "train it again with `dyod train-vae --overwrite`"))
     return model.to(device).eval()
 
 
