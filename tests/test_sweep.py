@@ -117,6 +117,27 @@ def test_chosen_t0_is_the_argmin_of_the_heldout_sweep_and_becomes_the_default(ho
     assert record["config"]["t0"] == t0 and record["denoising_steps"] == round(t0 * 10)
 
 
+
+def test_sampling_with_other_settings_than_the_t0_was_chosen_with_is_warned_of(holdout_run, tmp_path, caplog):
+    """The chosen t0 is the best for the guidance, schedule and prompt it was swept with: `dyod sample` with others
+    says so (before: silently used it); with the same settings, or an explicit --t0, it says nothing."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(holdout_run, run)
+    t0, _ = choose_t0(run, [0.2, 0.5], n=3, config=FAST, progress=False)
+    assert json.loads((run / "run.json").read_text())["chosen_t0"]["config"] == {
+        "num_inference_steps": 10, "guidance_scale": 2.0, "prompt": "a photo of {}", "negative_prompt": ""}
+    base = ["sample", str(run), "-n", "1", "--device", "cpu", "--num-inference-steps", "10"]
+    for flags, warned in ((["--guidance-scale", "2.0"], False), (["--guidance-scale", "4.0"], True),
+                          (["--guidance-scale", "4.0", "--t0", "0.5"], False)):
+        caplog.clear()
+        assert main([*base, *flags, "--out", str(tmp_path / "s"), "--overwrite"]) == 0
+        warning = (f"the run's t0 = {t0:.2f} was chosen with guidance_scale=2.0; sampling with guidance_scale=4.0, "
+                   "another t0 may be better")
+        assert (warning in caplog.text) == warned
+
+
 def test_a_chosen_t0_is_not_used_once_a_stage_is_trained_again(holdout_run, shapes, tiny_model, tmp_path, caplog):
     """`dyod tune`, then `invert --overwrite` (or `train-vae --overwrite`): the t0 chosen for the earlier S* (VAE) is
     no longer `dyod sample`'s default; the run says so and samples at the config's default."""

@@ -416,6 +416,21 @@ def _run_default_t0(args) -> dict:
     return {}
 
 
+def _warn_if_chosen_with_other_settings(args, config: SampleConfig) -> None:
+    """The chosen t0 is the best for the settings it was swept with; sampling with others, it may not be."""
+    from .run import Run
+
+    chosen = Run.open(args.run).info.get("chosen_t0") or {}
+    recorded = chosen.get("config") or {}  # older records kept no settings: nothing to compare
+    now = to_dict(config)
+    differ = [k for k in recorded if k in now and recorded[k] != now[k]]
+    if differ:
+        logger.warning("the run's t0 = %.2f was chosen with %s; sampling with %s, another t0 may be better "
+                       "(`dyod tune %s` with these settings chooses again)", config.t0,
+                       ", ".join(f"{k}={recorded[k]!r}" for k in differ),
+                       ", ".join(f"{k}={now[k]!r}" for k in differ), args.run)
+
+
 def cmd_sample(args) -> None:
     """Under a multi-process launch the seeds are dealt out among the processes, each on its own device, and the
     images are the ones a single process makes: a seed gives the same image in any batch."""
@@ -424,7 +439,10 @@ def cmd_sample(args) -> None:
 
     if args.n < 1:
         raise DyodError(f"-n must be >= 1, got {args.n}")
-    config = config_from_args(args, SampleConfig, **_run_default_t0(args))
+    chosen = _run_default_t0(args)
+    config = config_from_args(args, SampleConfig, **chosen)
+    if chosen:
+        _warn_if_chosen_with_other_settings(args, config)
     from .sampling import num_denoising_steps
 
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything

@@ -237,6 +237,10 @@ def transform_grid_name(t0: float, label: str) -> str:
     return f"transform_t0_{t0:.2f}_{'s' if label == 'with S*' else 'plain'}.png"
 
 
+# the sampling settings a chosen t0 holds for: another guidance or schedule may have another best t0
+CHOSEN_T0_SETTINGS = ("num_inference_steps", "guidance_scale", "prompt", "negative_prompt")
+
+
 def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int = 0,
               config: SampleConfig = SampleConfig(), out: str | os.PathLike | None = None, progress: bool = True,
               pipe=None) -> tuple[float, list[SweepRow]]:
@@ -245,7 +249,8 @@ def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed:
     rows = sweep(run, [t for t in t0s if t < 1.0] or t0s, n=n, seed=seed, config=config, reference="heldout",
                  out=out, pipe=pipe, progress=progress)
     best = best_row(rows)
-    run.update(chosen_t0={"t0": best.t0, "kid_x100": best.kid_x100, "n": n,
+    chosen_with = {k: v for k, v in to_dict(config).items() if k in CHOSEN_T0_SETTINGS}
+    run.update(chosen_t0={"t0": best.t0, "kid_x100": best.kid_x100, "n": n, "config": chosen_with,
                           "sweep": {f"{r.t0:.2f}": r.kid_x100 for r in rows if r.t0 is not None},
                           "fingerprint": run.results_fingerprint()})
     logger.info("chosen t0 = %.2f (held-out KID×100 %.3f)", best.t0, best.kid_x100)
