@@ -749,3 +749,41 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"dyod {dyod.__version__}"
+
+
+def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_model, tmp_path, capsys):
+    import shutil
+
+    from dyod.run import Run
+
+    assert main(["info", str(cli_run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"run {cli_run}"
+    assert lines[1] == f"  model: {tiny_model} (16 px, epsilon)"
+    assert lines[2] == f"  data: 12 images at 32 px from {shapes.resolve()}"
+    assert lines[3].startswith("  dataset prompt S*: <dyod> (1 vector(s)), 3 steps, final loss ")
+    assert lines[4].startswith("  custom VAE: 32 px, latent 6, 2 epochs, final loss ")
+    assert lines[5] == f"  next: dyod sample {cli_run} -n 16 --out SAMPLES"
+
+    run = tmp_path / "run"  # both stages stopped: their checkpoints say where, and the next commands resume
+    shutil.copytree(cli_run, run)
+    (run / "learned_embeds.safetensors").unlink()
+    (run / "vae" / "model.safetensors").unlink()
+    Run.open(run).update(chosen_t0={"t0": 0.5, "kid_x100": 1.0, "fingerprint": {"embedding": "old", "vae": "old"}})
+    assert main(["info", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3:] == ["  dataset prompt S*: stopped at step 3 of 3; --resume continues",
+                         "  custom VAE: stopped at epoch 2 of 2; --resume continues",
+                         "  chosen t0: 0.50 (held-out KID × 100 1.00), stale: a stage was trained again since; "
+                         "`dyod tune` chooses again",
+                         f"  next: dyod invert {shapes.resolve()} --model {tiny_model} --out {run} --resume; then "
+                         f"dyod train-vae {shapes.resolve()} --out {run} --resume"]
+
+    Run.open_or_create(tmp_path / "new")  # made, nothing trained
+    assert main(["info", str(tmp_path / "new")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  model: none yet", "  dataset prompt S*: not trained", "  custom VAE: not trained",
+        f"  next: dyod invert DATA --model MODEL --out {tmp_path / 'new'}; then dyod train-vae DATA --out "
+        f"{tmp_path / 'new'}"]
+    assert main(["info", str(tmp_path / "nowhere")]) == 2
+    assert "run folder" in capsys.readouterr().err

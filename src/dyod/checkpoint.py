@@ -20,6 +20,8 @@ from .errors import DyodError
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINT_FILE = "checkpoint.safetensors"  # in RUN/inversion/ and RUN/vae/
+
 
 def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                         generator: torch.Generator, step: int, meta: dict | None = None) -> None:

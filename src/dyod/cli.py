@@ -623,6 +623,12 @@ def cmd_pretrain(args) -> None:
     print(f"reference prior: {out} (model card: {card})")
 
 
+def cmd_info(args) -> None:
+    from .run import describe_run
+
+    print(describe_run(args.run))
+
+
 def cmd_eval(args) -> None:
     from .data import dataset_files
     from .evaluation import feature_extractor, folder_features, kid
@@ -744,6 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed("--seed"), default=0, help="noise seed")
     p.add_argument("--baseline-prompt", default=None, help="prompt without S* (default: 'a photo of INITIALIZER')")
     p.set_defaults(func=cmd_sweep_transform)
+
+    p = sub.add_parser("info", help="what a run folder holds: model, data, each stage (or where it stopped), the chosen "
+                                    "t0, and what comes next")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")
     p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder of generated images")

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointOnInterrupt, check_resumed_config, checkpoint_meta, load_training_state,
-                         save_training_state, truncate_log)
+from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_config, checkpoint_meta,
+                         load_training_state, save_training_state, truncate_log)
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -61,7 +61,6 @@ from .run import Run, check_run_to_resume
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 # --resume at other values of these changes what is learned from there on (it warns); the generator's state comes
 # from the checkpoint, so the seed does not, nor does the initializer word after step 0
 INVERSION_RESULT_FIELDS = ("templates", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",

@@ -165,6 +165,67 @@ class Run:
         return self.info.get("data", {}).get("resolution")
 
 
+def describe_run(path: str | os.PathLike) -> str:
+    """What a run folder holds, in a few lines (``dyod info RUN``): its model and data, each stage finished or where
+    it stopped, the chosen t0, and the command that comes next."""
+    from .checkpoint import CHECKPOINT_FILE, checkpoint_meta
+
+    run = Run.open(path)
+    info, stages = run.info, run.info.get("stages", {})
+    data = info.get("data", {})
+    lines = [f"run {run.path}",
+             f"  model: {info.get('model', 'none yet')}" + (
+                 f" ({info['prior'].get('resolution')} px, {info['prior'].get('prediction_type')})"
+                 if info.get("prior") else "")]
+    if data:
+        lines.append(f"  data: {data.get('num_images')} images at {data.get('resolution')} px from {data.get('root')}"
+                     + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else ""))
+
+    def stopped_at(folder: Path, unit: str) -> str | None:
+        checkpoint = folder / CHECKPOINT_FILE
+        if not checkpoint.exists():
+            return None
+        try:
+            meta = checkpoint_meta(checkpoint)
+        except DyodError as e:
+            return f"its checkpoint is damaged: {e}"
+        total = (meta.get("config") or {}).get("steps" if unit == "step" else "epochs")
+        return f"stopped at {unit} {meta.get('step')}" + (f" of {total}" if total else "") + "; --resume continues"
+
+    prompt = stages.get("inversion")
+    if run.embeddings_path.exists() and prompt:
+        loss = prompt.get("final_loss")
+        lines.append(f"  dataset prompt S*: {info.get('placeholder_token')} ({info.get('num_vectors', 1)} vector(s)), "
+                     f"{prompt.get('steps')} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
+                     + f", {prompt.get('wall_time_s')} s on {prompt.get('device')}")
+    else:
+        lines.append("  dataset prompt S*: " + (stopped_at(run.inversion_path, "step") or "not trained"))
+    vae = stages.get("vae")
+    if run.vae_weights_path.exists() and vae:
+        lines.append(f"  custom VAE: {vae.get('resolution')} px, latent {vae.get('config', {}).get('latent_dim')}, "
+                     f"{vae.get('epochs')} epochs, final loss {vae.get('final_loss', float('nan')):.4f}, "
+                     f"{vae.get('wall_time_s')} s on {vae.get('device')}")
+    else:
+        lines.append("  custom VAE: " + (stopped_at(run.vae_path, "epoch") or "not trained"))
+    chosen = info.get("chosen_t0")
+    if chosen:
+        current = run.chosen_t0()
+        lines.append(f"  chosen t0: {chosen['t0']:.2f} (held-out KID × 100 {chosen.get('kid_x100', float('nan')):.2f})"
+                     + ("" if current is not None else ", stale: a stage was trained again since; `dyod tune` "
+                        "chooses again"))
+    data_dir = data.get("root") or "DATA"
+    todo = []
+    if not run.embeddings_path.exists():
+        resume = (run.inversion_path / CHECKPOINT_FILE).exists()
+        todo.append(f"dyod invert {data_dir} --model {info.get('model', 'MODEL')} --out {path}"
+                    + (" --resume" if resume else ""))
+    if not run.vae_weights_path.exists():
+        todo.append(f"dyod train-vae {data_dir} --out {path}" + (" --resume" if (run.vae_path / CHECKPOINT_FILE).exists()
+                                                                   else ""))
+    lines.append(f"  next: {'; then '.join(todo)}" if todo else f"  next: dyod sample {path} -n 16 --out SAMPLES")
+    return "\n".join(lines)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointOnInterrupt, check_resumed_config, checkpoint_meta, load_training_state,
-                         save_training_state, truncate_log)
+from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_config, checkpoint_meta,
+                         load_training_state, save_training_state, truncate_log)
 from .config import DataConfig, VAEConfig, read_json, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -32,7 +32,6 @@ from .vae import VanillaVAE, check_resolution, default_hidden_dims, save_vae, va
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 # --resume refuses other values of these (the checkpoint's weights have their shapes) and warns at other values of
 # these (what is learned from there on changes)
 VAE_SHAPE_FIELDS = ("resolution", "latent_dim", "hidden_dims")
