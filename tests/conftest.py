@@ -42,6 +42,17 @@ def fitted_run(tmp_path_factory, tiny_model, shapes):
     return out
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as Python sets it up when started from a terminal (started in the background
+    of a non-interactive shell, as CI may start it, Python inherits SIGINT ignored)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     logging.getLogger("dyod").setLevel(logging.INFO)

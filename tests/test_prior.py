@@ -54,7 +54,7 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
     assert recorded == {**json.loads(json.dumps(dataclasses.asdict(config))), "unet_steps": 4}
 
 
-def test_ctrl_c_in_pretraining_writes_its_state_and_resume_goes_on(tmp_path, monkeypatch):
+def test_ctrl_c_in_pretraining_writes_its_state_and_resume_goes_on(tmp_path, monkeypatch, ctrl_c_raises):
     """Pre-training checkpoints every 1,000 steps: Ctrl-C between them lost everything since (hours on a CPU). Now
     the step in progress finishes and its state is written; --resume goes on from there."""
     import os

@@ -253,7 +253,7 @@ def test_half_precision_sampling_on_a_v_prediction_model_stays_finite(tmp_path, 
 
 
 def test_ctrl_c_writes_a_checkpoint_where_training_stopped_and_resume_loses_nothing(tmp_path, tiny_model, shapes,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, ctrl_c_raises):
     """Ctrl-C (SIGINT) in a training loop without periodic checkpoints: before, every step since the start was lost
     (`--checkpoint-every` 500 by default); now the step in progress finishes, a checkpoint is written there, and
     --resume ends where an uninterrupted run ends, logging each step once. A second Ctrl-C stops at once."""
@@ -294,6 +294,14 @@ def test_ctrl_c_writes_a_checkpoint_where_training_stopped_and_resume_loses_noth
     with pytest.raises(KeyboardInterrupt):
         dyod.invert(shapes, tiny_model, tmp_path / "twice", config, progress=False, device="cpu")
     assert not (tmp_path / "twice" / "inversion" / "checkpoint.safetensors").exists()
+    monkeypatch.setattr(inversion, "inversion_loss", real)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored (nohup, a background job): training goes on to its end
+    interrupt_at(inversion, "inversion_loss", 3)
+    dyod.invert(shapes, tiny_model, tmp_path / "ignored", config, progress=False, device="cpu")
+    assert (tmp_path / "ignored" / "learned_embeds.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(inversion, "inversion_loss", real)
 
     vae_config = dyod.VAEConfig(epochs=4, batch_size=4, latent_dim=4, checkpoint_every=0)

@@ -127,8 +127,10 @@ class CheckpointOnInterrupt:
         self._previous = None
 
     def __enter__(self) -> "CheckpointOnInterrupt":
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):  # ignored (nohup, `&`): left ignored
+            # None: a handler set outside Python, which cannot be put back; Python's own is the nearest
+            self._previous = signal.signal(signal.SIGINT, self._handle) or signal.default_int_handler
         return self
 
     def _handle(self, signum, frame) -> None:
