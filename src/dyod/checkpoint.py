@@ -139,6 +139,14 @@ class CheckpointOnInterrupt:
         logger.warning("interrupted: finishing the %s in progress and writing a checkpoint (Ctrl-C again stops at "
                        "once)", self.what)
 
+    def stop(self, bar, done: int, total: int, what: str, unit: str, checkpoint: Path):
+        """Once the checkpoint of ``done`` is written: say where ``what`` stopped and raise KeyboardInterrupt."""
+        bar.n = done  # the bar counts an iteration when the next begins
+        bar.close()
+        logger.warning("%s stopped at %s %d of %d; %s holds it: the same command with --resume continues", what, unit,
+                       done, total, checkpoint)
+        raise KeyboardInterrupt
+
     def __exit__(self, *exc) -> None:
         if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
             signal.signal(signal.SIGINT, self._previous)

@@ -478,11 +478,7 @@ def invert(
                 if save:
                     trainer.save(checkpoint, done, losses)
             if stopping:
-                bar.n = done  # the bar counts an iteration when the next begins
-                bar.close()
-                logger.warning("the dataset prompt stopped at step %d of %d; %s holds it: the same command with "
-                               "--resume continues", done, config.steps, checkpoint)
-                raise KeyboardInterrupt
+                interrupt.stop(bar, done, config.steps, "the dataset prompt", "step", checkpoint)
 
     text_encoder = trainer.text_encoder
     vectors = accelerator.unwrap_model(text_encoder).get_input_embeddings().learned.detach()

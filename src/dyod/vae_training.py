@@ -194,11 +194,7 @@ def train_vae(
                 _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, generator,
                                  epoch + 1, {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})
             if stopping:
-                bar.n = epoch + 1  # the bar counts an iteration when the next begins
-                bar.close()
-                logger.warning("the custom VAE stopped at epoch %d of %d; %s holds it: the same command with "
-                               "--resume continues", epoch + 1, config.epochs, checkpoint)
-                raise KeyboardInterrupt
+                interrupt.stop(bar, epoch + 1, config.epochs, "the custom VAE", "epoch", checkpoint)
             if (epoch + 1) % config.sample_every == 0 or epoch + 1 == config.epochs:
                 model.eval()
                 with torch.no_grad():

@@ -136,15 +136,6 @@ def _load_state(path: Path, modules: dict, optimizer, generator: torch.Generator
     return step, meta
 
 
-def _stopped(bar, done: int, total: int, what: str, state_path: Path):
-    """After Ctrl-C: the state of step ``done`` is written; stop there."""
-    bar.n = done  # the bar counts an iteration when the next begins
-    bar.close()
-    logger.warning("%s stopped at step %d of %d; %s holds it: the same command with --resume continues", what, done,
-                   total, state_path)
-    raise KeyboardInterrupt
-
-
 # -- 2. VAE -------------------------------------------------------------------------------------------------------------
 def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path, device, progress: bool, resume: bool):
     from diffusers import AutoencoderKL
@@ -182,7 +173,7 @@ def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path
             if (step + 1) % config.checkpoint_every == 0 or stopping:
                 _save_state(state_path, {"vae": vae}, optimizer, step + 1, generator, {"losses": losses})
             if stopping:
-                _stopped(bar, step + 1, config.vae_steps, "the prior's autoencoder", state_path)
+                interrupt.stop(bar, step + 1, config.vae_steps, "the prior's autoencoder", "step", state_path)
     vae.eval()
     # SD's recipe: scale latents to unit variance (SD 1.5 uses 0.18215)
     with torch.no_grad():
@@ -318,7 +309,7 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
                 _save_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1, generator,
                             {"losses": losses, "unet_s": unet_before + time.time() - t_unet})
             if stopping:
-                _stopped(bar, step + 1, config.unet_steps, "the prior's UNet", state_path)
+                interrupt.stop(bar, step + 1, config.unet_steps, "the prior's UNet", "step", state_path)
     timings["unet_s"] = round(unet_before + time.time() - t_unet, 1)
     write_json(work / "unet_losses.json", losses)
 
