@@ -462,10 +462,34 @@ def test_tune_without_held_out_images_loads_no_model_and_makes_no_folder(cli_run
 
     monkeypatch.setattr(DyodPipeline, "for_sampling", load)
     assert main(["tune", str(cli_run), "--out", str(tmp_path / "t"), "-n", "2"]) == 2
-    assert f"run {cli_run} holds no images out; fit it with --holdout-fraction 0.2" in capsys.readouterr().err
+    assert (f"run {cli_run} holds no images out; fit it with --holdout-fraction 0.2 (or use --choose-t0), or give "
+            "`dyod tune --ref DIR` a folder of images kept out of its training") in capsys.readouterr().err
     assert main(["sweep", str(cli_run), "--ref", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"), "-n", "2"]) == 2
     assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
+def test_tune_a_run_without_held_out_images_against_a_folder_given(cli_run, shapes, tmp_path, capsys):
+    """A run fitted without --holdout-fraction: `tune --ref DIR` chooses t0 against images kept out some other way
+    (before: only a refit with a held-out fraction could), records the folder, and `sample` uses the t0."""
+    import shutil
+
+    from dyod.run import describe_run
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    kept_out = tmp_path / "kept-out"
+    kept_out.mkdir()
+    for path in sorted(shapes.glob("*.png"))[:4]:
+        shutil.copy(path, kept_out)
+    flags = ["--num-inference-steps", "4", "--device", "cpu", "-n", "2"]
+    assert main(["tune", str(run), "--ref", str(kept_out), "--t0", "0.25,0.5", *flags]) == 0
+    chosen = json.loads((run / "run.json").read_text())["chosen_t0"]
+    assert chosen["reference"] == str(kept_out.resolve()) and chosen["t0"] in (0.25, 0.5)
+    assert f"chosen t0: {chosen['t0']:.2f}" in capsys.readouterr().out
+    assert f"  chosen t0: {chosen['t0']:.2f} ({kept_out.resolve()}: KID × 100 " in describe_run(run)
+    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "dyod_output.json").read_text())["config"]["t0"] == chosen["t0"]
 
 
 def test_choose_t0_holds_out_a_fifth_unless_given_or_recorded(tmp_path, shapes, monkeypatch):

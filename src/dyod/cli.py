@@ -371,7 +371,7 @@ def cmd_tune(args) -> None:
     out = Path(args.out or Path(args.run) / "t0_sweep")
     _check_output(out, args.overwrite)  # made as the sweep writes
     t0, rows = choose_t0(args.run, t0s, n=args.n, seed=args.seed, config=config, out=out,
-                         pipe=lambda: _pipeline(args))
+                         pipe=lambda: _pipeline(args), ref_dir=args.ref)
     print((out / "sweep.md").read_text())
     print(f"chosen t0: {t0:.2f}")
 
@@ -742,6 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t0 values")
     p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
     p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed")
+    p.add_argument("--ref", default=None,
+                   help="score t0 against these images instead of the run's held-out ones: a folder kept out of "
+                        "training, for a run fitted without --holdout-fraction (its training images would favour a "
+                        "custom VAE that memorized them)")
     p.set_defaults(func=cmd_tune)
 
     p = sampling("sweep-transform", "Fig. 5 as numbers: KID of transformed inputs with and without S*", skip=("t0",))

@@ -210,7 +210,8 @@ def describe_run(path: str | os.PathLike) -> str:
     chosen = info.get("chosen_t0")
     if chosen:
         current = run.chosen_t0()
-        lines.append(f"  chosen t0: {chosen['t0']:.2f} (held-out KID × 100 {chosen.get('kid_x100', float('nan')):.2f})"
+        against = "held-out" if chosen.get("reference", "heldout") == "heldout" else f"{chosen['reference']}:"
+        lines.append(f"  chosen t0: {chosen['t0']:.2f} ({against} KID × 100 {chosen.get('kid_x100', float('nan')):.2f})"
                      + ("" if current is not None else ", stale: a stage was trained again since; `dyod tune` "
                         "chooses again"))
     data_dir = data.get("root") or "DATA"

@@ -59,7 +59,8 @@ def _reference_files(run: Run, split: str, ref_dir: str | os.PathLike | None):
         raise DyodError(f"run {run.path} records no dataset folder; pass --ref DATA_DIR")
     fraction = run.info.get("data_config", {}).get("holdout_fraction", 0.0) if ref_dir is None else 0.0
     if split == "heldout" and not fraction:
-        raise DyodError(f"run {run.path} holds no images out; fit it with --holdout-fraction 0.2 (or use --choose-t0)")
+        raise DyodError(f"run {run.path} holds no images out; fit it with --holdout-fraction 0.2 (or use --choose-t0), "
+                        "or give `dyod tune --ref DIR` a folder of images kept out of its training")
     return root, dataset_files(root, holdout_fraction=fraction, split=split if fraction else "all")
 
 
@@ -243,14 +244,17 @@ CHOSEN_T0_SETTINGS = ("num_inference_steps", "guidance_scale", "prompt", "negati
 
 def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed: int = 0,
               config: SampleConfig = SampleConfig(), out: str | os.PathLike | None = None, progress: bool = True,
-              pipe=None) -> tuple[float, list[SweepRow]]:
-    """Sweep t0 against the run's held-out images; store the argmin as the run's default t0."""
+              pipe=None, ref_dir: str | os.PathLike | None = None) -> tuple[float, list[SweepRow]]:
+    """Sweep t0 against the run's held-out images (or ``ref_dir``: images kept out of training some other way, for a
+    run fitted without a held-out fraction); store the argmin as the run's default t0."""
     run = run if isinstance(run, Run) else Run.open(run)
-    rows = sweep(run, [t for t in t0s if t < 1.0] or t0s, n=n, seed=seed, config=config, reference="heldout",
-                 out=out, pipe=pipe, progress=progress)
+    rows = sweep(run, [t for t in t0s if t < 1.0] or t0s, n=n, seed=seed, config=config,
+                 reference="all" if ref_dir else "heldout", ref_dir=ref_dir, out=out, pipe=pipe, progress=progress)
     best = best_row(rows)
     chosen_with = {k: v for k, v in to_dict(config).items() if k in CHOSEN_T0_SETTINGS}
+    reference = str(Path(ref_dir).resolve()) if ref_dir else "heldout"
     run.update(chosen_t0={"t0": best.t0, "kid_x100": best.kid_x100, "n": n, "config": chosen_with,
+                          "reference": reference,
                           "sweep": {f"{r.t0:.2f}": r.kid_x100 for r in rows if r.t0 is not None},
                           "fingerprint": run.results_fingerprint()})
     logger.info("chosen t0 = %.2f (held-out KID×100 %.3f)", best.t0, best.kid_x100)
