@@ -778,7 +778,7 @@ def test_version(capsys):
 def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_model, tmp_path, capsys):
     import shutil
 
-    from dyod.run import Run
+    from dyod.run import Run, describe_run
 
     assert main(["info", str(cli_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -802,6 +802,10 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
                          "`dyod tune` chooses again",
                          f"  next: dyod invert {shapes.resolve()} --model {tiny_model} --out {run} --resume; then "
                          f"dyod train-vae {shapes.resolve()} --out {run} --resume"]
+
+    Run.open(run).update(model=str(tmp_path / "moved-away"))
+    assert describe_run(run).splitlines()[1] == (f"  model: {tmp_path / 'moved-away'} (16 px, epsilon) — not on this "
+                                                 "machine: the sampling commands take --model NEW_PLACE")
 
     Run.open_or_create(tmp_path / "new")  # made, nothing trained
     assert main(["info", str(tmp_path / "new")]) == 0

@@ -173,10 +173,13 @@ def describe_run(path: str | os.PathLike) -> str:
     run = Run.open(path)
     info, stages = run.info, run.info.get("stages", {})
     data = info.get("data", {})
+    model = info.get("model")
+    moved = model is not None and Path(model).is_absolute() and not Path(model).exists()  # recorded folders are absolute
     lines = [f"run {run.path}",
-             f"  model: {info.get('model', 'none yet')}" + (
+             f"  model: {model or 'none yet'}" + (
                  f" ({info['prior'].get('resolution')} px, {info['prior'].get('prediction_type')})"
-                 if info.get("prior") else "")]
+                 if info.get("prior") else "")
+             + (" — not on this machine: the sampling commands take --model NEW_PLACE" if moved else "")]
     if data:
         lines.append(f"  data: {data.get('num_images')} images at {data.get('resolution')} px from {data.get('root')}"
                      + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else ""))
