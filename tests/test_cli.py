@@ -341,6 +341,19 @@ def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
     assert main(["invert", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "could not load the diffusers model" in err and "does not exist" in err and "model_index.json" in err
+    # the run folder the failed command began is gone (before: a bare run.json stayed, "model: none yet"), an empty
+    # folder the user made stays, and a run that was there already stays as it was
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "mine").mkdir()
+    assert main(["fit", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    from dyod.run import Run
+
+    Run.open_or_create(tmp_path / "made-before")
+    assert main(["invert", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out",
+                 str(tmp_path / "made-before")]) == 2
+    assert (tmp_path / "made-before" / "run.json").exists()
+    capsys.readouterr()
     (tmp_path / "empty").mkdir()
     for command in (["train-vae"], ["fit", "--model", "m"], ["invert", "--model", "m"]):
         assert main([command[0], str(tmp_path / "empty"), *command[1:], "--out", str(tmp_path / "r2")]) == 2

@@ -27,6 +27,7 @@ from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_c
                          load_training_state, save_training_state, truncate_log)
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
 from .data import (
+    RUN_FILE,
     ImageFolder,
     dataset_files,
     files_fingerprint,
@@ -373,6 +374,7 @@ def invert(
     # written by the main process alone, the others read it.
     main = accelerator.is_main_process
     with accelerator.main_process_first():
+        made_here = None if (Path(out) / RUN_FILE).exists() else Path(out).exists()  # None: the run was there
         run = Run.open_or_create(out)
     folder = run.inversion_path
     checkpoint = folder / CHECKPOINT_FILE
@@ -389,7 +391,12 @@ def invert(
     if overwrite and not resume and main:
         checkpoint.unlink(missing_ok=True)
 
-    prior = load_prior(model)
+    try:
+        prior = load_prior(model)
+    except DyodError:
+        if main and made_here is not None:  # a run this command began and nothing else: gone, as if never begun
+            run.remove_if_bare(folder_existed=made_here)
+        raise
     if main:
         run.bind_model(model_reference(model), prior.describe())
 

@@ -76,6 +76,14 @@ class Run:
         run.save()
         return run
 
+    def remove_if_bare(self, folder_existed: bool) -> None:
+        """Remove a run that holds nothing but its fresh run.json (its first command failed before any work), and
+        its folder where the command made it."""
+        if [p.name for p in self.path.iterdir()] == [RUN_FILE] and "model" not in self.info:
+            (self.path / RUN_FILE).unlink()
+            if not folder_existed:
+                self.path.rmdir()
+
     def save(self) -> None:
         write_json(self.path / RUN_FILE, self.info)
 
