@@ -802,6 +802,18 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
     assert lines[4].startswith("  custom VAE: 32 px, latent 6, 2 epochs, final loss ")
     assert lines[5] == f"  next: dyod sample {cli_run} -n 16 --out SAMPLES"
 
+    again = tmp_path / "again"  # S* made, then `invert --overwrite` stopped at step 1: both are said
+    shutil.copytree(cli_run, again)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = again / "inversion" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={**metadata, "step": "1"})
+    assert describe_run(again).splitlines()[3].endswith(
+        "; a new training stopped at step 1 of 3; --resume continues it")
+
     run = tmp_path / "run"  # both stages stopped: their checkpoints say where, and the next commands resume
     shutil.copytree(cli_run, run)
     (run / "learned_embeds.safetensors").unlink()

@@ -192,7 +192,9 @@ def describe_run(path: str | os.PathLike) -> str:
         lines.append(f"  data: {data.get('num_images')} images at {data.get('resolution')} px from {data.get('root')}"
                      + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else ""))
 
-    def stopped_at(folder: Path, unit: str) -> str | None:
+    def stopped_at(folder: Path, unit: str, unfinished_only: bool = False) -> str | None:
+        """Where the stage's checkpoint stopped (``unfinished_only``: only if short of its steps, as after an
+        `--overwrite` training stopped beside the stage's earlier result)."""
         checkpoint = folder / CHECKPOINT_FILE
         if not checkpoint.exists():
             return None
@@ -201,23 +203,29 @@ def describe_run(path: str | os.PathLike) -> str:
         except DyodError as e:
             return f"its checkpoint is damaged: {e}"
         total = (meta.get("config") or {}).get("steps" if unit == "step" else "epochs")
+        if unfinished_only and (total is None or meta.get("step", 0) >= total):
+            return None
         return f"stopped at {unit} {meta.get('step')}" + (f" of {total}" if total else "") + "; --resume continues"
 
-    prompt = stages.get("inversion")
-    if run.embeddings_path.exists() and prompt:
-        loss = prompt.get("final_loss")
-        lines.append(f"  dataset prompt S*: {info.get('placeholder_token')} ({info.get('num_vectors', 1)} vector(s)), "
-                     f"{prompt.get('steps')} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
-                     + f", {prompt.get('wall_time_s')} s on {prompt.get('device')}")
-    else:
-        lines.append("  dataset prompt S*: " + (stopped_at(run.inversion_path, "step") or "not trained"))
-    vae = stages.get("vae")
-    if run.vae_weights_path.exists() and vae:
-        lines.append(f"  custom VAE: {vae.get('resolution')} px, latent {vae.get('config', {}).get('latent_dim')}, "
-                     f"{vae.get('epochs')} epochs, final loss {vae.get('final_loss', float('nan')):.4f}, "
-                     f"{vae.get('wall_time_s')} s on {vae.get('device')}")
-    else:
-        lines.append("  custom VAE: " + (stopped_at(run.vae_path, "epoch") or "not trained"))
+    def stage_line(name: str, made: bool, summary: dict | None, describe, folder: Path, unit: str) -> str:
+        if not made:
+            return f"  {name}: " + (stopped_at(folder, unit) or "not trained")
+        again = stopped_at(folder, unit, unfinished_only=True)
+        return (f"  {name}: " + (describe(summary) if summary else "made, with no training record")
+                + (f"; a new training {again} it" if again else ""))
+
+    lines.append(stage_line(
+        "dataset prompt S*", run.embeddings_path.exists(), stages.get("inversion"),
+        lambda p: (f"{info.get('placeholder_token')} ({info.get('num_vectors', 1)} vector(s)), {p.get('steps')} steps"
+                   + (f", final loss {p['final_loss']:.4f}" if p.get("final_loss") is not None else "")
+                   + f", {p.get('wall_time_s')} s on {p.get('device')}"),
+        run.inversion_path, "step"))
+    lines.append(stage_line(
+        "custom VAE", run.vae_weights_path.exists(), stages.get("vae"),
+        lambda v: (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}, {v.get('epochs')} "
+                   f"epochs, final loss {v.get('final_loss', float('nan')):.4f}, {v.get('wall_time_s')} s on "
+                   f"{v.get('device')}"),
+        run.vae_path, "epoch"))
     chosen = info.get("chosen_t0")
     if chosen:
         current = run.chosen_t0()
