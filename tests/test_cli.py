@@ -798,7 +798,7 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
     assert lines[0] == f"run {cli_run}"
     assert lines[1] == f"  model: {tiny_model} (16 px, epsilon)"
     assert lines[2] == f"  data: 12 images at 32 px from {shapes.resolve()}"
-    assert lines[3].startswith("  dataset prompt S*: <dyod> (1 vector(s)), 3 steps, final loss ")
+    assert lines[3].startswith("  dataset prompt S*: <dyod> (1 vector), 3 steps, final loss ")
     assert lines[4].startswith("  custom VAE: 32 px, latent 6, 2 epochs, final loss ")
     assert lines[5] == f"  next: dyod sample {cli_run} -n 16 --out SAMPLES"
 

@@ -216,14 +216,14 @@ def describe_run(path: str | os.PathLike) -> str:
 
     lines.append(stage_line(
         "dataset prompt S*", run.embeddings_path.exists(), stages.get("inversion"),
-        lambda p: (f"{info.get('placeholder_token')} ({info.get('num_vectors', 1)} vector(s)), {p.get('steps')} steps"
+        lambda p: (f"{info.get('placeholder_token')} ({_count(info.get('num_vectors', 1), 'vector')}), {_count(p.get('steps'), 'step')}"
                    + (f", final loss {p['final_loss']:.4f}" if p.get("final_loss") is not None else "")
                    + f", {p.get('wall_time_s')} s on {p.get('device')}"),
         run.inversion_path, "step"))
     lines.append(stage_line(
         "custom VAE", run.vae_weights_path.exists(), stages.get("vae"),
-        lambda v: (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}, {v.get('epochs')} "
-                   f"epochs, final loss {v.get('final_loss', float('nan')):.4f}, {v.get('wall_time_s')} s on "
+        lambda v: (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}, "
+                   f"{_count(v.get('epochs'), 'epoch')}, final loss {v.get('final_loss', float('nan')):.4f}, {v.get('wall_time_s')} s on "
                    f"{v.get('device')}"),
         run.vae_path, "epoch"))
     chosen = info.get("chosen_t0")
@@ -244,6 +244,10 @@ def describe_run(path: str | os.PathLike) -> str:
                                                                    else ""))
     lines.append(f"  next: {'; then '.join(todo)}" if todo else f"  next: dyod sample {path} -n 16 --out SAMPLES")
     return "\n".join(lines)
+
+
+def _count(n, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _sha256(path: Path) -> str:
