@@ -374,3 +374,26 @@ def test_a_damaged_feature_cache_entry_is_computed_again(shapes, tmp_path, monke
     again, info = folder_features(shapes, extractor)
     assert not info["cached"] and torch.equal(first, again) and "computing them again" in caplog.text
     assert folder_features(shapes, extractor)[1]["cached"]  # written whole again
+
+
+def test_ctrl_c_on_the_command_line_says_how_to_go_on(tmp_path, tiny_model, shapes, monkeypatch, capsys,
+                                                       ctrl_c_raises):
+    import dyod.inversion as inversion
+    from dyod.cli import main
+
+    real, calls = inversion.inversion_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inversion, "inversion_loss", interrupted)
+    out = tmp_path / "run"
+    assert main(["invert", str(shapes), "--model", str(tiny_model), "--out", str(out), "--steps", "6",
+                 "--batch-size", "2", "--gradient-checkpointing", "none", "--sample-every", "0",
+                 "--device", "cpu"]) == 130
+    assert (f"interrupted; completed checkpoints and outputs are kept: the same command with --resume continues "
+            f"(`dyod info {out}` shows where each stage stopped)") in capsys.readouterr().err
+    assert _checkpoint_step(out / "inversion" / "checkpoint.safetensors") == 2

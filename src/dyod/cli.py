@@ -875,12 +875,23 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; completed checkpoints and outputs are kept", file=sys.stderr)
+        print(f"interrupted; completed checkpoints and outputs are kept{_how_to_go_on(args)}", file=sys.stderr)
         return 130
     finally:
         _detach_run_logs()
         _end_processes()
     return 0
+
+
+def _how_to_go_on(args) -> str:
+    """After Ctrl-C: the command that continues what was stopped."""
+    if args.command in ("fit", "invert", "train-vae"):
+        return f": the same command with --resume continues (`dyod info {args.out}` shows where each stage stopped)"
+    if args.command == "reference":
+        return ": the same command with --resume continues"
+    if args.command == "sample":
+        return ": the same command with --resume makes only the samples not yet written"
+    return ""
 
 
 def _end_processes() -> None:
