@@ -349,6 +349,19 @@ def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
     from dyod.run import Run
 
+    import dyod.inversion
+    from dyod.errors import DyodError
+
+    import logging
+
+    def logs_then_fails(model):  # a record before the failure opens RUN/dyod.log: that log goes with the run
+        logging.getLogger("dyod.prior").warning("trying %s", model)
+        raise DyodError("could not load the diffusers model")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dyod.inversion, "load_prior", logs_then_fails)
+        assert main(["invert", str(shapes), "--model", "m", "--out", str(tmp_path / "logged")]) == 2
+    assert not (tmp_path / "logged").exists()
     Run.open_or_create(tmp_path / "made-before")
     assert main(["invert", str(shapes), "--model", str(tmp_path / "no-such-model"), "--out",
                  str(tmp_path / "made-before")]) == 2

@@ -77,10 +77,12 @@ class Run:
         return run
 
     def remove_if_bare(self, folder_existed: bool) -> None:
-        """Remove a run that holds nothing but its fresh run.json (its first command failed before any work), and
-        its folder where the command made it."""
-        if [p.name for p in self.path.iterdir()] == [RUN_FILE] and "model" not in self.info:
-            (self.path / RUN_FILE).unlink()
+        """Remove a run that holds nothing but its fresh run.json and the log of the command that made it (which
+        failed before any work: the error was on the terminal), and its folder where the command made it."""
+        names = {p.name for p in self.path.iterdir()}
+        if RUN_FILE in names and names <= {RUN_FILE, "dyod.log"} and "model" not in self.info:  # its log, if any
+            for name in names:
+                (self.path / name).unlink()
             if not folder_existed:
                 self.path.rmdir()
 
