@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import to_dict
-from .errors import DyodError
+from .errors import DyodError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def read_safetensors(path: Path, what: str, remedy: str) -> dict[str, torch.Tens
 
 
 def _damaged(path: Path, what: str, error: Exception, remedy: str) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = first_line(error) or type(error).__name__
     return (f"the {what} {path} cannot be read ({detail}): it is damaged (dyod writes its files whole, so a copy cut "
             f"short or another program changed it); {remedy}")
 

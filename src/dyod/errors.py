@@ -3,3 +3,9 @@
 
 class DyodError(Exception):
     """A problem with the user's input (file, flag, model, run folder), explained in the message."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" for none): a library's long message, cut to what names the fault."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

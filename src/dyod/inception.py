@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import DyodError
+from .errors import DyodError, first_line
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -201,7 +201,7 @@ def load_inception_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _unreadable_weights(path: Path, error: Exception) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = first_line(error)
     return (f"{path} cannot be read as a weights file ({type(error).__name__}{': ' + detail[:200] if detail else ''}); "
             f"it may be truncated or of another kind: give the FID Inception weights file {WEIGHTS_NAME}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DyodError
+from .errors import DyodError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,7 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
     except DyodError:
         raise
     except Exception as e:  # hub/OS/validation errors differ across huggingface_hub versions
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _model_not_found(model, f"{type(e).__name__}: {first_line}") from e
+        raise _model_not_found(model, f"{type(e).__name__}: {first_line(e) or type(e).__name__}") from e
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.eval()
