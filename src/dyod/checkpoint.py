@@ -117,7 +117,7 @@ def check_resumed_config(recorded: dict | None, config, shape: tuple[str, ...], 
 class CheckpointOnInterrupt:
     """Ctrl-C during a training loop: the step in progress finishes (an optimizer step cut in two would leave its
     moments half-updated), the loop writes a checkpoint there and stops, so that --resume loses nothing done; a second
-    Ctrl-C stops at once. ``requested`` is what the loop reads after each step. Only in a single process's main thread:
+    Ctrl-C stops at once. ``stopping(done, total)`` is what the loop reads after each step. Only in a single process's main thread:
     signal handlers can be set nowhere else, and the processes of a multi-process launch would stop at different steps
     (there Ctrl-C stops at once, back to the last periodic checkpoint)."""
 
@@ -138,6 +138,10 @@ class CheckpointOnInterrupt:
         signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C interrupts as it always does
         logger.warning("interrupted: finishing the %s in progress and writing a checkpoint (Ctrl-C again stops at "
                        "once)", self.what)
+
+    def stopping(self, done: int, total: int) -> bool:
+        """Whether the loop stops after ``done`` of ``total`` (the last one ends the loop anyway, as usual)."""
+        return self.requested and done < total
 
     def stop(self, bar, done: int, total: int, what: str, unit: str, checkpoint: Path):
         """Once the checkpoint of ``done`` is written: say where ``what`` stopped and raise KeyboardInterrupt."""

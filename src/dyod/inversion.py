@@ -456,7 +456,7 @@ def invert(
             except torch.OutOfMemoryError:
                 raise DyodError(_out_of_memory_advice(config, checkpoint, trainer.checkpointing)) from None
             done = step + 1
-            stopping = interrupt.requested and done < config.steps  # the last step ends the loop anyway
+            stopping = interrupt.stopping(done, config.steps)
             if config.sample_every and (done % config.sample_every == 0 or done == config.steps) and not stopping:
                 write_preview(done)
             save = (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps or stopping

@@ -188,7 +188,7 @@ def train_vae(
                 continue
             with open(log_path, "a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, "loss": loss, "recon": rec, "kld": kld}) + "\n")
-            stopping = interrupt.requested and epoch + 1 < config.epochs  # the last epoch ends the loop anyway
+            stopping = interrupt.stopping(epoch + 1, config.epochs)
             if stopping or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0
                             and epoch + 1 < config.epochs):
                 _save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, generator,

@@ -169,7 +169,7 @@ def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path
             losses.append(rec.item())
             if step % 20 == 0:
                 bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
-            stopping = interrupt.requested and step + 1 < config.vae_steps
+            stopping = interrupt.stopping(step + 1, config.vae_steps)
             if (step + 1) % config.checkpoint_every == 0 or stopping:
                 _save_state(state_path, {"vae": vae}, optimizer, step + 1, generator, {"losses": losses})
             if stopping:
@@ -304,7 +304,7 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
             losses.append(loss.item())
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-            stopping = interrupt.requested and step + 1 < config.unet_steps
+            stopping = interrupt.stopping(step + 1, config.unet_steps)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps or stopping:
                 _save_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1, generator,
                             {"losses": losses, "unet_s": unet_before + time.time() - t_unet})
