@@ -403,25 +403,23 @@ def _pipeline(args, device: str | None = None):
                                      compile=args.compile, model=args.model)
 
 
-def _run_default_t0(args) -> dict:
-    """``dyod sample`` without --t0 uses the t0 chosen on held-out images (``--choose-t0``), if the run has one."""
+def _run_default_t0(args) -> tuple[dict, dict]:
+    """``dyod sample`` without --t0 uses the t0 chosen on held-out images (``--choose-t0``), if the run has one:
+    the override, and the settings it was chosen with (empty for older records)."""
     if "SampleConfig.t0" in vars(args):
-        return {}
+        return {}, {}
     from .run import Run
 
-    chosen = Run.open(args.run).chosen_t0()
-    if chosen is not None:
-        logger.info("using the run's chosen t0 = %.2f", chosen)
-        return {"t0": chosen}
-    return {}
+    run = Run.open(args.run)
+    chosen = run.chosen_t0()
+    if chosen is None:
+        return {}, {}
+    logger.info("using the run's chosen t0 = %.2f", chosen)
+    return {"t0": chosen}, run.info["chosen_t0"].get("config") or {}
 
 
-def _warn_if_chosen_with_other_settings(args, config: SampleConfig) -> None:
+def _warn_if_chosen_with_other_settings(args, config: SampleConfig, recorded: dict) -> None:
     """The chosen t0 is the best for the settings it was swept with; sampling with others, it may not be."""
-    from .run import Run
-
-    chosen = Run.open(args.run).info.get("chosen_t0") or {}
-    recorded = chosen.get("config") or {}  # older records kept no settings: nothing to compare
     now = to_dict(config)
     differ = [k for k in recorded if k in now and recorded[k] != now[k]]
     if differ:
@@ -439,10 +437,9 @@ def cmd_sample(args) -> None:
 
     if args.n < 1:
         raise DyodError(f"-n must be >= 1, got {args.n}")
-    chosen = _run_default_t0(args)
+    chosen, chosen_with = _run_default_t0(args)
     config = config_from_args(args, SampleConfig, **chosen)
-    if chosen:
-        _warn_if_chosen_with_other_settings(args, config)
+    _warn_if_chosen_with_other_settings(args, config, chosen_with)
     from .sampling import num_denoising_steps
 
     num_denoising_steps(config.t0, config.num_inference_steps)  # fail before loading anything

@@ -257,7 +257,8 @@ def choose_t0(run: str | os.PathLike | Run, t0s=DEFAULT_T0S, n: int = 100, seed:
                           "reference": reference,
                           "sweep": {f"{r.t0:.2f}": r.kid_x100 for r in rows if r.t0 is not None},
                           "fingerprint": run.results_fingerprint()})
-    logger.info("chosen t0 = %.2f (held-out KID×100 %.3f)", best.t0, best.kid_x100)
+    logger.info("chosen t0 = %.2f (KID×100 %.3f against %s)", best.t0, best.kid_x100,
+                "the held-out images" if reference == "heldout" else reference)
     return best.t0, rows
 
 
