@@ -168,7 +168,8 @@ class Run:
                             f"`dyod train-vae` (or `dyod fit`) first, or {otherwise}")
         if "{}" in prompt and not self.embeddings_path.exists():
             raise DyodError(f"run {self.path} has no dataset prompt S* ({self.embeddings_path.name}), which the prompt "
-                            f"{prompt!r} uses; run `dyod invert` (or `dyod fit`) first, or give a --prompt without {{}}")
+                            f"{prompt!r} uses; run `dyod invert` (or `dyod fit`) first, or give a --prompt without "
+                            "{}")
 
     @property
     def data_resolution(self) -> int | None:
@@ -184,7 +185,8 @@ def describe_run(path: str | os.PathLike) -> str:
     info, stages = run.info, run.info.get("stages", {})
     data = info.get("data", {})
     model = info.get("model")
-    moved = model is not None and Path(model).is_absolute() and not Path(model).exists()  # recorded folders are absolute
+    # local folders are recorded absolute: one that is not here has moved (or the run was copied to another machine)
+    moved = model is not None and Path(model).is_absolute() and not Path(model).exists()
     lines = [f"run {run.path}",
              f"  model: {model or 'none yet'}" + (
                  f" ({info['prior'].get('resolution')} px, {info['prior'].get('prediction_type')})"
@@ -216,34 +218,35 @@ def describe_run(path: str | os.PathLike) -> str:
         return (f"  {name}: " + (describe(summary) if summary else "made, with no training record")
                 + (f"; a new training {again} it" if again else ""))
 
-    lines.append(stage_line(
-        "dataset prompt S*", run.embeddings_path.exists(), stages.get("inversion"),
-        lambda p: (f"{info.get('placeholder_token')} ({_count(info.get('num_vectors', 1), 'vector')}), {_count(p.get('steps'), 'step')}"
-                   + (f", final loss {p['final_loss']:.4f}" if p.get("final_loss") is not None else "")
-                   + f", {p.get('wall_time_s')} s on {p.get('device')}"),
-        run.inversion_path, "step"))
-    lines.append(stage_line(
-        "custom VAE", run.vae_weights_path.exists(), stages.get("vae"),
-        lambda v: (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}, "
-                   f"{_count(v.get('epochs'), 'epoch')}, final loss {v.get('final_loss', float('nan')):.4f}, {v.get('wall_time_s')} s on "
-                   f"{v.get('device')}"),
-        run.vae_path, "epoch"))
+    def prompt_summary(p: dict) -> str:
+        loss = f", final loss {p['final_loss']:.4f}" if p.get("final_loss") is not None else ""
+        return (f"{info.get('placeholder_token')} ({_count(info.get('num_vectors', 1), 'vector')}), "
+                f"{_count(p.get('steps'), 'step')}{loss}, {p.get('wall_time_s')} s on {p.get('device')}")
+
+    def vae_summary(v: dict) -> str:
+        return (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}, "
+                f"{_count(v.get('epochs'), 'epoch')}, final loss {v.get('final_loss', float('nan')):.4f}, "
+                f"{v.get('wall_time_s')} s on {v.get('device')}")
+
+    lines.append(stage_line("dataset prompt S*", run.embeddings_path.exists(), stages.get("inversion"), prompt_summary,
+                            run.inversion_path, "step"))
+    lines.append(stage_line("custom VAE", run.vae_weights_path.exists(), stages.get("vae"), vae_summary, run.vae_path,
+                            "epoch"))
     chosen = info.get("chosen_t0")
     if chosen:
         current = run.chosen_t0()
         against = "held-out" if chosen.get("reference", "heldout") == "heldout" else f"{chosen['reference']}:"
-        lines.append(f"  chosen t0: {chosen['t0']:.2f} ({against} KID × 100 {chosen.get('kid_x100', float('nan')):.2f})"
+        score = chosen.get("kid_x100", float("nan"))
+        lines.append(f"  chosen t0: {chosen['t0']:.2f} ({against} KID × 100 {score:.2f})"
                      + ("" if current is not None else ", stale: a stage was trained again since; `dyod tune` "
                         "chooses again"))
     data_dir = data.get("root") or "DATA"
-    todo = []
-    if not run.embeddings_path.exists():
-        resume = (run.inversion_path / CHECKPOINT_FILE).exists()
-        todo.append(f"dyod invert {data_dir} --model {info.get('model', 'MODEL')} --out {path}"
-                    + (" --resume" if resume else ""))
-    if not run.vae_weights_path.exists():
-        todo.append(f"dyod train-vae {data_dir} --out {path}" + (" --resume" if (run.vae_path / CHECKPOINT_FILE).exists()
-                                                                   else ""))
+    todo = [f"{command} --out {path}" + (" --resume" if (folder / CHECKPOINT_FILE).exists() else "")
+            for command, made, folder in (
+                (f"dyod invert {data_dir} --model {info.get('model', 'MODEL')}", run.embeddings_path.exists(),
+                 run.inversion_path),
+                (f"dyod train-vae {data_dir}", run.vae_weights_path.exists(), run.vae_path))
+            if not made]
     lines.append(f"  next: {'; then '.join(todo)}" if todo else f"  next: dyod sample {path} -n 16 --out SAMPLES")
     return "\n".join(lines)
 
