@@ -15,15 +15,12 @@ logger = logging.getLogger(__name__)
 
 def check_heldout(data_dir: str | os.PathLike, fraction: float) -> None:
     """Choosing t0 scores it with KID against the held-out images, which needs two of them: say so before training."""
-    from .data import dataset_files
+    from .data import dataset_files, is_heldout
 
     if not fraction:
         raise DyodError("--choose-t0 chooses t0 on held-out images; give --holdout-fraction above 0 (default 0.2)")
-    dataset_files(data_dir)  # a folder that is no dataset at all is named as such, not as a split too small
-    try:
-        held = dataset_files(data_dir, fraction, split="heldout")
-    except DyodError:
-        held = []
+    # the folder read once: one that is no dataset at all is named as such, not as a split too small
+    held = [f for f in dataset_files(data_dir) if is_heldout(f, Path(data_dir), fraction)]
     if len(held) < 2:
         raise DyodError(f"--choose-t0 scores t0 with KID against the held-out images, which needs at least 2; "
                         f"--holdout-fraction {fraction} holds out {len(held)} of the images in {data_dir}. Give a "
