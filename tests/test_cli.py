@@ -374,21 +374,82 @@ def test_missing_model_and_empty_data_are_explained(tmp_path, shapes, capsys):
     assert not (tmp_path / "r2").exists()  # refused before a run folder is made
 
 
-def test_hub_id_offline_says_how_to_fix(tmp_path, shapes):
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _offline_env(how: str) -> dict:
+    """The Hub switched off (HF_HUB_OFFLINE), or not reachable: its address a closed port on this machine, as a
+    machine without a network finds it (nothing leaves the machine either way)."""
+    return {"HF_HUB_OFFLINE": "1"} if how == "switched off" else {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+
+
+@pytest.mark.parametrize("offline", ["switched off", "unreachable"])
+def test_hub_id_offline_says_how_to_fix(tmp_path, shapes, offline):
+    """Unreachable, huggingface_hub retried each file five times (28 s) and then said the model "does not appear to
+    have a file named config.json"; now one request finds the Hub unreachable and the error says so."""
     result = subprocess.run(
         [sys.executable, "-m", "dyod", "invert", str(shapes), "--model", "someone/not-cached-model", "--out",
-         str(tmp_path / "r")], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-         "HF_HOME": str(tmp_path / "hf")},
+         str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+        env={**_offline_env(offline), "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")},
     )
     assert result.returncode == 2
     assert "could not load the diffusers model 'someone/not-cached-model'" in result.stderr
-    assert "Hugging Face cache" in result.stderr
+    assert "and the model is not (wholly) in the Hugging Face cache" in result.stderr
+    assert ("is switched off (HF_HUB_OFFLINE)" if offline == "switched off" else "could not be reached (") \
+        in result.stderr
+    assert "Retrying" not in result.stderr and not (tmp_path / "r").exists()
 
 
-def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, shapes, tiny_model):
+def test_a_hub_id_the_hub_does_not_know_is_refused_at_once(tmp_path, monkeypatch):
+    """A local stand-in for the Hub answers as the Hub does for an unknown id (404, X-Error-Code: RepoNotFound)."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from dyod.errors import DyodError
+    from dyod.prior import load_prior
+
+    asked = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        with pytest.raises(DyodError, match="the Hugging Face Hub has no model of that id .*`hf auth login`"):
+            load_prior("someone/no-such-model")
+    finally:
+        server.shutdown()
+    # one request for the model (huggingface_hub may ask other things of its own), no retries, no file downloads
+    assert [path for path in asked if "no-such-model" in path] == ["/api/models/someone/no-such-model"]
+
+
+@pytest.mark.parametrize("offline", ["switched off", "unreachable"])
+def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, shapes, tiny_model, offline):
     """`--model org/name` goes through huggingface_hub's cache, as a model downloaded once elsewhere would: laid out
     here as hub downloads are (refs/main naming a snapshot), with the hub offline. The run records the hub id, and
-    sampling loads the model by it again."""
+    sampling loads the model by it again. Unreachable, each command took nearly 3 minutes (five retries of every file
+    before huggingface_hub fell back to its cache); now one request, then the cache."""
     import shutil
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -396,7 +457,7 @@ def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, shapes, tiny
     shutil.copytree(tiny_model, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env = {**_offline_env(offline), "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
     for command in (["invert", str(shapes), "--model", "dyod-test/tiny-sd", "--out", str(run), "--steps", "2",
                      "--batch-size", "2", "--sample-every", "0", "--device", "cpu"],
@@ -405,6 +466,7 @@ def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, shapes, tiny
         result = subprocess.run([sys.executable, "-m", "dyod", *command], capture_output=True, text=True, env=env,
                                 timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "Retrying" not in result.stderr
     assert json.loads((run / "run.json").read_text())["model"] == "dyod-test/tiny-sd"
     record = json.loads((tmp_path / "samples" / "dyod_output.json").read_text())
     assert record["model"] == "dyod-test/tiny-sd" and len(record["images"]) == 2

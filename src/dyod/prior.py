@@ -102,8 +102,48 @@ def _model_not_found(model: str, reason: str) -> DyodError:
         "  --model takes a local folder in diffusers layout (model_index.json with tokenizer/, text_encoder/, "
         "unet/, vae/, scheduler/), e.g. a stable-diffusion-v1-5 snapshot, or a hub id such as "
         "'stable-diffusion-v1-5/stable-diffusion-v1-5' while online (offline, a hub id works only if it is already "
-        "in the Hugging Face cache; download it elsewhere with `huggingface-cli download` and pass the folder)."
+        "in the Hugging Face cache; download it elsewhere with `hf download MODEL_ID --local-dir FOLDER` and pass the "
+        "folder)."
     )
+
+
+_HUB_UNREACHABLE: dict[str, str] = {}  # hub id -> why the Hub could not be reached, for the error message
+
+
+def _hub_unreachable_reason() -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "is switched off (HF_HUB_OFFLINE) "
+    reasons = set(_HUB_UNREACHABLE.values())
+    return f"could not be reached ({reasons.pop()}) " if len(reasons) == 1 else "could not be reached "
+
+
+def hub_options(repo_id: str) -> dict:
+    """``from_pretrained`` options for a hub id: none when the Hub answers; ``local_files_only`` when it is switched
+    off or cannot be reached. Asking once spares what huggingface_hub does otherwise without a network: five retries
+    of every file (28 s each) before it falls back to its cache, nearly 3 minutes for a cached model and 28 s before
+    a model that is not cached is refused as "does not appear to have a file named config.json"."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return {"local_files_only": True}
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return {}  # its files say what access they need
+    except RevisionNotFoundError as e:
+        raise _model_not_found(repo_id, f"{type(e).__name__}: {first_line(e)}") from e
+    except RepositoryNotFoundError as e:
+        raise _model_not_found(repo_id, "the Hugging Face Hub has no model of that id (a private or gated model needs "
+                                        "`hf auth login` first)") from e
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a time-out, a server error: the cache decides
+        reason = f"{type(e).__name__}: {first_line(e) or type(e).__name__}"
+        _HUB_UNREACHABLE[repo_id] = reason
+        logger.warning("the Hugging Face Hub could not be reached (%s); loading %s from the cache", reason, repo_id)
+        return {"local_files_only": True}
+    return {}
 
 
 def weights_variant(folder: Path) -> str | None:
@@ -182,6 +222,7 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
                                           "which dyod does not load (a pickle can run code); convert the model to "
                                           "safetensors where you trust it: "
                                           "`StableDiffusionPipeline.from_pretrained(FOLDER).save_pretrained(NEW)`")
+    hub = {} if looks_local else hub_options(model)
     try:
         from diffusers import DDIMScheduler
 
@@ -189,23 +230,27 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
             found = weights_variant(local / component) if looks_local else None
             if found:
                 logger.info("%s: loading the %r variant of the weights (the folder holds no others)", component, found)
-            return {"variant": found} if found else {}
+            return {"variant": found, **hub} if found else hub
 
-        check_text_to_image(name, dict(UNet2DConditionModel.load_config(model, subfolder="unet")),
-                            dict(AutoencoderKL.load_config(model, subfolder="vae")),
-                            CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        check_text_to_image(name, dict(UNet2DConditionModel.load_config(model, subfolder="unet", **hub)),
+                            dict(AutoencoderKL.load_config(model, subfolder="vae", **hub)),
+                            CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **hub).hidden_size)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **hub)
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
                                                      use_safetensors=True, **variant("text_encoder"))
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, use_safetensors=True,
                                                     **variant("unet"))
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, use_safetensors=True,
                                             **variant("vae"))
-        scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
+        scheduler_config = dict(DDIMScheduler.load_config(model, subfolder="scheduler", **hub))
     except DyodError:
         raise
     except Exception as e:  # hub/OS/validation errors differ across huggingface_hub versions
-        raise _model_not_found(model, f"{type(e).__name__}: {first_line(e) or type(e).__name__}") from e
+        reason = f"{type(e).__name__}: {first_line(e) or type(e).__name__}"
+        if hub.get("local_files_only"):
+            reason = (f"the Hugging Face Hub {_hub_unreachable_reason()}and the model is not (wholly) in the Hugging "
+                      f"Face cache (from the cache: {reason})")
+        raise _model_not_found(model, reason) from e
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
         module.eval()
