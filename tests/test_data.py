@@ -141,6 +141,99 @@ def test_exif_orientation_is_applied(tmp_path):
     assert top[0] > 200 and top[1] < 80  # the red strip is now on top
 
 
+# Display P3's primaries as a profile states them (adapted to the D50 white of the profile connection space), with
+# a plain gamma curve; and the sRGB primaries LittleCMS's built-in sRGB profile states.
+P3_COLUMNS = np.array([[0.5151, 0.2920, 0.1571], [0.2412, 0.6922, 0.0666], [-0.0011, 0.0419, 0.7841]])
+SRGB_COLUMNS = np.array([[0.4360747, 0.3850649, 0.1430804], [0.2225045, 0.7168786, 0.0606169],
+                         [0.0139322, 0.0971045, 0.7141733]])
+GAMMA_U8F8 = 563  # 2.2 as the ICC's u8Fixed8Number stores it: 563 / 256
+
+
+def _matrix_profile(description: str, columns: np.ndarray) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix and gamma curves), written here byte by byte so that the test
+    needs no profile file: the kind a camera or phone embeds in its photos."""
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    text = description.encode() + b"\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"cprt", b"text" + bytes(4) + b"none\0"),
+            *[(name, xyz(*columns[:, i])) for i, name in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))],
+            *[(name, b"curv" + bytes(4) + struct.pack(">IH", 1, GAMMA_U8F8)) for name in (b"rTRC", b"gTRC", b"bTRC")]]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for name, body in tags:
+        body += bytes(-len(body) % 4)
+        table += name + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
+              + bytes(4 + 4 + 4 + 4 + 8) + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(4 + 16 + 28))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def _p3_to_srgb(rgb: np.ndarray) -> np.ndarray:
+    """The reference: decode the gamma, P3's primaries to XYZ, XYZ to sRGB's, clip, sRGB's transfer curve."""
+    linear = (rgb / 255.0) ** (GAMMA_U8F8 / 256)
+    srgb = np.clip(linear @ (np.linalg.inv(SRGB_COLUMNS) @ P3_COLUMNS).T, 0, 1)
+    encoded = np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+    return encoded * 255.0
+
+
+def test_photos_in_another_colour_profile_are_read_as_srgb(tmp_path, caplog):
+    """Photos tagged Display P3 (phones), Adobe RGB (cameras) were read as if their numbers were sRGB: colours washed
+    out. Now converted through the embedded profile, as a reference computation of the colours does; an sRGB-tagged
+    or untagged image reads as its pixels; a damaged profile is warned of and the image still read."""
+    from PIL import ImageCms
+
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([rng.integers(0, 256, (8, 16, 3)), [[[200, 60, 40]] * 16, [[40, 200, 60]] * 16]])
+    pixels = pixels.astype(np.uint8)
+    image = Image.fromarray(pixels)
+    image.save(tmp_path / "p3.png", icc_profile=_matrix_profile("Display P3 (test)", P3_COLUMNS))
+    image.save(tmp_path / "p3.jpg", icc_profile=_matrix_profile("Display P3 (test)", P3_COLUMNS), quality=100,
+               subsampling=0)
+    image.save(tmp_path / "untagged.png")
+    image.save(tmp_path / "srgb.png", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    image.save(tmp_path / "damaged.png", icc_profile=b"not a profile at all")
+
+    expected = _p3_to_srgb(pixels.astype(np.float64))
+    got = np.asarray(load_image(tmp_path / "p3.png")).astype(np.float64)
+    assert np.abs(got - expected).max() <= 3  # LittleCMS's 8-bit tables against the exact arithmetic
+    assert np.abs(got - pixels).max() > 20  # not the pixels as stored: P3's red is redder than sRGB's
+    assert got[8, 0, 0] > 200 + 10 and got[8, 0, 1] < 60  # P3 (200, 60, 40) is a more saturated red in sRGB
+    jpeg = np.asarray(load_image(tmp_path / "p3.jpg")).astype(np.float64)
+    assert np.abs(jpeg - expected).mean() < 3  # the same through JPEG's compression
+    assert np.array_equal(np.asarray(load_image(tmp_path / "untagged.png")), pixels)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "srgb.png")), pixels)
+    with caplog.at_level("WARNING", logger="dyod.data"):
+        damaged = load_image(tmp_path / "damaged.png")
+    assert np.array_equal(np.asarray(damaged), pixels)
+    assert "damaged.png: its colour profile cannot be used" in caplog.text
+    # with transparency: converted, then flattened on white as before
+    rgba = Image.fromarray(np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)]), "RGBA")
+    rgba.save(tmp_path / "p3_rgba.png", icc_profile=_matrix_profile("Display P3 (test)", P3_COLUMNS))
+    assert np.abs(np.asarray(load_image(tmp_path / "p3_rgba.png")).astype(np.float64) - expected).max() <= 3
+
+
+def test_cached_latents_and_features_are_keyed_by_how_pixels_are_read(tmp_path, monkeypatch):
+    """Latents and KID features cached before colour profiles were converted hold the old pixels' values: the key
+    under which they are cached changes with ``PIXELS_VERSION``, as with a file replaced."""
+    import dyod.data
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    files = [tmp_path / "a.png"]
+    now = dyod.data.files_fingerprint(files, "extractor")
+    assert dyod.data.files_fingerprint(files, "extractor") == now
+    monkeypatch.setattr(dyod.data, "PIXELS_VERSION", dyod.data.PIXELS_VERSION - 1)
+    assert dyod.data.files_fingerprint(files, "extractor") != now
+
+
 def _photos(folder):
     """Non-square images of several sizes, one of them EXIF-rotated, and one unreadable file."""
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""A folder of images as a dataset: recursive search, EXIF orientation, RGB or grayscale, Lanczos resizing.
+"""A folder of images as a dataset: recursive search, EXIF orientation, colour profiles, RGB or grayscale, Lanczos
+resizing.
 
 A file that cannot be read is skipped and recorded with its reason; it never stops a run."""
 
@@ -8,6 +9,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OUTPUT_RECORD = "dyod_output.json"  # beside the images `dyod sample|transform|interpolate|traverse` write
 RUN_FILE = "run.json"  # in every run folder (``dyod.run``), with the dyod version that made it
+# Raised when ``load_image`` gives some files other pixels than before (2: colour profiles converted to sRGB), so
+# that latents and features cached from the old pixels are computed again.
+PIXELS_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +165,15 @@ def _open_image(path: str | os.PathLike):
 
 
 def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
-    """Open an image, apply its EXIF orientation, flatten transparency on white, return RGB (or L as RGB).
+    """Open an image, apply its EXIF orientation and colour profile, flatten transparency on white, return RGB (or L
+    as RGB).
 
     Raises ``ValueError``/``OSError`` (with PIL's reason) when the file cannot be decoded."""
     with _open_image(path) as im:
         im.seek(0)  # first frame of an animation
         im.load()
         im = ImageOps.exif_transpose(im)
+    im = _to_srgb(im, path)
     if im.width < 1 or im.height < 1:
         raise ValueError("image has no pixels")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -177,6 +184,40 @@ def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
         im = Image.alpha_composite(background, im)
     im = im.convert("L" if grayscale else "RGB")
     return im.convert("RGB")
+
+
+def _to_srgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """The pixels in sRGB, the colours the model was trained on and what viewers assume of an untagged image. A photo
+    tagged with another colour profile (Display P3 from phones, Adobe RGB from cameras, a print profile on a CMYK
+    file) means other colours by the same numbers: read as they are, they came out washed out or shifted. Converted
+    with the embedded profile (LittleCMS through Pillow, its default perceptual intent); an image tagged sRGB, an
+    untagged one and a grayscale one are left as they are. A profile that cannot be used is warned of and ignored."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    from PIL import ImageCms
+
+    try:
+        transform = _to_srgb_transform(icc, im.mode)
+        if transform is None:
+            return im
+        return ImageCms.applyTransform(im, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        logger.warning("%s: its colour profile cannot be used (%s); its pixels are read as sRGB", path,
+                       str(e) or type(e).__name__)
+        return im
+
+
+@functools.lru_cache(maxsize=8)  # a dataset's photos mostly share one or two profiles
+def _to_srgb_transform(icc: bytes, mode: str):
+    """The LittleCMS transform from the profile ``icc`` to sRGB, or None when the profile is sRGB already."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if "srgb" in (ImageCms.getProfileDescription(profile) or "").lower():
+        return None
+    out_mode = "RGBA" if mode == "RGBA" else "RGB"
+    return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), mode, out_mode)
 
 
 def _deep_gray_to_8_bits(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -266,10 +307,11 @@ def iter_images(folder: ImageFolder, files: list[Path], grayscale: bool = False,
 
 
 def files_fingerprint(files: list[Path], *extra: str) -> str:
-    """A key that changes when any of ``files`` is added, removed, replaced or touched (names, sizes, times)."""
+    """A key that changes when any of ``files`` is added, removed, replaced or touched (names, sizes, times), or when
+    ``load_image`` reads the same file into other pixels (``PIXELS_VERSION``)."""
     import hashlib
 
-    h = hashlib.sha1("|".join(extra).encode())
+    h = hashlib.sha1("|".join((f"pixels-{PIXELS_VERSION}", *extra)).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
