@@ -103,7 +103,7 @@ def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypa
     other = make_dataset("faces", tmp_path / "faces", n=30, seed=0, progress=False)
     assert main(["eval", str(same), "--ref", str(ref), "--json", str(tmp_path / "same.json")]) == 0
     assert "n = 30 vs 30" in capsys.readouterr().out
-    assert main(["eval", str(other), "--ref", str(ref), "--json", str(tmp_path / "other.json")]) == 0
+    assert main(["eval", str(other), str(ref), "--json", str(tmp_path / "other.json")]) == 0  # REF as a positional
     same_kid = json.loads((tmp_path / "same.json").read_text())["kid_x100"]
     other_kid = json.loads((tmp_path / "other.json").read_text())["kid_x100"]
     assert other_kid > 5 * max(same_kid, 0.05)
@@ -113,6 +113,10 @@ def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypa
     assert main(["eval", str(tmp_path / "missing"), "--ref", str(fresh)]) == 2
     assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 3
+    assert main(["eval", str(same)]) == 2
+    assert "give the reference folder: `dyod eval SAMPLES_DIR REF` or `--ref REF`" in capsys.readouterr().err
+    assert main(["eval", str(same), str(ref), "--ref", str(other)]) == 2
+    assert f"two reference folders given: REF {ref} and --ref {other}; give one" in capsys.readouterr().err
 
 
 def test_cached_features_belong_to_the_weights_that_made_them(tmp_path, monkeypatch):

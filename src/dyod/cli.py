@@ -585,14 +585,21 @@ def cmd_demo(args) -> None:
     print(f"demo report: {report}")
 
 
+def _positional_or_flag(positional: str | None, flag: str | None, what: str, usage: str) -> str:
+    """A folder a command takes either way, as ``dyod CMD ... FOLDER`` or ``--flag FOLDER``: the one given."""
+    name = usage.split()[-1]
+    if positional is None and flag is None:
+        raise DyodError(f"give the {what}: `{usage}` or `--{name.lower()} {name}`")
+    if positional is not None and flag is not None and Path(positional) != Path(flag):
+        raise DyodError(f"two {what}s given: {name} {positional} and --{name.lower()} {flag}; give one")
+    return positional or flag
+
+
 def cmd_datasets_make(args) -> None:
     from .world.datasets import make_dataset
 
-    if args.out is None and args.out_flag is None:
-        raise DyodError("give the output folder: `dyod datasets make NAME OUT` or `--out OUT`")
-    if args.out is not None and args.out_flag is not None and Path(args.out) != Path(args.out_flag):
-        raise DyodError(f"two output folders given: OUT {args.out} and --out {args.out_flag}; give one")
-    out = make_dataset(args.name, args.out or args.out_flag, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    out = _positional_or_flag(args.out, args.out_flag, "output folder", "dyod datasets make NAME OUT")
+    out = make_dataset(args.name, out, n=args.n, seed=args.seed, overwrite=args.overwrite)
     print(f"dataset {args.name}: {out}")
 
 
@@ -630,6 +637,7 @@ def cmd_eval(args) -> None:
     from .data import dataset_files
     from .evaluation import feature_extractor, folder_features, kid
 
+    args.ref = _positional_or_flag(args.ref, args.ref_flag, "reference folder", "dyod eval SAMPLES_DIR REF")
     # Both folders are listed before any features are computed: a mistyped one is named at once.
     ref_files, sample_files = dataset_files(args.ref), dataset_files(args.samples_dir)
     extractor = feature_extractor(args.features, args.inception_weights, args.device or "cpu")
@@ -759,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")
     p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder of generated images")
-    p.add_argument("--ref", required=True, help="the dataset folder to compare against")
+    p.add_argument("ref", metavar="REF", nargs="?", default=None, help="the dataset folder to compare against (or --ref)")
+    p.add_argument("--ref", dest="ref_flag", metavar="REF", default=None, help="the dataset folder, as a flag")
     p.add_argument("--features", choices=("emoji", "inception"), default="emoji",
                    help="emoji: the bundled offline network (default); inception: FID InceptionV3 from a local file")
     p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")

@@ -202,7 +202,7 @@ def _to_srgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
         if transform is None:
             return im
         return ImageCms.applyTransform(im, transform)
-    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a profile that cannot be used never costs the image
         logger.warning("%s: its colour profile cannot be used (%s); its pixels are read as sRGB", path,
                        str(e) or type(e).__name__)
         return im
