@@ -62,6 +62,33 @@ def test_hidden_files_and_folders_are_not_the_data(tmp_path, caplog):
     assert len(folder) == 2 and not folder.skipped
 
 
+def test_photos_of_kinds_dyod_does_not_read_are_named_not_silently_left_out(tmp_path, caplog):
+    """A folder of iPhone photos (HEIC) and a few JPEGs trained on the JPEGs alone and said nothing; a folder of HEIC
+    alone said "no image files found". AVIF (Pillow decodes it) and .jfif (a JPEG) are read."""
+    from PIL import features
+
+    (tmp_path / "mixed" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "mixed" / "a.jpg")
+    Image.new("RGB", (8, 8), (30, 200, 30)).save(tmp_path / "mixed" / "b.jfif", format="JPEG")
+    for name in ("IMG_0001.HEIC", "sub/IMG_0002.heic", "raw.dng", ".hidden.heic"):
+        (tmp_path / "mixed" / name).write_bytes(b"\0\0\0\x18ftypheic")
+    expected = ["a.jpg", "b.jfif"]
+    if features.check("avif"):
+        Image.new("RGB", (8, 8), (30, 30, 200)).save(tmp_path / "mixed" / "c.avif")
+        expected.append("c.avif")
+    with caplog.at_level("WARNING", logger="dyod.data"):
+        files = find_image_files(tmp_path / "mixed")
+    assert [f.name for f in files] == expected
+    assert "left out 3 image file(s) of a kind dyod does not read (.dng, .heic; e.g. IMG_0001.HEIC); convert them " \
+           "to JPEG or PNG" in caplog.text
+    assert len(load_image_folder(tmp_path / "mixed").images) == len(expected)
+    (tmp_path / "iphone").mkdir()
+    (tmp_path / "iphone" / "IMG_0003.heic").write_bytes(b"\0")
+    with pytest.raises(DyodError, match=r"no image file dyod reads in .*iphone: it holds 1 image file\(s\) of a kind "
+                                        r"dyod does not read \(\.heic; e\.g\. IMG_0003\.heic\)"):
+        dataset_files(tmp_path / "iphone")
+
+
 def test_folders_linked_into_the_data_folder_are_searched_once(tmp_path):
     """A dataset made of links to folders elsewhere is searched through them; a link back up ends there."""
     elsewhere, root = tmp_path / "photos", tmp_path / "data"

@@ -25,7 +25,11 @@ from .errors import DyodError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
+# Photos Pillow does not decode: iPhones' HEIC, JPEG XL, camera raw files, Photoshop and vector files. Left out of the
+# data, and said so: silently, a folder of iPhone photos and a few JPEGs trained on the JPEGs alone.
+UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2",
+                         ".psd", ".svg")
 OUTPUT_RECORD = "dyod_output.json"  # beside the images `dyod sample|transform|interpolate|traverse` write
 RUN_FILE = "run.json"  # in every run folder (``dyod.run``), with the dyod version that made it
 # Raised when ``load_image`` gives some files other pixels than before (2: colour profiles converted to sRGB), so
@@ -87,9 +91,17 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         raise DyodError(_run_folder_is_not_data(root))
     found = _files_under(root)
     files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
+    unread = sorted(p for p in found if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES and not _is_hidden(p, root))
+    if unread:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
+        note = (f"{len(unread)} image file(s) of a kind dyod does not read ({kinds}; e.g. {unread[0].relative_to(root)})"
+                "; convert them to JPEG or PNG to use them (e.g. `magick mogrify -format jpg *.heic`)")
+        if not files:
+            raise DyodError(f"no image file dyod reads in {root}: it holds {note}")
+        _warn_once(f"{root}: left out {note}")
     # Hidden files and folders are not the data (thumbnail caches such as .thumbnails/, macOS's ._name AppleDouble
     # files beside each image copied from a Mac), as Hugging Face's imagefolder also leaves them out.
-    hidden = {f for f in files if any(part.startswith(".") for part in f.relative_to(root).parts)}
+    hidden = {f for f in files if _is_hidden(f, root)}
     if hidden:
         logger.info("%s: left out %d hidden image file(s), whose name or folder starts with '.' (e.g. %s)", root,
                     len(hidden), min(hidden).relative_to(root))
@@ -104,6 +116,16 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         logger.info("%s: left out %d image(s) that dyod wrote: the grids beside its results (%s lists the results) "
                     "and what run folders inside it hold", root, len(files) - len(kept), OUTPUT_RECORD)
     return kept
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """A warning about the data, once per process: `dyod fit` lists the folder for each of its stages."""
+    logger.warning("%s", message)
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _files_under(root: Path) -> list[Path]:
