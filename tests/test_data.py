@@ -87,6 +87,8 @@ def test_photos_of_kinds_dyod_does_not_read_are_named_not_silently_left_out(tmp_
     with pytest.raises(DyodError, match=r"no image file dyod reads in .*iphone: it holds 1 image file\(s\) of a kind "
                                         r"dyod does not read \(\.heic; e\.g\. IMG_0003\.heic\)"):
         dataset_files(tmp_path / "iphone")
+    with pytest.raises(DyodError, match=r"IMG_0003\.heic: a \.heic file, which dyod does not read: convert it to JPEG"):
+        load_image_folder(tmp_path / "iphone" / "IMG_0003.heic")  # named as a file, as `dyod transform` takes inputs
 
 
 def test_folders_linked_into_the_data_folder_are_searched_once(tmp_path):

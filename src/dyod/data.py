@@ -320,6 +320,8 @@ def iter_images(folder: ImageFolder, files: list[Path], grayscale: bool = False,
             image = load_image(path, grayscale=grayscale)
         except Exception as e:  # noqa: BLE001 - any decoder failure skips the file; the run goes on
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if Path(path).suffix.lower() in UNREAD_IMAGE_SUFFIXES:  # a file given by name: `dyod transform x.heic`
+                reason = f"a {Path(path).suffix.lower()} file, which dyod does not read: convert it to JPEG or PNG"
             folder.skipped.append(SkippedFile(str(path), reason))
             logger.warning("skipping %s (%s)", path, reason)
             continue
