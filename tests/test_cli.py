@@ -864,7 +864,7 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"dyod {dyod.__version__}"
 
 
-def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_model, tmp_path, capsys):
+def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_model, tmp_path, capsys, monkeypatch):
     import shutil
 
     from dyod.run import Run, describe_run
@@ -907,6 +907,19 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
     Run.open(run).update(model=str(tmp_path / "moved-away"))
     assert describe_run(run).splitlines()[1] == (f"  model: {tmp_path / 'moved-away'} (16 px, epsilon) — not on this "
                                                  "machine: the sampling commands take --model NEW_PLACE")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    Run.open(run).update(model="dyod-test/tiny-sd")
+    assert describe_run(run).splitlines()[1] == ("  model: dyod-test/tiny-sd (16 px, epsilon) — a hub id, not in this "
+                                                 "machine's Hugging Face cache: the sampling commands download it "
+                                                 "(online)")
+    snapshot = tmp_path / "hub" / "models--dyod-test--tiny-sd" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    assert describe_run(run).splitlines()[1].endswith(" — a hub id, in this machine's Hugging Face cache")
 
     Run.open_or_create(tmp_path / "new")  # made, nothing trained
     assert main(["info", str(tmp_path / "new")]) == 0

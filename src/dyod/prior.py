@@ -107,6 +107,23 @@ def _model_not_found(model: str, reason: str) -> DyodError:
     )
 
 
+def is_hub_id(model: str) -> bool:
+    """A hub id is "org/name"; anything else path-like is a folder that must exist."""
+    return not (model == BUNDLED_PRIOR or Path(model).exists() or model.startswith((".", "/", "~"))
+                or model.count("/") > 1 or "\\" in model)
+
+
+def hub_cache_note(model: str) -> str | None:
+    """For a hub id, whether this machine's Hugging Face cache holds it (``dyod info``); None for anything else."""
+    if not is_hub_id(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return "a hub id, in this machine's Hugging Face cache"
+    return "a hub id, not in this machine's Hugging Face cache: the sampling commands download it (online)"
+
+
 _HUB_UNREACHABLE: dict[str, str] = {}  # hub id -> why the Hub could not be reached, for the error message
 
 
@@ -205,8 +222,7 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
     name = str(model)
     model = resolve_model(name)
     local = Path(model)
-    # A hub id is "org/name"; anything else path-like is a folder that must exist.
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    looks_local = not is_hub_id(model)
     if looks_local:
         if not local.exists():
             raise _model_not_found(model, f"the folder {local} does not exist")

@@ -180,6 +180,7 @@ def describe_run(path: str | os.PathLike) -> str:
     """What a run folder holds, in a few lines (``dyod info RUN``): its model and data, each stage finished or where
     it stopped, the chosen t0, and the command that comes next."""
     from .checkpoint import CHECKPOINT_FILE, checkpoint_meta
+    from .prior import hub_cache_note
 
     run = Run.open(path)
     info, stages = run.info, run.info.get("stages", {})
@@ -191,7 +192,8 @@ def describe_run(path: str | os.PathLike) -> str:
              f"  model: {model or 'none yet'}" + (
                  f" ({info['prior'].get('resolution')} px, {info['prior'].get('prediction_type')})"
                  if info.get("prior") else "")
-             + (" — not on this machine: the sampling commands take --model NEW_PLACE" if moved else "")]
+             + (" — not on this machine: the sampling commands take --model NEW_PLACE" if moved else "")
+             + (f" — {hub_cache_note(model)}" if model and hub_cache_note(model) else "")]
     if data:
         lines.append(f"  data: {data.get('num_images')} images at {data.get('resolution')} px from {data.get('root')}"
                      + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else ""))
