@@ -929,3 +929,17 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
         f"{tmp_path / 'new'}"]
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     assert "run folder" in capsys.readouterr().err
+
+
+def test_a_prompt_without_s_star_is_warned_of(cli_run, tmp_path, caplog):
+    """`--prompt "a painting of a cat"` (the {} forgotten) sampled the prior without the dataset prompt, silently;
+    now the sampling commands say so. With {} or the token written out, nothing is said."""
+    base = ["sample", str(cli_run), "-n", "1", "--t0", "1", "--num-inference-steps", "1", "--device", "cpu",
+            "--overwrite", "--out", str(tmp_path / "s")]
+    for prompt, warned in (("a painting of a cat", True), ("a painting of {}", False), ("a photo of <dyod>", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dyod"):
+            assert main([*base, "--prompt", prompt]) == 0
+        warning = (f"--prompt {prompt!r} holds neither {{}} nor the learned token <dyod>: the images are not "
+                   "conditioned on the dataset prompt S*")
+        assert (warning in caplog.text) == warned, caplog.text

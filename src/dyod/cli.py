@@ -483,7 +483,12 @@ def _require_what_sampling_needs(run: str, config: SampleConfig, from_vae: bool 
     them is refused before the model loads."""
     from .run import Run
 
-    Run.open(run).check_can_sample(config.prompt, (config.t0,) if from_vae else ())
+    opened = Run.open(run)
+    opened.check_can_sample(config.prompt, (config.t0,) if from_vae else ())
+    token = opened.info.get("placeholder_token")
+    if token and "{}" not in config.prompt and token not in config.prompt:
+        logger.warning("--prompt %r holds neither {} nor the learned token %s: the images are not conditioned on the "
+                       "dataset prompt S* (\"a photo of {}\" is)", config.prompt, token)
 
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
