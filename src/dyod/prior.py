@@ -142,7 +142,7 @@ def hub_options(repo_id: str) -> dict:
     of every file (28 s each) before it falls back to its cache, nearly 3 minutes for a cached model and 28 s before
     a model that is not cached is refused as "does not appear to have a file named config.json"."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if constants.HF_HUB_OFFLINE:
         return {"local_files_only": True}
