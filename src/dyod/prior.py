@@ -127,13 +127,12 @@ def hub_cache_note(model: str) -> str | None:
 _HUB_UNREACHABLE: dict[str, str] = {}  # hub id -> why the Hub could not be reached, for the error message
 
 
-def _hub_unreachable_reason() -> str:
+def _hub_unreachable_reason(repo_id: str) -> str:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return "is switched off (HF_HUB_OFFLINE) "
-    reasons = set(_HUB_UNREACHABLE.values())
-    return f"could not be reached ({reasons.pop()}) " if len(reasons) == 1 else "could not be reached "
+        return "is switched off (HF_HUB_OFFLINE)"
+    return f"could not be reached ({_HUB_UNREACHABLE.get(repo_id, 'no answer')})"
 
 
 def hub_options(repo_id: str) -> dict:
@@ -264,8 +263,8 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
     except Exception as e:  # hub/OS/validation errors differ across huggingface_hub versions
         reason = f"{type(e).__name__}: {first_line(e) or type(e).__name__}"
         if hub.get("local_files_only"):
-            reason = (f"the Hugging Face Hub {_hub_unreachable_reason()}and the model is not (wholly) in the Hugging "
-                      f"Face cache (from the cache: {reason})")
+            reason = (f"the Hugging Face Hub {_hub_unreachable_reason(model)} and the model is not (wholly) in the "
+                      f"Hugging Face cache (from the cache: {reason})")
         raise _model_not_found(model, reason) from e
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)

@@ -188,12 +188,13 @@ def describe_run(path: str | os.PathLike) -> str:
     model = info.get("model")
     # local folders are recorded absolute: one that is not here has moved (or the run was copied to another machine)
     moved = model is not None and Path(model).is_absolute() and not Path(model).exists()
+    in_cache = hub_cache_note(model) if model else None
     lines = [f"run {run.path}",
              f"  model: {model or 'none yet'}" + (
                  f" ({info['prior'].get('resolution')} px, {info['prior'].get('prediction_type')})"
                  if info.get("prior") else "")
              + (" — not on this machine: the sampling commands take --model NEW_PLACE" if moved else "")
-             + (f" — {hub_cache_note(model)}" if model and hub_cache_note(model) else "")]
+             + (f" — {in_cache}" if in_cache else "")]
     if data:
         lines.append(f"  data: {data.get('num_images')} images at {data.get('resolution')} px from {data.get('root')}"
                      + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else ""))
