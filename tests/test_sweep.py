@@ -23,8 +23,12 @@ def holdout_run(tmp_path_factory, tiny_model, shapes):
     return out
 
 
-def test_holdout_split_is_stable_and_disjoint(shapes):
+def test_holdout_split_is_stable_and_disjoint(shapes, holdout_run):
     from dyod.data import load_image_folder
+    from dyod.run import describe_run
+
+    assert describe_run(holdout_run).splitlines()[2].endswith(
+        ", 0.3 of the folder held out (--holdout-fraction; `dyod tune` chooses t0 on it)")
 
     train = load_image_folder(shapes, holdout_fraction=0.3, split="train").paths
     held = load_image_folder(shapes, holdout_fraction=0.3, split="heldout").paths

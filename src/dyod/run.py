@@ -197,7 +197,9 @@ def describe_run(path: str | os.PathLike) -> str:
              + (f" — {in_cache}" if in_cache else "")]
     if data:
         lines.append(f"  data: {data.get('num_images')} images at {data.get('resolution')} px from {data.get('root')}"
-                     + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else ""))
+                     + (f", {data.get('num_skipped')} skipped (data.json says why)" if data.get("num_skipped") else "")
+                     + (f", {held_out:g} of the folder held out (--holdout-fraction; `dyod tune` chooses t0 on it)"
+                        if (held_out := info.get("data_config", {}).get("holdout_fraction")) else ""))
 
     def stopped_at(folder: Path, unit: str, unfinished_only: bool = False) -> str | None:
         """Where the stage's checkpoint stopped (``unfinished_only``: only if short of its steps, as after an
