@@ -124,6 +124,18 @@ def test_pickled_model_weights_are_refused_with_the_way_out(tmp_path, tiny_model
         load_prior(folder)
 
 
+def test_a_single_file_checkpoint_is_refused_with_the_way_to_convert_it(tmp_path):
+    """The one-file SD checkpoints many share (`v1-5-pruned-emaonly.safetensors`): before, "... is not a folder"."""
+    for name in ("v1-5-pruned-emaonly.safetensors", "model.ckpt"):
+        (tmp_path / name).write_bytes(b"weights")
+        with pytest.raises(DyodError, match=rf"{name} is a single-file checkpoint, not a diffusers folder; convert it "
+                                            r"once with diffusers \(`StableDiffusionPipeline\.from_single_file"):
+            load_prior(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DyodError, match=r"notes\.txt is not a folder"):
+        load_prior(tmp_path / "notes.txt")
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"in_channels": 9}, "takes 9 input channels where its VAE gives 4"),  # an inpainting model
     ({"addition_embed_type": "text_time"}, "takes conditioning besides the text's hidden states ('text_time': e.g. SDXL"),

@@ -226,6 +226,11 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
         if not local.exists():
             raise _model_not_found(model, f"the folder {local} does not exist")
         if not local.is_dir():
+            if local.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # one file, as many share SD
+                raise _model_not_found(model, f"{local} is a single-file checkpoint, not a diffusers folder; convert it "
+                                              "once with diffusers (`StableDiffusionPipeline.from_single_file(FILE)"
+                                              ".save_pretrained(FOLDER)`, online: it fetches the model's configs) and "
+                                              "pass the folder")
             raise _model_not_found(model, f"{local} is not a folder")
         missing = [c for c in COMPONENTS if not (local / c).is_dir()]
         if missing:
