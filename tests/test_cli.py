@@ -406,22 +406,25 @@ def test_hub_id_offline_says_how_to_fix(tmp_path, shapes, offline):
 
 
 def test_a_hub_id_the_hub_does_not_know_is_refused_at_once(tmp_path, monkeypatch):
-    """A local stand-in for the Hub answers as the Hub does for an unknown id (404, X-Error-Code: RepoNotFound)."""
+    """A local stand-in for the Hub answers as the Hub does for an unknown id (404, X-Error-Code: RepoNotFound): refused
+    after one request. A server that answers the question with another error (a mirror that serves files but not the
+    API) is not taken for a missing network: the model then loads as usual, not from the cache alone."""
     import http.server
     import threading
 
     from huggingface_hub import constants
 
     from dyod.errors import DyodError
-    from dyod.prior import load_prior
+    from dyod.prior import hub_options, load_prior
 
-    asked = []
+    asked, answer = [], {"status": 404, "X-Error-Code": "RepoNotFound"}
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             asked.append(self.path)
-            self.send_response(404)
-            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_response(answer["status"])
+            if "X-Error-Code" in answer:
+                self.send_header("X-Error-Code", answer["X-Error-Code"])
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -438,10 +441,13 @@ def test_a_hub_id_the_hub_does_not_know_is_refused_at_once(tmp_path, monkeypatch
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
         with pytest.raises(DyodError, match="the Hugging Face Hub has no model of that id .*`hf auth login`"):
             load_prior("someone/no-such-model")
+        # one request for the model (huggingface_hub may ask other things of its own), no retries, no file downloads
+        assert [path for path in asked if "no-such-model" in path] == ["/api/models/someone/no-such-model"]
+        answer.clear()
+        answer["status"] = 403
+        assert hub_options("someone/mirrored-model") == {}
     finally:
         server.shutdown()
-    # one request for the model (huggingface_hub may ask other things of its own), no retries, no file downloads
-    assert [path for path in asked if "no-such-model" in path] == ["/api/models/someone/no-such-model"]
 
 
 @pytest.mark.parametrize("offline", ["switched off", "unreachable"])

@@ -141,7 +141,7 @@ def hub_options(repo_id: str) -> dict:
     of every file (28 s each) before it falls back to its cache, nearly 3 minutes for a cached model and 28 s before
     a model that is not cached is refused as "does not appear to have a file named config.json"."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     if constants.HF_HUB_OFFLINE:
         return {"local_files_only": True}
@@ -154,7 +154,10 @@ def hub_options(repo_id: str) -> dict:
     except RepositoryNotFoundError as e:
         raise _model_not_found(repo_id, "the Hugging Face Hub has no model of that id (a private or gated model needs "
                                         "`hf auth login` first)") from e
-    except Exception as e:  # noqa: BLE001 - no network, a proxy, a time-out, a server error: the cache decides
+    except HfHubHTTPError as e:  # an answer, but an error (a mirror that serves files alone): the files may come
+        logger.debug("the Hugging Face Hub answered about %s with %s; loading as usual", repo_id, first_line(e))
+        return {}
+    except Exception as e:  # noqa: BLE001 - no network, a refusing proxy, a time-out: the cache decides
         reason = f"{type(e).__name__}: {first_line(e) or type(e).__name__}"
         _HUB_UNREACHABLE[repo_id] = reason
         logger.warning("the Hugging Face Hub could not be reached (%s); loading %s from the cache", reason, repo_id)
