@@ -241,7 +241,7 @@ def test_errors_exit_2_and_overwrite_nothing(cli_run, tmp_path, capsys):
     assert "not empty; pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.png").read_bytes() == b"mine"
     assert main(["sample", str(cli_run), "--t0", "1.5", "--out", str(tmp_path / "x")]) == 2
-    assert "t0 must be a fraction of T in (0, 1]" in capsys.readouterr().err
+    assert "dyod sample: error: --t0 must be a fraction of T in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
     assert "does not exist; create one with `dyod fit" in capsys.readouterr().err
     assert main(["sample", str(cli_run), "-n", "0", "--out", str(tmp_path / "z")]) == 2

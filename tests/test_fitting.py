@@ -68,6 +68,11 @@ def test_configs_made_in_python_keep_the_bounds_their_flags_have():
                           (lambda: dyod.InversionConfig(seed=2**64), f"seed must be in [0, {2**63 - 1}], got {2**64}"),
                           (lambda: dyod.VAEConfig(seed=-1), "seed must be in [0,"),
                           (lambda: dyod.SampleConfig(batch_size=0), "batch_size must be >= 1, got 0"),
+                          # before: taken, and refused only at the first batch (t0) or made NaN images (guidance)
+                          (lambda: dyod.SampleConfig(t0=2), "t0 must be a fraction of T in (0, 1], got 2"),
+                          (lambda: dyod.SampleConfig(t0=0.0), "t0 must be a fraction of T in (0, 1], got 0.0"),
+                          (lambda: dyod.SampleConfig(guidance_scale=float("nan")),
+                           "guidance_scale must be a finite number, got nan"),
                           (lambda: dyod.DataConfig(max_images=-1), "max_images must be >= 0, got -1"),
                           (lambda: PretrainConfig(corpus_seed=-5), "corpus_seed must be in [0,")):
         with pytest.raises(ValueError) as e:

@@ -102,7 +102,7 @@ def test_samples_come_a_batch_at_a_time_as_sample_makes_them(pipe):
     assert [len(b) for b in batches] == [2, 2, 1]
     whole = pipe.sample(5, config, seed=4, progress=False)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(whole, [i for b in batches for i in b]))
-    with pytest.raises(DyodError, match="t0 must be a fraction"):  # before any work, on the first batch
+    with pytest.raises(ValueError, match="t0 must be a fraction"):  # before any work: the config refuses it
         next(pipe.iter_samples(5, SampleConfig(t0=1.5), progress=False))
 
 

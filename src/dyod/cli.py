@@ -60,6 +60,9 @@ def _seed(name: str):
     return _ranged(int, name, 0, SEED_LIMIT - 1)
 
 
+_CONFIG_FLAGS: dict[str, str] = {}  # "SampleConfig.t0" -> "--t0": a config's refusal names the flag the user gave
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     hints = get_type_hints(cls)
     group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip(".") if cls.__doc__ else cls.__name__)
@@ -68,6 +71,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
         dest = f"{cls.__name__}.{f.name}"
+        _CONFIG_FLAGS[dest] = flag
         hint, help_text = hints[f.name], f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {f.default!r})"}
         if hint is bool:  # --flag alone is true, as for the other commands' switches; --flag false still reads
@@ -93,6 +97,9 @@ def config_from_args(args: argparse.Namespace, cls: type, **overrides: Any):
     try:
         return from_dict(cls, values)
     except (TypeError, ValueError) as e:
+        name, _, rest = str(e).partition(" ")
+        if prefix + name in _CONFIG_FLAGS and prefix + name in vars(args):  # "t0 must be" -> "--t0 must be"
+            raise DyodError(f"{_CONFIG_FLAGS[prefix + name]} {rest}") from None
         raise DyodError(f"bad {cls.__name__} settings: {e}") from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -187,6 +188,11 @@ class SampleConfig:
 
     def __post_init__(self):
         check_bounds(self)
+        # refused when made, as the flags are, not at the first batch (a NaN scale made NaN images)
+        if not (isinstance(self.t0, (int, float)) and math.isfinite(self.t0) and 0.0 < self.t0 <= 1.0):
+            raise ValueError(f"t0 must be a fraction of T in (0, 1], got {self.t0!r}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
