@@ -400,6 +400,7 @@ def test_hub_id_offline_says_how_to_fix(tmp_path, shapes, offline):
     assert result.returncode == 2
     assert "could not load the diffusers model 'someone/not-cached-model'" in result.stderr
     assert "and the model is not (wholly) in the Hugging Face cache" in result.stderr
+    assert "there is no folder someone/not-cached-model here either" in result.stderr  # a mistyped relative path
     assert ("is switched off (HF_HUB_OFFLINE)" if offline == "switched off" else "could not be reached (") \
         in result.stderr
     assert "Retrying" not in result.stderr and not (tmp_path / "r").exists()
@@ -439,7 +440,8 @@ def test_a_hub_id_the_hub_does_not_know_is_refused_at_once(tmp_path, monkeypatch
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-        with pytest.raises(DyodError, match="the Hugging Face Hub has no model of that id .*`hf auth login`"):
+        with pytest.raises(DyodError, match="the Hugging Face Hub has no model of that id .*`hf auth login` first\\), "
+                                            "and there is no folder someone/no-such-model here"):
             load_prior("someone/no-such-model")
         # one request for the model (huggingface_hub may ask other things of its own), no retries, no file downloads
         assert [path for path in asked if "no-such-model" in path] == ["/api/models/someone/no-such-model"]

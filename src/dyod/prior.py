@@ -153,7 +153,7 @@ def hub_options(repo_id: str) -> dict:
         raise _model_not_found(repo_id, f"{type(e).__name__}: {first_line(e)}") from e
     except RepositoryNotFoundError as e:
         raise _model_not_found(repo_id, "the Hugging Face Hub has no model of that id (a private or gated model needs "
-                                        "`hf auth login` first)") from e
+                                        f"`hf auth login` first), and there is no folder {repo_id} here") from e
     except HfHubHTTPError as e:  # an answer, but an error (a mirror that serves files alone): the files may come
         logger.debug("the Hugging Face Hub answered about %s with %s; loading as usual", repo_id, first_line(e))
         return {}
@@ -272,7 +272,7 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
         reason = f"{type(e).__name__}: {first_line(e) or type(e).__name__}"
         if hub.get("local_files_only"):
             reason = (f"the Hugging Face Hub {_hub_unreachable_reason(model)} and the model is not (wholly) in the "
-                      f"Hugging Face cache (from the cache: {reason})")
+                      f"Hugging Face cache (from the cache: {reason}); there is no folder {model} here either")
         raise _model_not_found(model, reason) from e
     for module in (text_encoder, unet, vae):
         module.requires_grad_(False)
