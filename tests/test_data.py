@@ -178,9 +178,10 @@ SRGB_COLUMNS = np.array([[0.4360747, 0.3850649, 0.1430804], [0.2225045, 0.716878
 GAMMA_U8F8 = 563  # 2.2 as the ICC's u8Fixed8Number stores it: 563 / 256
 
 
-def _matrix_profile(description: str, columns: np.ndarray) -> bytes:
+def _matrix_profile(description: str, columns: np.ndarray | None, gamma_u8f8: int = GAMMA_U8F8) -> bytes:
     """A minimal ICC v2 RGB display profile (matrix and gamma curves), written here byte by byte so that the test
-    needs no profile file: the kind a camera or phone embeds in its photos."""
+    needs no profile file: the kind a camera or phone embeds in its photos. ``columns`` None: a gray profile (one
+    gamma curve), as scanners embed."""
     import struct
 
     def s15(v):
@@ -193,16 +194,20 @@ def _matrix_profile(description: str, columns: np.ndarray) -> bytes:
     tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)),
             (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
             (b"cprt", b"text" + bytes(4) + b"none\0"),
-            *[(name, xyz(*columns[:, i])) for i, name in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))],
-            *[(name, b"curv" + bytes(4) + struct.pack(">IH", 1, GAMMA_U8F8)) for name in (b"rTRC", b"gTRC", b"bTRC")]]
+            *([] if columns is None else [(name, xyz(*columns[:, i]))
+                                          for i, name in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))]),
+            *[(name, b"curv" + bytes(4) + struct.pack(">IH", 1, gamma_u8f8))
+              for name in ((b"kTRC",) if columns is None else (b"rTRC", b"gTRC", b"bTRC"))]]
     offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
     for name, body in tags:
         body += bytes(-len(body) % 4)
         table += name + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
-              + bytes(4 + 4 + 4 + 4 + 8) + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(4 + 16 + 28))
+    space = b"GRAY" if columns is None else b"RGB "
+    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntr" + space + b"XYZ " + bytes(12)
+              + b"acsp" + bytes(4 + 4 + 4 + 4 + 8) + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249)
+              + bytes(4 + 16 + 28))
     return header + struct.pack(">I", len(tags)) + table + data
 
 
@@ -248,6 +253,14 @@ def test_photos_in_another_colour_profile_are_read_as_srgb(tmp_path, caplog):
     rgba = Image.fromarray(np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)]), "RGBA")
     rgba.save(tmp_path / "p3_rgba.png", icc_profile=_matrix_profile("Display P3 (test)", P3_COLUMNS))
     assert np.abs(np.asarray(load_image(tmp_path / "p3_rgba.png")).astype(np.float64) - expected).max() <= 3
+    # a grayscale scan tagged gray gamma 1.8: its mid-grey is lighter in sRGB (128 -> about 146)
+    ramp = np.tile(np.arange(0, 256, 17, dtype=np.uint8), (4, 1))
+    Image.fromarray(ramp, "L").save(tmp_path / "gray18.png", icc_profile=_matrix_profile("Gray 1.8 (test)", None, 461))
+    linear = (ramp / 255.0) ** (461 / 256)
+    grey = 255.0 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    for grayscale in (False, True):
+        read = np.asarray(load_image(tmp_path / "gray18.png", grayscale=grayscale)).astype(np.float64)
+        assert np.abs(read - grey[..., None]).max() <= 3 and np.abs(read - ramp[..., None]).max() > 10
 
 
 def test_cached_latents_and_features_are_keyed_by_how_pixels_are_read(tmp_path, monkeypatch):

@@ -94,7 +94,8 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
     unread = sorted(p for p in found if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES and not _is_hidden(p, root))
     if unread:
         kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
-        note = (f"{len(unread)} image file(s) of a kind dyod does not read ({kinds}; e.g. {unread[0].relative_to(root)})"
+        example = unread[0].relative_to(root)
+        note = (f"{len(unread)} image file(s) of a kind dyod does not read ({kinds}; e.g. {example})"
                 "; convert them to JPEG or PNG to use them (e.g. `magick mogrify -format jpg *.heic`)")
         if not files:
             raise DyodError(f"no image file dyod reads in {root}: it holds {note}")
@@ -211,11 +212,11 @@ def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
 def _to_srgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
     """The pixels in sRGB, the colours the model was trained on and what viewers assume of an untagged image. A photo
     tagged with another colour profile (Display P3 from phones, Adobe RGB from cameras, a print profile on a CMYK
-    file) means other colours by the same numbers: read as they are, they came out washed out or shifted. Converted
-    with the embedded profile (LittleCMS through Pillow, its default perceptual intent); an image tagged sRGB, an
-    untagged one and a grayscale one are left as they are. A profile that cannot be used is warned of and ignored."""
+    file, a gray gamma on a scan) means other colours by the same numbers: read as they are, they came out washed out
+    or shifted. Converted with the embedded profile (LittleCMS through Pillow, its default perceptual intent); an image
+    tagged sRGB and an untagged one are left as they are. A profile that cannot be used is warned of and ignored."""
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L"):
         return im
     from PIL import ImageCms
 
