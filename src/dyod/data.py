@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from .errors import DyodError
+from .errors import DyodError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _to_srgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
         return ImageCms.applyTransform(im, transform)
     except Exception as e:  # noqa: BLE001 - a profile that cannot be used never costs the image
         logger.warning("%s: its colour profile cannot be used (%s); its pixels are read as sRGB", path,
-                       str(e) or type(e).__name__)
+                       first_line(e) or type(e).__name__)
         return im
 
 

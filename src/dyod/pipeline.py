@@ -19,7 +19,7 @@ from .errors import DyodError
 from .guidance import GuidedDenoiser, encode_prompts
 from .prior import Prior, load_prior
 from .run import Run
-from .sampling import Schedule, num_denoising_steps, sample_ddim, start_latents
+from .sampling import Schedule, sample_ddim, start_latents
 from .seeding import STREAM_NOISE, STREAM_Z, randn_per_seed
 from .vae import VanillaVAE, load_vae
 
@@ -235,8 +235,7 @@ class DyodPipeline:
     def generate(self, z: torch.Tensor | None, noise: torch.Tensor, config: SampleConfig = SampleConfig(),
                  progress: bool = False, output_size: int | None = None) -> list[Image.Image]:
         """Distribution initialization (Eq. 9-10) from explicit randomness (z, ε); z is ignored at t0 = 1."""
-        t0 = config.t0
-        num_denoising_steps(t0, config.num_inference_steps)
+        t0 = config.t0  # in (0, 1]: SampleConfig refuses any other as it is made
 
         def run(batch: list[int]) -> list[Image.Image]:
             init = None
@@ -267,7 +266,6 @@ class DyodPipeline:
                    progress: bool = True) -> Iterator[list[Image.Image]]:
         """The samples of any seeds (``iter_samples`` gives consecutive ones), a batch at a time: what a stopped run
         left to do, say. A seed gives the same image whatever its batch (up to a level of rounding)."""
-        num_denoising_steps(config.t0, config.num_inference_steps)  # before any work
         starts = range(0, len(seeds), config.batch_size)
         for start in tqdm(starts, disable=not progress or len(starts) < 2, desc="sampling", leave=False):
             batch = seeds[start:start + config.batch_size]
