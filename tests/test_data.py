@@ -263,6 +263,38 @@ def test_photos_in_another_colour_profile_are_read_as_srgb(tmp_path, caplog):
         assert np.abs(read - grey[..., None]).max() <= 3 and np.abs(read - ramp[..., None]).max() > 10
 
 
+def test_palette_and_gray_alpha_images_with_a_profile_are_converted_too(tmp_path):
+    """A palette PNG (a GIF-like export) and a gray-with-alpha PNG tagged with a profile were read unconverted: the
+    palette's colours and the gray levels are numbers in the profile's space as well. Transparency still flattens on
+    white, after the colours are converted."""
+    rng = np.random.default_rng(1)
+    colours = np.concatenate([rng.integers(0, 256, (14, 3)), [[200, 60, 40], [40, 200, 60]]]).astype(np.uint8)
+    index = np.tile(np.arange(16, dtype=np.uint8), (4, 1))
+    palette = Image.fromarray(index, "P")
+    palette.putpalette(colours.ravel().tolist())
+    palette.save(tmp_path / "p3_palette.png", icc_profile=_matrix_profile("Display P3 (test)", P3_COLUMNS))
+    palette.save(tmp_path / "p3_palette_transparent.png", transparency=15,
+                 icc_profile=_matrix_profile("Display P3 (test)", P3_COLUMNS))
+    expected = _p3_to_srgb(colours[index].astype(np.float64))
+    got = np.asarray(load_image(tmp_path / "p3_palette.png")).astype(np.float64)
+    assert np.abs(got - expected).max() <= 3 and np.abs(got - colours[index]).max() > 20
+    transparent = np.asarray(load_image(tmp_path / "p3_palette_transparent.png")).astype(np.float64)
+    assert np.array_equal(transparent[:, 15], np.full((4, 3), 255.0))  # the transparent entry: white
+    assert np.abs(transparent[:, :15] - expected[:, :15]).max() <= 3
+
+    ramp = np.tile(np.arange(0, 256, 17, dtype=np.uint8), (4, 1))
+    alpha = np.full_like(ramp, 255)
+    alpha[:, -1] = 0
+    Image.fromarray(np.dstack([ramp, alpha]), "LA").save(
+        tmp_path / "gray18_alpha.png", icc_profile=_matrix_profile("Gray 1.8 (test)", None, 461))
+    linear = (ramp / 255.0) ** (461 / 256)
+    grey = 255.0 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    grey[:, -1] = 255.0  # transparent: white
+    for grayscale in (False, True):
+        read = np.asarray(load_image(tmp_path / "gray18_alpha.png", grayscale=grayscale)).astype(np.float64)
+        assert np.abs(read - grey[..., None]).max() <= 3 and np.abs(read - ramp[..., None]).max() > 10
+
+
 def test_cached_latents_and_features_are_keyed_by_how_pixels_are_read(tmp_path, monkeypatch):
     """Latents and KID features cached before colour profiles were converted hold the old pixels' values: the key
     under which they are cached changes with ``PIXELS_VERSION``, as with a file replaced."""

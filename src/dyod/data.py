@@ -32,9 +32,10 @@ UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef
                          ".psd", ".svg")
 OUTPUT_RECORD = "dyod_output.json"  # beside the images `dyod sample|transform|interpolate|traverse` write
 RUN_FILE = "run.json"  # in every run folder (``dyod.run``), with the dyod version that made it
-# Raised when ``load_image`` gives some files other pixels than before (2: colour profiles converted to sRGB), so
-# that latents and features cached from the old pixels are computed again.
-PIXELS_VERSION = 2
+# Raised when ``load_image`` gives some files other pixels than before (2: colour profiles converted to sRGB; 3: also
+# those of palette and gray-with-alpha images), so that latents and features cached from the old pixels are computed
+# again.
+PIXELS_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,19 +217,29 @@ def _to_srgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
     or shifted. Converted with the embedded profile (LittleCMS through Pillow, its default perceptual intent); an image
     tagged sRGB and an untagged one are left as they are. A profile that cannot be used is warned of and ignored."""
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+    if not icc:
         return im
     from PIL import ImageCms
 
+    original, alpha = im, None
+    if im.mode in ("P", "PA"):  # a palette's colours are numbers in the profile's space as well
+        im = im.convert("RGBA")
+    elif im.mode == "LA":  # LittleCMS converts gray without alpha: the alpha is set back after
+        im, alpha = im.getchannel("L"), im.getchannel("A")
+    if im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return original
     try:
         transform = _to_srgb_transform(icc, im.mode)
         if transform is None:
-            return im
-        return ImageCms.applyTransform(im, transform)
+            return original
+        converted = ImageCms.applyTransform(im, transform)
     except Exception as e:  # noqa: BLE001 - a profile that cannot be used never costs the image
         logger.warning("%s: its colour profile cannot be used (%s); its pixels are read as sRGB", path,
                        first_line(e) or type(e).__name__)
-        return im
+        return original
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
 
 
 @functools.lru_cache(maxsize=8)  # a dataset's photos mostly share one or two profiles
