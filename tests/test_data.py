@@ -184,39 +184,71 @@ def _matrix_profile(description: str, columns: np.ndarray | None, gamma_u8f8: in
     gamma curve), as scanners embed."""
     import struct
 
-    def s15(v):
-        return struct.pack(">i", round(v * 65536))
-
-    def xyz(x, y, z):
-        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
-
-    text = description.encode() + b"\0"
-    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)),
-            (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-            (b"cprt", b"text" + bytes(4) + b"none\0"),
-            *([] if columns is None else [(name, xyz(*columns[:, i]))
+    tags = [*([] if columns is None else [(name, _icc_xyz(*columns[:, i]))
                                           for i, name in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))]),
             *[(name, b"curv" + bytes(4) + struct.pack(">IH", 1, gamma_u8f8))
               for name in ((b"kTRC",) if columns is None else (b"rTRC", b"gTRC", b"bTRC"))]]
+    return _icc_profile(description, b"mntr", b"GRAY" if columns is None else b"RGB ", tags)
+
+
+def _icc_s15(v: float) -> bytes:
+    import struct
+
+    return struct.pack(">i", round(v * 65536))
+
+
+def _icc_xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + bytes(4) + _icc_s15(x) + _icc_s15(y) + _icc_s15(z)
+
+
+def _icc_profile(description: str, device_class: bytes, space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2 profile of ``tags`` besides a description, the D50 media white and a copyright, connected by XYZ."""
+    import struct
+
+    text = description.encode() + b"\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)),
+            (b"wtpt", _icc_xyz(0.9642, 1.0, 0.8249)),
+            (b"cprt", b"text" + bytes(4) + b"none\0"), *tags]
     offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
     for name, body in tags:
         body += bytes(-len(body) % 4)
         table += name + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    space = b"GRAY" if columns is None else b"RGB "
-    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntr" + space + b"XYZ " + bytes(12)
-              + b"acsp" + bytes(4 + 4 + 4 + 4 + 8) + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249)
+    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + device_class + space + b"XYZ " + bytes(12)
+              + b"acsp" + bytes(4 + 4 + 4 + 4 + 8) + struct.pack(">I", 0) + _icc_xyz(0.9642, 1.0, 0.8249)[8:]
               + bytes(4 + 16 + 28))
     return header + struct.pack(">I", len(tags)) + table + data
+
+
+def _print_profile(description: str, grid: int = 17) -> bytes:
+    """A CMYK print profile as printers' profiles are made: a table (``grid`` points a channel, 17 as is usual) from
+    the inks to XYZ, here of a simple ink model (``_cmyk_to_linear_srgb``) in sRGB's primaries."""
+    import struct
+
+    g = np.linspace(0, 1, grid)
+    cmyk = np.stack(np.meshgrid(g, g, g, g, indexing="ij"), -1)  # the first channel varies slowest
+    table = np.round(_cmyk_to_linear_srgb(cmyk) @ SRGB_COLUMNS.T * 32768).astype(">u2")  # XYZ: 0x8000 is 1.0
+    a2b0 = (b"mft2" + bytes(4) + bytes([4, 3, grid, 0]) + b"".join(_icc_s15(v) for v in np.eye(3).ravel())
+            + struct.pack(">HH", 2, 2) + struct.pack(">8H", *[0, 65535] * 4) + table.tobytes()
+            + struct.pack(">6H", *[0, 65535] * 3))  # identity curves before and after the table
+    return _icc_profile(description, b"prtr", b"CMYK", [(b"A2B0", a2b0)])
+
+
+def _cmyk_to_linear_srgb(cmyk: np.ndarray) -> np.ndarray:
+    """Each ink takes away its primary's light, black all of it: linear sRGB (1 - c)(1 - k), (1 - m)(1 - k), ..."""
+    return (1 - cmyk[..., :3]) * (1 - cmyk[..., 3:])
+
+
+def _srgb_encode(linear: np.ndarray) -> np.ndarray:
+    return 255.0 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
 
 
 def _p3_to_srgb(rgb: np.ndarray) -> np.ndarray:
     """The reference: decode the gamma, P3's primaries to XYZ, XYZ to sRGB's, clip, sRGB's transfer curve."""
     linear = (rgb / 255.0) ** (GAMMA_U8F8 / 256)
     srgb = np.clip(linear @ (np.linalg.inv(SRGB_COLUMNS) @ P3_COLUMNS).T, 0, 1)
-    encoded = np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
-    return encoded * 255.0
+    return _srgb_encode(srgb)
 
 
 def test_photos_in_another_colour_profile_are_read_as_srgb(tmp_path, caplog):
@@ -257,7 +289,7 @@ def test_photos_in_another_colour_profile_are_read_as_srgb(tmp_path, caplog):
     ramp = np.tile(np.arange(0, 256, 17, dtype=np.uint8), (4, 1))
     Image.fromarray(ramp, "L").save(tmp_path / "gray18.png", icc_profile=_matrix_profile("Gray 1.8 (test)", None, 461))
     linear = (ramp / 255.0) ** (461 / 256)
-    grey = 255.0 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    grey = _srgb_encode(linear)
     for grayscale in (False, True):
         read = np.asarray(load_image(tmp_path / "gray18.png", grayscale=grayscale)).astype(np.float64)
         assert np.abs(read - grey[..., None]).max() <= 3 and np.abs(read - ramp[..., None]).max() > 10
@@ -288,11 +320,38 @@ def test_palette_and_gray_alpha_images_with_a_profile_are_converted_too(tmp_path
     Image.fromarray(np.dstack([ramp, alpha]), "LA").save(
         tmp_path / "gray18_alpha.png", icc_profile=_matrix_profile("Gray 1.8 (test)", None, 461))
     linear = (ramp / 255.0) ** (461 / 256)
-    grey = 255.0 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    grey = _srgb_encode(linear)
     grey[:, -1] = 255.0  # transparent: white
     for grayscale in (False, True):
         read = np.asarray(load_image(tmp_path / "gray18_alpha.png", grayscale=grayscale)).astype(np.float64)
         assert np.abs(read - grey[..., None]).max() <= 3 and np.abs(read - ramp[..., None]).max() > 10
+
+
+def test_cmyk_images_with_a_print_profile_are_converted_through_it(tmp_path):
+    """A CMYK TIFF or JPEG (a print shop's file) tagged with its print profile: the inks become sRGB through the
+    profile's table, as the ink model the profile was made from says, not Pillow's naive 255 - C - K."""
+    rng = np.random.default_rng(2)
+    inks = rng.integers(0, 256, (32, 32, 4)).astype(np.uint8)
+    inks[..., 3] //= 2  # up to half black: in the near-black LittleCMS's 8-bit tables are coarse (below)
+    image = Image.fromarray(inks, "CMYK")
+    profile = _print_profile("Print (test)")
+    image.save(tmp_path / "print.tif", icc_profile=profile)
+    image.save(tmp_path / "print.jpg", icc_profile=profile, quality=100)
+    image.save(tmp_path / "untagged.tif")
+
+    linear = _cmyk_to_linear_srgb(inks / 255.0)
+    expected = _srgb_encode(linear)
+    got = np.asarray(load_image(tmp_path / "print.tif")).astype(np.float64)
+    naive = np.asarray(load_image(tmp_path / "untagged.tif")).astype(np.float64)
+    assert np.array_equal(naive, np.asarray(image.convert("RGB")))  # untagged: Pillow's conversion, as before
+    assert np.abs(naive - expected).mean() > 30  # which is not what the profile says
+    # LittleCMS joins the profiles into one 8-bit table and interpolates the encoded values, which is coarse where
+    # sRGB's curve is steep (up to 16 levels in the darkest tones): under a level on average, within 0.02 of the light
+    assert np.abs(got - expected).mean() < 2
+    decoded = np.where(got <= 255 * 0.04045, got / 255 / 12.92, ((got / 255 + 0.055) / 1.055) ** 2.4)
+    assert np.abs(decoded - linear).max() < 0.02
+    jpeg = np.asarray(load_image(tmp_path / "print.jpg")).astype(np.float64)
+    assert np.abs(jpeg - expected).mean() < 2  # the same through JPEG's compression (and its inverted CMYK)
 
 
 def test_cached_latents_and_features_are_keyed_by_how_pixels_are_read(tmp_path, monkeypatch):
