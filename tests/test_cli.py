@@ -846,6 +846,21 @@ def test_every_flag_the_readme_names_exists():
     assert len(named) > 50 and named <= known, sorted(named - known)
 
 
+def test_the_training_commands_name_the_bundled_prior_in_their_help():
+    """A new user's first `dyod fit DATA --model ?`: the flag's help names what works offline, by the name that
+    resolves (the help text is written out so that `dyod --help` does not import torch)."""
+    import argparse
+
+    from dyod.cli import build_parser
+    from dyod.prior import BUNDLED_PRIOR, resolve_model
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("fit", "invert"):
+        model = next(a for a in commands[name]._actions if "--model" in a.option_strings)
+        assert model.required and f"{BUNDLED_PRIOR}: the bundled reference prior" in model.help, name
+    assert Path(resolve_model(BUNDLED_PRIOR), "model_index.json").is_file()
+
+
 def test_a_config_switch_alone_is_true(capsys):
     """`dyod fit DATA --grayscale` as `dyod transform … --grayscale`: a boolean setting given alone is true, and
     `--grayscale false` still reads."""

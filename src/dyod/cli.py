@@ -673,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
         if inversion:
-            p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder or hub id")
+            p.add_argument("--model", required=True,
+                           help="diffusers Stable Diffusion folder or hub id (emoji-prior: the bundled reference "
+                                "prior, a miniature SD on emoji scenes, to try dyod offline)")
         p.add_argument("--out", required=True, help="run folder")
         p.add_argument("--overwrite", action="store_true", help="replace what the run folder already holds")
         p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
