@@ -609,16 +609,18 @@ def test_choose_t0_holds_out_a_fifth_unless_given_or_recorded(tmp_path, shapes, 
     assert fractions == [0.2, 0.4, 0.3]
 
 
-def test_a_command_leaves_no_run_log_attached(cli_run, tmp_path):
+def test_a_command_leaves_no_run_log_attached(cli_run, tmp_path, caplog):
     """`main` closes the run log it attached: a later command in the same process wrote into every earlier run's
     dyod.log (and, where an earlier --out was a file, failed on opening it)."""
     import logging
 
     from dyod.cli import _RunLog
 
-    assert main(["sample", str(cli_run), "-n", "1", "--out", str(tmp_path / "s")]) == 0
+    with caplog.at_level("INFO", logger="dyod"):
+        assert main(["sample", str(cli_run), "-n", "1", "--out", str(tmp_path / "s")]) == 0
     assert not any(isinstance(h, _RunLog) for h in logging.getLogger("dyod").handlers)
-    assert f"wrote 1 images and grid.png to {tmp_path / 's'}" not in (cli_run / "dyod.log").read_text()
+    wrote = f"wrote 1 image and grid.png to {tmp_path / 's'}"
+    assert wrote in caplog.text and wrote not in (cli_run / "dyod.log").read_text()
 
 
 def test_bad_stage_settings_are_refused_before_any_work(tmp_path, shapes, capsys, monkeypatch):

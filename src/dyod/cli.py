@@ -258,7 +258,7 @@ def _finish_outputs(out: Path, ncols: int | None, record: dict, listed: list[str
 
     save_png(make_grid([Image.open(out / name) for name in listed[:GRID_MAX]], ncols), out / "grid.png")
     write_json(out / OUTPUT_RECORD, {**record, "images": listed})  # what `dyod eval OUT` counts (not the grid)
-    logger.info("wrote %d images and grid.png to %s", len(listed), out)
+    logger.info("wrote %d image%s and grid.png to %s", len(listed), "" if len(listed) == 1 else "s", out)
 
 
 def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict:
