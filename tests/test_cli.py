@@ -863,6 +863,23 @@ def test_the_training_commands_name_the_bundled_prior_in_their_help():
     assert Path(resolve_model(BUNDLED_PRIOR), "model_index.json").is_file()
 
 
+def test_a_mistyped_flag_is_refused_with_the_commands_usage_and_the_nearest_flag(tmp_path, capsys):
+    """argparse refused `dyod sweep RUN --t0s 0.5` with dyod's top-level usage, which lists no flag of `sweep`; now
+    the command's own usage and the flag meant, where one is near enough (none for `--count`, not `--out`)."""
+    cases = [(["sweep", "RUN", "--t0s", "0.5", "--out", str(tmp_path / "o")], "dyod sweep",
+              "unrecognized arguments: --t0s 0.5; --t0s: did you mean --t0?"),
+             (["sample", "RUN", "--guidence-scale=3", "--out", str(tmp_path / "o")], "dyod sample",
+              "unrecognized arguments: --guidence-scale=3; --guidence-scale: did you mean --guidance-scale?"),
+             (["datasets", "make", "faces", str(tmp_path / "o"), "--count", "3"], "dyod datasets make",
+              "unrecognized arguments: --count 3\n")]
+    for argv, command, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"usage: {command} " in err and f"{command}: error: {message}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_config_switch_alone_is_true(capsys):
     """`dyod fit DATA --grayscale` as `dyod transform … --grayscale`: a boolean setting given alone is true, and
     `--grayscale false` still reads."""

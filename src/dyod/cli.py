@@ -843,6 +843,23 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _refuse_unknown_arguments(parser: argparse.ArgumentParser, args, unknown: list[str]) -> None:
+    """argparse's own refusal shows the top-level usage, without the command's flags; this one is the command's,
+    with the flag nearest to each mistyped one (``--t0s``: did you mean --t0?)."""
+    import difflib
+
+    while True:  # the innermost command given (`dyod datasets make` is two levels down)
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is None or getattr(args, commands.dest, None) not in commands.choices:
+            break
+        parser = commands.choices[getattr(args, commands.dest)]
+    # compared without the dashes, which every flag shares: `--count` is not near enough `--out` to suggest it
+    flags = [flag[2:] for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    hints = [f"{name}: did you mean --{close[0]}?" for name in (arg.split("=", 1)[0] for arg in unknown)
+             if name.startswith("--") and (close := difflib.get_close_matches(name[2:], flags, n=1, cutoff=0.8))]
+    parser.error("; ".join([f"unrecognized arguments: {' '.join(unknown)}", *hints]))
+
+
 def _check_device(device: str | None) -> None:
     """``--device`` names a device this machine has: PyTorch's own answer to a missing GPU is a traceback from deep
     inside the first tensor moved there."""
@@ -870,7 +887,9 @@ def _check_device(device: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args, unknown = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    if unknown:
+        _refuse_unknown_arguments(parser, args, unknown)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)  # also where logging was configured before us
     _quiet_libraries()
