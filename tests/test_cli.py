@@ -973,6 +973,41 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
     assert "run folder" in capsys.readouterr().err
 
 
+def test_info_says_what_made_a_folder_of_outputs_and_a_non_run_is_named_for_what_it_is(cli_run, shapes, tmp_path,
+                                                                                       capsys):
+    """`dyod info SAMPLES` said "has no run.json; create one with `dyod fit ... --out SAMPLES`"; now it says what made
+    them and how to score them. Given where a run goes, a folder of outputs names the run that made them, a folder
+    of images says to fit a run on it (not to make one inside it)."""
+    fast = ["--num-inference-steps", "4", "--device", "cpu"]
+    samples, between, along = tmp_path / "samples", tmp_path / "between", tmp_path / "along"
+    assert main(["sample", str(cli_run), "-n", "3", "--seed", "5", "--t0", "0.5", "--out", str(samples), *fast]) == 0
+    assert main(["interpolate", str(cli_run), "--seeds", "3,7", "--steps", "3", "--out", str(between), *fast]) == 0
+    assert main(["traverse", str(cli_run), "--dim", "2", "--range=-1,1", "--steps", "3", "--out", str(along),
+                 *fast]) == 0
+    capsys.readouterr()
+    made_by = f"from run {cli_run.resolve()}"
+    score = f"  next: dyod eval {{}} {shapes.resolve()} (KID × 100 against the run's dataset)"
+    model = json.loads((cli_run / "run.json").read_text())["model"]
+    assert main(["info", str(samples)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"outputs {samples}: 3 images made by `dyod sample` {made_by} (model {model})",
+        "  t0 0.5 (2 of 4 DDIM steps), guidance 7.5, prompt 'a photo of {}'", "  seeds 5–7", score.format(samples)]
+    assert main(["info", str(between)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == (
+        "  between the custom VAE latents of seeds 3 and 7, 3 steps, the forward noise held fixed")
+    assert main(["info", str(along)]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == ["  latent dimension 2 at -1.0, 0.0, 1.0, the rest from seed 0",
+                                                        score.format(along)]
+
+    assert main(["sample", str(samples), "-n", "1", "--out", str(tmp_path / "o")]) == 2
+    assert (f"{samples} holds the outputs of `dyod sample` (its dyod_output.json), not a run; the run that made "
+            f"them: {cli_run.resolve()}") in capsys.readouterr().err
+    assert main(["info", str(shapes)]) == 2
+    assert (f"{shapes} holds images, not a run (no run.json); fit a run on them with `dyod fit {shapes} --model "
+            "MODEL --out RUN`") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (shapes / "run.json").exists()
+
+
 def test_a_prompt_without_s_star_is_warned_of(cli_run, tmp_path, caplog):
     """`--prompt "a painting of a cat"` (the {} forgotten) sampled the prior without the dataset prompt, silently;
     now the sampling commands say so. With {} or the token written out, nothing is said."""

@@ -46,6 +46,34 @@ def check_output_folder(folder: str | os.PathLike, overwrite: bool, what: str = 
     return folder
 
 
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` is no run, and what to give instead: a folder of samples or of images, given where a run goes
+    (`dyod info SAMPLES`, `dyod sample DATA_DIR`), was told to make a run inside it."""
+    from itertools import islice
+
+    from .data import IMAGE_SUFFIXES, OUTPUT_RECORD
+
+    if (path / OUTPUT_RECORD).is_file():
+        made = _output_record(path)
+        return (f"{path} holds the outputs of `dyod {made.get('command', '?')}` (its {OUTPUT_RECORD}), not a run; the "
+                f"run that made them: {made.get('run_path') or made.get('run') or '(not recorded)'}")
+    if path.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in islice(path.rglob("*"), 10_000)):
+        return (f"{path} holds images, not a run (no {RUN_FILE}); fit a run on them with "
+                f"`dyod fit {path} --model MODEL --out RUN` and give RUN")
+    what = "does not exist" if not path.exists() else f"has no {RUN_FILE}"
+    return f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {path}`"
+
+
+def _output_record(path: Path) -> dict:
+    from .data import OUTPUT_RECORD
+
+    try:
+        record = read_json(path / OUTPUT_RECORD)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def is_main_process() -> bool:
     """False in the other processes of a multi-process launch (torchrun and accelerate launch set RANK): the main
     process alone writes the run folder and does what is one process's work."""
@@ -61,8 +89,7 @@ class Run:
     def open(cls, path: str | os.PathLike) -> "Run":
         path = Path(path)
         if not (path / RUN_FILE).exists():
-            what = "does not exist" if not path.exists() else f"has no {RUN_FILE}"
-            raise DyodError(f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {path}`")
+            raise DyodError(_not_a_run(path))
         return cls(path, read_json(path / RUN_FILE))
 
     @classmethod
@@ -174,6 +201,41 @@ class Run:
     @property
     def data_resolution(self) -> int | None:
         return self.info.get("data", {}).get("resolution")
+
+
+def describe_outputs(path: str | os.PathLike) -> str:
+    """What a folder of dyod's outputs holds (``dyod info SAMPLES``), from the record written beside them: the command
+    and run that made them, how, and how to score them."""
+    path = Path(path)
+    made = _output_record(path)
+    config, images, run = made.get("config") or {}, made.get("images") or [], made.get("run_path") or made.get("run")
+    lines = [f"outputs {path}: {_count(len(images), 'image')} made by `dyod {made.get('command', '?')}` from run {run}"
+             + (f" (model {made['model']})" if made.get("model") else "")]
+    if config:
+        steps = made.get("denoising_steps")
+        lines.append(f"  t0 {config.get('t0')}" + (f" ({steps} of {config.get('num_inference_steps')} DDIM steps)"
+                                                    if steps is not None else "")
+                     + f", guidance {config.get('guidance_scale')}, prompt {config.get('prompt')!r}")
+    seeds, command = made.get("seeds") or [], made.get("command")
+    if command == "interpolate" and len(seeds) == 2:
+        lines.append(f"  between the custom VAE latents of seeds {seeds[0]} and {seeds[1]}, {made.get('steps')} steps, "
+                     f"the forward noise {'held fixed' if made.get('fix_noise') else 'drawn for each image'}")
+    elif command == "traverse":
+        lines.append(f"  latent dimension {made.get('dim')} at {', '.join(map(str, made.get('values') or []))}, "
+                     f"the rest from seed {made.get('seed')}")
+    elif seeds:
+        lines.append(f"  seeds {seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
+                     else f"  seeds {', '.join(map(str, seeds[:8]))}" + (", ..." if len(seeds) > 8 else ""))
+    if made.get("inputs"):
+        lines.append(f"  inputs: {_count(len(made['inputs']), 'image')}, e.g. {made['inputs'][0]}"
+                     + (f"; {len(made['skipped'])} skipped" if made.get("skipped") else ""))
+    try:  # the run's dataset, where the run is still here: what the outputs are scored against
+        data_dir = Run.open(run).info.get("data", {}).get("root") or "DATA_DIR"
+    except (DyodError, OSError, ValueError, TypeError):
+        data_dir = "DATA_DIR"
+    lines.append(f"  next: dyod eval {path} {data_dir} (KID × 100 against "
+                 + ("the run's dataset)" if data_dir != "DATA_DIR" else "a folder of images)"))
+    return "\n".join(lines)
 
 
 def describe_run(path: str | os.PathLike) -> str:
