@@ -986,7 +986,7 @@ def test_info_says_what_made_a_folder_of_outputs_and_a_non_run_is_named_for_what
                  *fast]) == 0
     capsys.readouterr()
     made_by = f"from run {cli_run.resolve()}"
-    score = f"  next: dyod eval {{}} {shapes.resolve()} (KID × 100 against the run's dataset)"
+    score = f"  next: dyod eval {{}} (KID × 100 against the run's dataset, {shapes.resolve()})"
     model = json.loads((cli_run / "run.json").read_text())["model"]
     assert main(["info", str(samples)]) == 0
     assert capsys.readouterr().out.splitlines() == [
@@ -998,6 +998,18 @@ def test_info_says_what_made_a_folder_of_outputs_and_a_non_run_is_named_for_what
     assert main(["info", str(along)]) == 0
     assert capsys.readouterr().out.splitlines()[2:] == ["  latent dimension 2 at -1.0, 0.0, 1.0, the rest from seed 0",
                                                         score.format(along)]
+
+    # scored against the run's dataset without naming it, as against it named
+    assert main(["eval", str(samples), "--json", str(tmp_path / "by_record.json")]) == 0
+    assert main(["eval", str(samples), str(shapes), "--json", str(tmp_path / "named.json")]) == 0
+    by_record = json.loads((tmp_path / "by_record.json").read_text())
+    assert by_record == json.loads((tmp_path / "named.json").read_text()) and by_record["n_reference"] == 12
+    (along / "dyod_output.json").write_text(json.dumps({"command": "traverse", "run_path": str(tmp_path / "gone")}))
+    assert main(["info", str(along)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"  next: dyod eval {along} DATA_DIR (KID × 100 against a folder of images)")
+    assert main(["eval", str(along)]) == 2  # the run is gone: the reference must be named
+    assert "give the reference folder" in capsys.readouterr().err
 
     assert main(["sample", str(samples), "-n", "1", "--out", str(tmp_path / "o")]) == 2
     assert (f"{samples} holds the outputs of `dyod sample` (its dyod_output.json), not a run; the run that made "

@@ -649,6 +649,11 @@ def cmd_eval(args) -> None:
     from .data import dataset_files
     from .evaluation import feature_extractor, folder_features, kid
 
+    from .run import outputs_dataset
+
+    if args.ref is None and args.ref_flag is None and (dataset := outputs_dataset(args.samples_dir)):
+        logger.info("reference: %s, the dataset of the run that made %s", dataset, args.samples_dir)
+        args.ref = dataset
     args.ref = _positional_or_flag(args.ref, args.ref_flag, "reference folder", "dyod eval SAMPLES_DIR REF")
     # Both folders are listed before any features are computed: a mistyped one is named at once.
     ref_files, sample_files = dataset_files(args.ref), dataset_files(args.samples_dir)
@@ -781,7 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")
     p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder of generated images")
-    p.add_argument("ref", metavar="REF", nargs="?", default=None, help="the dataset folder to compare against (or --ref)")
+    p.add_argument("ref", metavar="REF", nargs="?", default=None,
+                   help="the dataset folder to compare against (or --ref; default: the dataset of the run that made "
+                        "SAMPLES_DIR, where its record, the run and the dataset are still here)")
     p.add_argument("--ref", dest="ref_flag", metavar="REF", default=None, help="the dataset folder, as a flag")
     p.add_argument("--features", choices=("emoji", "inception"), default="emoji",
                    help="emoji: the bundled offline network (default); inception: FID InceptionV3 from a local file")

@@ -67,11 +67,12 @@ def _not_a_run(path: Path) -> str:
 def _output_record(path: Path) -> dict:
     from .data import OUTPUT_RECORD
 
-    try:
-        record = read_json(path / OUTPUT_RECORD)
-    except (OSError, ValueError):
+    if not (path / OUTPUT_RECORD).is_file():
         return {}
-    return record if isinstance(record, dict) else {}
+    try:
+        return read_json(path / OUTPUT_RECORD)
+    except (DyodError, OSError):  # a damaged record says nothing
+        return {}
 
 
 def is_main_process() -> bool:
@@ -203,6 +204,17 @@ class Run:
         return self.info.get("data", {}).get("resolution")
 
 
+def outputs_dataset(path: str | os.PathLike) -> str | None:
+    """The dataset folder of the run that made the outputs in ``path``, where the record, the run and the folder are
+    all still here: what ``dyod eval SAMPLES`` scores against when given no reference."""
+    run = _output_record(Path(path)).get("run_path")
+    try:
+        root = Run.open(run).info.get("data", {}).get("root") if run else None
+    except (DyodError, OSError, ValueError):
+        return None
+    return root if root and Path(root).is_dir() else None
+
+
 def describe_outputs(path: str | os.PathLike) -> str:
     """What a folder of dyod's outputs holds (``dyod info SAMPLES``), from the record written beside them: the command
     and run that made them, how, and how to score them."""
@@ -220,7 +232,7 @@ def describe_outputs(path: str | os.PathLike) -> str:
     if command == "interpolate" and len(seeds) == 2:
         lines.append(f"  between the custom VAE latents of seeds {seeds[0]} and {seeds[1]}, {made.get('steps')} steps, "
                      f"the forward noise {'held fixed' if made.get('fix_noise') else 'drawn for each image'}")
-    elif command == "traverse":
+    elif command == "traverse" and made.get("dim") is not None:
         lines.append(f"  latent dimension {made.get('dim')} at {', '.join(map(str, made.get('values') or []))}, "
                      f"the rest from seed {made.get('seed')}")
     elif seeds:
@@ -229,12 +241,9 @@ def describe_outputs(path: str | os.PathLike) -> str:
     if made.get("inputs"):
         lines.append(f"  inputs: {_count(len(made['inputs']), 'image')}, e.g. {made['inputs'][0]}"
                      + (f"; {len(made['skipped'])} skipped" if made.get("skipped") else ""))
-    try:  # the run's dataset, where the run is still here: what the outputs are scored against
-        data_dir = Run.open(run).info.get("data", {}).get("root") or "DATA_DIR"
-    except (DyodError, OSError, ValueError, TypeError):
-        data_dir = "DATA_DIR"
-    lines.append(f"  next: dyod eval {path} {data_dir} (KID × 100 against "
-                 + ("the run's dataset)" if data_dir != "DATA_DIR" else "a folder of images)"))
+    data_dir = outputs_dataset(path)
+    lines.append(f"  next: dyod eval {path} " + (f"(KID × 100 against the run's dataset, {data_dir})" if data_dir
+                                                 else "DATA_DIR (KID × 100 against a folder of images)"))
     return "\n".join(lines)
 
 
