@@ -880,6 +880,27 @@ def test_a_mistyped_flag_is_refused_with_the_commands_usage_and_the_nearest_flag
     assert not (tmp_path / "o").exists()
 
 
+def test_the_parser_and_dyod_info_import_no_model_library(cli_run):
+    """`dyod --help` and a mistyped flag took 1.3 s (torch imported to build the parser), `dyod info` 4 s (diffusers
+    and transformers imported only to quiet their logging); their verbosity is now set through the environment, which
+    each reads on its first import, so a command that loads a model is as quiet as before."""
+    script = f"""
+import os, sys
+from dyod.cli import build_parser, main
+build_parser()
+assert "torch" not in sys.modules
+assert main(["info", {str(cli_run)!r}]) == 0
+assert "diffusers" not in sys.modules and "transformers" not in sys.modules, "imported"
+import diffusers, transformers
+assert diffusers.utils.logging.get_verbosity() == diffusers.utils.logging.ERROR
+assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("_VERBOSITY")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"run {cli_run}" in done.stdout
+
+
 def test_a_config_switch_alone_is_true(capsys):
     """`dyod fit DATA --grayscale` as `dyod transform … --grayscale`: a boolean setting given alone is true, and
     `--grayscale false` still reads."""

@@ -18,6 +18,7 @@ from .config import (
     SEED_LIMIT,
     DataConfig,
     InversionConfig,
+    PretrainConfig,
     SampleConfig,
     VAEConfig,
     from_dict,
@@ -203,17 +204,20 @@ def _detach_run_logs() -> None:
 
 
 def _quiet_libraries() -> None:
+    """diffusers' and transformers' info and warnings off. Not imported for it (4 s, most of `dyod info`'s time): each
+    reads its verbosity from the environment when first imported (a user's own setting is kept); where one is imported
+    already (``main`` called from Python), it is told directly."""
+    import os
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - logging tweaks only
-        pass
+    for name in ("diffusers", "transformers"):
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
+        if name in sys.modules:
+            try:
+                sys.modules[name].utils.logging.set_verbosity_error()
+            except Exception:  # noqa: BLE001 - logging tweaks only
+                pass
 
 
 GRID_MAX = 64  # grid.png shows the first 64 results: a grid of 50,000 samples would be gigapixels
@@ -627,7 +631,7 @@ def cmd_train_features(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .world.prior_training import PretrainConfig, pretrain, write_model_card
+    from .world.prior_training import pretrain, write_model_card
 
     recorded = Path(args.out) / "training" / "pretrain_config.json"  # with --resume, the flags not given
     config = _resumed_config(args, PretrainConfig, read_json(recorded) if recorded.exists() else None)
@@ -828,8 +832,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (a diffusers model folder)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted pre-training in --out")
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    from .world.prior_training import PretrainConfig
-
     add_config_flags(q, PretrainConfig)
     q.set_defaults(func=cmd_pretrain)
 

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointOnInterrupt, load_training_state, save_training_state
-from ..config import check_bounds, field, seed_field, write_json
+from ..config import PretrainConfig, write_json
 from ..errors import DyodError
 from ..testing import bytes_to_unicode
 from .atlas import EmojiAtlas
@@ -34,45 +34,6 @@ from .datasets import face_indices, fruit_indices
 from .scenes import SceneGenerator
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-    """Sizes and schedule of the reference prior (defaults: about an hour on 2 CPU cores)."""
-
-    resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
-    corpus_size: int = field(30000, "captioned scenes rendered to train on", min=1)
-    corpus_seed: int = seed_field("seed of the scene corpus (scene i of a seed is always the same)")
-    emphasis_weight: float = field(0.5, "share of sprites drawn from the bundled datasets' emoji (fruits, faces), in "
-                                        "[0, 1]", min=0.0)
-    vocab_size: int = field(4096, "size of the BPE vocabulary trained on the captions", min=1)
-    max_length: int = field(64, "tokens per caption (longer captions are truncated)", min=2)
-    text_width: int = field(128, "width of the CLIP text encoder (a multiple of --text-heads)", min=1)
-    text_layers: int = field(4, "transformer layers of the text encoder", min=1)
-    text_heads: int = field(4, "attention heads of the text encoder", min=1)
-    vae_channels: tuple[int, ...] = field((32, 64, 64), "autoencoder channels per level; each level after the first "
-                                                        "halves the resolution")
-    vae_steps: int = field(2000, "autoencoder training steps", min=1)
-    vae_batch_size: int = field(16, "images per autoencoder step", min=1)
-    vae_learning_rate: float = field(1e-3, "AdamW learning rate of the autoencoder", min=0.0)
-    vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
-    unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
-    unet_steps: int = field(10000, "UNet and text encoder training steps", min=1)
-    unet_batch_size: int = field(16, "images per UNet step", min=1)
-    unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
-                                            "cosine decay)", min=0.0)
-    caption_dropout: float = field(0.1, "share of captions replaced by the empty one, so that classifier-free guidance "
-                                        "works, in [0, 1]", min=0.0)
-    checkpoint_every: int = field(1000, "write a resumable checkpoint of the stage in training every N steps", min=1)
-    seed: int = seed_field("training seed")
-
-    def __post_init__(self):
-        check_bounds(self)
-        for name in ("emphasis_weight", "caption_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if self.text_width % self.text_heads:
-            raise ValueError(f"--text-width ({self.text_width}) must be a multiple of --text-heads ({self.text_heads})")
 
 
 def corpus(config: PretrainConfig) -> SceneGenerator:
