@@ -1041,6 +1041,23 @@ def test_info_says_what_made_a_folder_of_outputs_and_a_non_run_is_named_for_what
     assert not (tmp_path / "o").exists() and not (shapes / "run.json").exists()
 
 
+def test_the_commands_dyod_suggests_quote_paths_with_spaces(cli_run, shapes, tmp_path):
+    """`next: dyod sample my run -n 16` copied into a shell is two arguments; quoted, it is the run."""
+    import shutil
+
+    from dyod.run import Run, describe_run
+
+    run, data = tmp_path / "my run", tmp_path / "my data"
+    shutil.copytree(cli_run, run)
+    shutil.copytree(shapes, data)
+    assert describe_run(run).splitlines()[-1] == f"  next: dyod sample '{run}' -n 16 --out SAMPLES"
+    Run.open(run).update(data={**Run.open(run).info["data"], "root": str(data)})
+    (run / "learned_embeds.safetensors").unlink()
+    assert describe_run(run).splitlines()[-1].startswith(f"  next: dyod invert '{data}' --model ")
+    with pytest.raises(DyodError, match=f"`dyod fit '{data}' --model MODEL --out RUN`"):
+        Run.open(data)
+
+
 def test_a_prompt_without_s_star_is_warned_of(cli_run, tmp_path, caplog):
     """`--prompt "a painting of a cat"` (the {} forgotten) sampled the prior without the dataset prompt, silently;
     now the sampling commands say so. With {} or the token written out, nothing is said."""

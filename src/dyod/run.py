@@ -59,9 +59,9 @@ def _not_a_run(path: Path) -> str:
                 f"run that made them: {made.get('run_path') or made.get('run') or '(not recorded)'}")
     if path.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in islice(path.rglob("*"), 10_000)):
         return (f"{path} holds images, not a run (no {RUN_FILE}); fit a run on them with "
-                f"`dyod fit {path} --model MODEL --out RUN` and give RUN")
+                f"`dyod fit {_quoted(path)} --model MODEL --out RUN` and give RUN")
     what = "does not exist" if not path.exists() else f"has no {RUN_FILE}"
-    return f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {path}`"
+    return f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {_quoted(path)}`"
 
 
 def _output_record(path: Path) -> dict:
@@ -242,7 +242,7 @@ def describe_outputs(path: str | os.PathLike) -> str:
         lines.append(f"  inputs: {_count(len(made['inputs']), 'image')}, e.g. {made['inputs'][0]}"
                      + (f"; {len(made['skipped'])} skipped" if made.get("skipped") else ""))
     data_dir = outputs_dataset(path)
-    lines.append(f"  next: dyod eval {path} " + (f"(KID × 100 against the run's dataset, {data_dir})" if data_dir
+    lines.append(f"  next: dyod eval {_quoted(path)} " + (f"(KID × 100 against the run's dataset, {data_dir})" if data_dir
                                                  else "DATA_DIR (KID × 100 against a folder of images)"))
     return "\n".join(lines)
 
@@ -316,15 +316,23 @@ def describe_run(path: str | os.PathLike) -> str:
         lines.append(f"  chosen t0: {chosen['t0']:.2f} ({against} KID × 100 {score:.2f})"
                      + ("" if current is not None else ", stale: a stage was trained again since; `dyod tune` "
                         "chooses again"))
-    data_dir = data.get("root") or "DATA"
-    todo = [f"{command} --out {path}" + (" --resume" if (folder / CHECKPOINT_FILE).exists() else "")
+    data_dir = _quoted(data["root"]) if data.get("root") else "DATA"
+    todo = [f"{command} --out {_quoted(path)}" + (" --resume" if (folder / CHECKPOINT_FILE).exists() else "")
             for command, made, folder in (
-                (f"dyod invert {data_dir} --model {info.get('model', 'MODEL')}", run.embeddings_path.exists(),
+                (f"dyod invert {data_dir} --model {_quoted(info['model']) if info.get('model') else 'MODEL'}", run.embeddings_path.exists(),
                  run.inversion_path),
                 (f"dyod train-vae {data_dir}", run.vae_weights_path.exists(), run.vae_path))
             if not made]
-    lines.append(f"  next: {'; then '.join(todo)}" if todo else f"  next: dyod sample {path} -n 16 --out SAMPLES")
+    lines.append(f"  next: {'; then '.join(todo)}" if todo
+                 else f"  next: dyod sample {_quoted(path)} -n 16 --out SAMPLES")
     return "\n".join(lines)
+
+
+def _quoted(path: str | os.PathLike) -> str:
+    """A path as a shell reads it in a command to copy: `dyod eval 'my samples'`, not two arguments."""
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def _count(n, noun: str) -> str:
