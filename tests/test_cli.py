@@ -1058,6 +1058,15 @@ def test_the_commands_dyod_suggests_quote_paths_with_spaces(cli_run, shapes, tmp
         Run.open(data)
 
 
+def test_a_file_given_as_the_run_names_the_run_it_is_in(cli_run, tmp_path, capsys):
+    assert main(["sample", str(cli_run / "vae" / "model.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert (f"{cli_run / 'vae' / 'model.safetensors'} is a file, not a run folder; it is in the run {cli_run}: give "
+            "that folder") in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("")
+    assert main(["info", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file, not a run folder; give the folder `dyod fit --out` made" in capsys.readouterr().err
+
+
 def test_a_prompt_without_s_star_is_warned_of(cli_run, tmp_path, caplog):
     """`--prompt "a painting of a cat"` (the {} forgotten) sampled the prior without the dataset prompt, silently;
     now the sampling commands say so. With {} or the token written out, nothing is said."""

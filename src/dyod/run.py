@@ -53,6 +53,10 @@ def _not_a_run(path: Path) -> str:
 
     from .data import IMAGE_SUFFIXES, OUTPUT_RECORD
 
+    if path.is_file():
+        inside = next((folder for folder in path.parents[:3] if (folder / RUN_FILE).is_file()), None)
+        return (f"{path} is a file, not a run folder" + (f"; it is in the run {inside}: give that folder" if inside
+                                                          else "; give the folder `dyod fit --out` made"))
     if (path / OUTPUT_RECORD).is_file():
         made = _output_record(path)
         return (f"{path} holds the outputs of `dyod {made.get('command', '?')}` (its {OUTPUT_RECORD}), not a run; the "
