@@ -71,11 +71,9 @@ def _not_a_run(path: Path) -> str:
 def _output_record(path: Path) -> dict:
     from .data import OUTPUT_RECORD
 
-    if not (path / OUTPUT_RECORD).is_file():
-        return {}
     try:
         return read_json(path / OUTPUT_RECORD)
-    except (DyodError, OSError):  # a damaged record says nothing
+    except (DyodError, OSError):  # none, or a damaged one: it says nothing
         return {}
 
 
@@ -246,8 +244,9 @@ def describe_outputs(path: str | os.PathLike) -> str:
         lines.append(f"  inputs: {_count(len(made['inputs']), 'image')}, e.g. {made['inputs'][0]}"
                      + (f"; {len(made['skipped'])} skipped" if made.get("skipped") else ""))
     data_dir = outputs_dataset(path)
-    lines.append(f"  next: dyod eval {_quoted(path)} " + (f"(KID × 100 against the run's dataset, {data_dir})" if data_dir
-                                                 else "DATA_DIR (KID × 100 against a folder of images)"))
+    against = f"(KID × 100 against the run's dataset, {data_dir})" if data_dir else (
+        "DATA_DIR (KID × 100 against a folder of images)")
+    lines.append(f"  next: dyod eval {_quoted(path)} {against}")
     return "\n".join(lines)
 
 
@@ -323,8 +322,8 @@ def describe_run(path: str | os.PathLike) -> str:
     data_dir = _quoted(data["root"]) if data.get("root") else "DATA"
     todo = [f"{command} --out {_quoted(path)}" + (" --resume" if (folder / CHECKPOINT_FILE).exists() else "")
             for command, made, folder in (
-                (f"dyod invert {data_dir} --model {_quoted(info['model']) if info.get('model') else 'MODEL'}", run.embeddings_path.exists(),
-                 run.inversion_path),
+                (f"dyod invert {data_dir} --model {_quoted(info['model']) if info.get('model') else 'MODEL'}",
+                 run.embeddings_path.exists(), run.inversion_path),
                 (f"dyod train-vae {data_dir}", run.vae_weights_path.exists(), run.vae_path))
             if not made]
     lines.append(f"  next: {'; then '.join(todo)}" if todo
