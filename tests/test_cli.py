@@ -1035,10 +1035,32 @@ def test_info_says_what_made_a_folder_of_outputs_and_a_non_run_is_named_for_what
     assert main(["sample", str(samples), "-n", "1", "--out", str(tmp_path / "o")]) == 2
     assert (f"{samples} holds the outputs of `dyod sample` (its dyod_output.json), not a run; the run that made "
             f"them: {cli_run.resolve()}") in capsys.readouterr().err
-    assert main(["info", str(shapes)]) == 2
+    assert main(["transform", str(shapes), str(shapes), "--out", str(tmp_path / "o")]) == 2
     assert (f"{shapes} holds images, not a run (no run.json); fit a run on them with `dyod fit {shapes} --model "
             "MODEL --out RUN`") in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (shapes / "run.json").exists()
+
+
+def test_info_on_a_folder_of_images_says_what_dyod_will_read(shapes, tiny_model, tmp_path, capsys):
+    """Before fitting: how many images dyod reads, of which kinds and sizes, the resolution of its outputs, and the
+    files it cannot open; a model folder given as a run says to give it as --model."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    Image.new("RGB", (48, 40), "red").save(data / "wide.jpg")
+    (data / "broken.png").write_bytes(b"not an image")
+    assert main(["info", str(data)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"data {data}: 14 image files (13 .png, 1 .jpg)",
+        "  sizes: 32x32 (12), 48x40 (1); outputs at 32 px, or at the model's resolution where that is smaller "
+        "(non-square images are centre-cropped)",
+        "  cannot be read: 1, e.g. broken.png: cannot identify image file "
+        f"'{data / 'broken.png'}' (left out, with the reason in the run's data.json)",
+        f"  next: dyod fit {data} --model MODEL --out RUN"]
+    assert main(["info", str(tiny_model)]) == 2
+    assert (f"{tiny_model} is a diffusers model (model_index.json), not a run; fit a run with it: `dyod fit DATA_DIR "
+            f"--model {tiny_model} --out RUN`") in capsys.readouterr().err
 
 
 def test_the_commands_dyod_suggests_quote_paths_with_spaces(cli_run, shapes, tmp_path):

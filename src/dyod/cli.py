@@ -642,12 +642,9 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .data import OUTPUT_RECORD, RUN_FILE
-    from .run import describe_outputs, describe_run
+    from .run import describe_folder
 
-    folder = Path(args.run)
-    is_outputs = (folder / OUTPUT_RECORD).is_file() and not (folder / RUN_FILE).exists()
-    print(describe_outputs(folder) if is_outputs else describe_run(folder))
+    print(describe_folder(args.run))
 
 
 def cmd_eval(args) -> None:
@@ -785,8 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep_transform)
 
     p = sub.add_parser("info", help="what a run folder holds: model, data, each stage (or where it stopped), the chosen "
-                                    "t0, and what comes next; or what made a folder of dyod's outputs")
-    p.add_argument("run", metavar="RUN", help="run folder (or a folder dyod sample|transform|... wrote)")
+                                    "t0, and what comes next; or what made a folder of dyod's outputs, or what a folder "
+                                    "of images is to dyod")
+    p.add_argument("run", metavar="RUN", help="run folder (or a folder dyod sample|transform|... wrote, or of images)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")

@@ -22,7 +22,7 @@ from . import __version__
 from .config import read_json, write_json
 from .data import RUN_FILE
 from .embeddings import EMBEDDINGS_FILE
-from .errors import DyodError
+from .errors import DyodError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +46,42 @@ def check_output_folder(folder: str | os.PathLike, overwrite: bool, what: str = 
     return folder
 
 
-def _not_a_run(path: Path) -> str:
-    """Why ``path`` is no run, and what to give instead: a folder of samples or of images, given where a run goes
-    (`dyod info SAMPLES`, `dyod sample DATA_DIR`), was told to make a run inside it."""
+def _folder_kind(path: Path) -> str | None:
+    """What dyod makes of a folder that is not a run: "outputs" (a record of dyod's beside them), "model" (a diffusers
+    model's model_index.json), "images" (image files, at any depth), or None."""
     from itertools import islice
 
     from .data import IMAGE_SUFFIXES, OUTPUT_RECORD
+
+    if not path.is_dir():
+        return None
+    if (path / OUTPUT_RECORD).is_file():
+        return "outputs"
+    if (path / "model_index.json").is_file():
+        return "model"
+    if any(f.suffix.lower() in IMAGE_SUFFIXES for f in islice(path.rglob("*"), 10_000)):
+        return "images"
+    return None
+
+
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` is no run, and what to give instead: a folder of samples or of images, given where a run goes
+    (`dyod info SAMPLES`, `dyod sample DATA_DIR`), was told to make a run inside it."""
+    from .data import OUTPUT_RECORD
 
     if path.is_file():
         inside = next((folder for folder in path.parents[:3] if (folder / RUN_FILE).is_file()), None)
         return (f"{path} is a file, not a run folder" + (f"; it is in the run {inside}: give that folder" if inside
                                                           else "; give the folder `dyod fit --out` made"))
-    if (path / OUTPUT_RECORD).is_file():
+    kind = _folder_kind(path)
+    if kind == "outputs":
         made = _output_record(path)
         return (f"{path} holds the outputs of `dyod {made.get('command', '?')}` (its {OUTPUT_RECORD}), not a run; the "
                 f"run that made them: {made.get('run_path') or made.get('run') or '(not recorded)'}")
-    if path.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in islice(path.rglob("*"), 10_000)):
+    if kind == "model":
+        return (f"{path} is a diffusers model (model_index.json), not a run; fit a run with it: `dyod fit DATA_DIR "
+                f"--model {_quoted(path)} --out RUN`")
+    if kind == "images":
         return (f"{path} holds images, not a run (no {RUN_FILE}); fit a run on them with "
                 f"`dyod fit {_quoted(path)} --model MODEL --out RUN` and give RUN")
     what = "does not exist" if not path.exists() else f"has no {RUN_FILE}"
@@ -247,6 +267,49 @@ def describe_outputs(path: str | os.PathLike) -> str:
     against = f"(KID × 100 against the run's dataset, {data_dir})" if data_dir else (
         "DATA_DIR (KID × 100 against a folder of images)")
     lines.append(f"  next: dyod eval {_quoted(path)} {against}")
+    return "\n".join(lines)
+
+
+def describe_folder(path: str | os.PathLike) -> str:
+    """``dyod info PATH``: a run folder, a folder of dyod's outputs or a folder of images, each said as what it is."""
+    path = Path(path)
+    kind = None if (path / RUN_FILE).exists() else _folder_kind(path)
+    if kind == "outputs":
+        return describe_outputs(path)
+    if kind == "images":
+        return describe_data(path)
+    return describe_run(path)  # a run, or the reason it is none
+
+
+def describe_data(path: str | os.PathLike) -> str:
+    """What a folder of images is to dyod before a run is fitted on it (``dyod info DATA_DIR``): how many images it
+    reads and of which kinds, their sizes and the resolution outputs will have, and which files it cannot open (from
+    their headers: a file damaged further in is found when it is read)."""
+    import collections
+
+    from tqdm.auto import tqdm
+
+    from .data import dataset_resolution, find_image_files, read_size
+
+    files = find_image_files(path)
+    sizes, unreadable = [], []
+    for f in tqdm(files, desc="reading headers", disable=len(files) < 500, leave=False):
+        try:
+            sizes.append(read_size(f))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds; each file's reason is said
+            unreadable.append(f"{f.relative_to(path) if f != path else f.name}: {first_line(e) or type(e).__name__}")
+    kinds = collections.Counter(f.suffix.lower() for f in files)
+    lines = [f"data {path}: {_count(len(files), 'image file')} "
+             f"({', '.join(f'{n} {kind}' for kind, n in kinds.most_common())})"]
+    if sizes:
+        common = collections.Counter(f"{w}x{h}" for w, h in sizes).most_common(3)
+        lines.append(f"  sizes: {', '.join(f'{size} ({n})' for size, n in common)}"
+                     + (", ..." if len(set(sizes)) > 3 else "") + f"; outputs at {dataset_resolution(sizes)} px, or at "
+                     "the model's resolution where that is smaller (non-square images are centre-cropped)")
+    if unreadable:
+        lines.append(f"  cannot be read: {len(unreadable)}, e.g. {unreadable[0]} (left out, with the reason in the "
+                     "run's data.json)")
+    lines.append(f"  next: dyod fit {_quoted(path)} --model MODEL --out RUN")
     return "\n".join(lines)
 
 
