@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -933,8 +932,10 @@ def main(argv: list[str] | None = None) -> int:
 def _how_to_go_on(args) -> str:
     """After Ctrl-C: the command that continues what was stopped."""
     if args.command in ("fit", "invert", "train-vae"):
-        return (": the same command with --resume continues "
-                f"(`dyod info {shlex.quote(str(args.out))}` shows where each stage stopped)")
+        from .run import shell_quoted
+
+        return (f": the same command with --resume continues (`dyod info {shell_quoted(args.out)}` shows where each "
+                "stage stopped)")
     if args.command == "reference":
         return ": the same command with --resume continues"
     if args.command == "sample":

@@ -80,12 +80,12 @@ def _not_a_run(path: Path) -> str:
                 f"run that made them: {made.get('run_path') or made.get('run') or '(not recorded)'}")
     if kind == "model":
         return (f"{path} is a diffusers model (model_index.json), not a run; fit a run with it: `dyod fit DATA_DIR "
-                f"--model {_quoted(path)} --out RUN`")
+                f"--model {shell_quoted(path)} --out RUN`")
     if kind == "images":
         return (f"{path} holds images, not a run (no {RUN_FILE}); fit a run on them with "
-                f"`dyod fit {_quoted(path)} --model MODEL --out RUN` and give RUN")
+                f"`dyod fit {shell_quoted(path)} --model MODEL --out RUN` and give RUN")
     what = "does not exist" if not path.exists() else f"has no {RUN_FILE}"
-    return f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {_quoted(path)}`"
+    return f"run folder {path} {what}; create one with `dyod fit DATA_DIR --model MODEL --out {shell_quoted(path)}`"
 
 
 def _output_record(path: Path) -> dict:
@@ -266,7 +266,7 @@ def describe_outputs(path: str | os.PathLike) -> str:
     data_dir = outputs_dataset(path)
     against = f"(KID × 100 against the run's dataset, {data_dir})" if data_dir else (
         "DATA_DIR (KID × 100 against a folder of images)")
-    lines.append(f"  next: dyod eval {_quoted(path)} {against}")
+    lines.append(f"  next: dyod eval {shell_quoted(path)} {against}")
     return "\n".join(lines)
 
 
@@ -309,7 +309,7 @@ def describe_data(path: str | os.PathLike) -> str:
     if unreadable:
         lines.append(f"  cannot be read: {len(unreadable)}, e.g. {unreadable[0]} (left out, with the reason in the "
                      "run's data.json)")
-    lines.append(f"  next: dyod fit {_quoted(path)} --model MODEL --out RUN")
+    lines.append(f"  next: dyod fit {shell_quoted(path)} --model MODEL --out RUN")
     return "\n".join(lines)
 
 
@@ -382,19 +382,19 @@ def describe_run(path: str | os.PathLike) -> str:
         lines.append(f"  chosen t0: {chosen['t0']:.2f} ({against} KID × 100 {score:.2f})"
                      + ("" if current is not None else ", stale: a stage was trained again since; `dyod tune` "
                         "chooses again"))
-    data_dir = _quoted(data["root"]) if data.get("root") else "DATA"
-    todo = [f"{command} --out {_quoted(path)}" + (" --resume" if (folder / CHECKPOINT_FILE).exists() else "")
+    data_dir = shell_quoted(data["root"]) if data.get("root") else "DATA"
+    todo = [f"{command} --out {shell_quoted(path)}" + (" --resume" if (folder / CHECKPOINT_FILE).exists() else "")
             for command, made, folder in (
-                (f"dyod invert {data_dir} --model {_quoted(info['model']) if info.get('model') else 'MODEL'}",
+                (f"dyod invert {data_dir} --model {shell_quoted(info['model']) if info.get('model') else 'MODEL'}",
                  run.embeddings_path.exists(), run.inversion_path),
                 (f"dyod train-vae {data_dir}", run.vae_weights_path.exists(), run.vae_path))
             if not made]
     lines.append(f"  next: {'; then '.join(todo)}" if todo
-                 else f"  next: dyod sample {_quoted(path)} -n 16 --out SAMPLES")
+                 else f"  next: dyod sample {shell_quoted(path)} -n 16 --out SAMPLES")
     return "\n".join(lines)
 
 
-def _quoted(path: str | os.PathLike) -> str:
+def shell_quoted(path: str | os.PathLike) -> str:
     """A path as a shell reads it in a command to copy: `dyod eval 'my samples'`, not two arguments."""
     import shlex
 
