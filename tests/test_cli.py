@@ -1,5 +1,6 @@
 """The command line: the documented commands, their outputs, and clear errors with exit code 2."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dyod.cli import main
+from dyod.cli import build_parser, main
 from dyod.errors import DyodError
 
 
@@ -841,6 +842,7 @@ def test_every_flag_the_readme_names_exists():
 
     walk(build_parser())
     known.add("--local-dir")  # of `hf download`, which the README names for downloading a model elsewhere
+    known.add("--step")  # the README's example of a shortened flag, which dyod refuses
     root = Path(__file__).parents[1]
     for script in (root / "benchmarks").glob("*.py"):
         known.update(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text()))
@@ -878,6 +880,55 @@ def test_a_mistyped_flag_is_refused_with_the_commands_usage_and_the_nearest_flag
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"usage: {command} " in err and f"{command}: error: {message}" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_flags_are_taken_whole_and_a_shortened_one_is_refused_naming_the_flags_it_begins(tmp_path, capsys):
+    """argparse's default took any unambiguous prefix (`--step 3` as `--steps 3`), which a flag added later would make
+    ambiguous, breaking a user's script; dyod takes flags whole and names the ones a shortened flag begins, and the
+    short flag given with two dashes."""
+    cases = [(["interpolate", "RUN", "--seeds", "1,2", "--step", "3", "--out", str(tmp_path / "o")], "dyod interpolate",
+              "unrecognized arguments: --step 3; --step: did you mean --steps?"),
+             (["sample", "RUN", "--n", "5", "--out", str(tmp_path / "o")], "dyod sample",
+              "unrecognized arguments: --n 5; --n: did you mean -n?"),
+             (["sample", "RUN", "--num-inference", "5", "--out", str(tmp_path / "o")], "dyod sample",
+              "--num-inference: did you mean --num-inference-steps?"),
+             (["train-vae", "DATA", "--vae", "3", "--out", str(tmp_path / "o")], "dyod train-vae",
+              "--vae: did you mean one of --vae-resolution, --vae-latent-dim, --vae-hidden-dims, ... (12 flags)?")]
+    for argv, command, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"{command}: error: " in err and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def _every_parser(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _every_parser(child)
+
+
+def test_every_flag_says_the_kind_of_value_it_takes_and_its_default():
+    """Flags outside the configs showed argparse's made-up metavars (`--seed SEED`, `--steps STEPS`,
+    `--inception-weights INCEPTION_WEIGHTS`) beside the configs' INT, FLOAT, TEXT, and several helps left out the
+    default (`--seed`: 0 in every command, `world train-features` had no help at all)."""
+    parsers = list(_every_parser(build_parser()))
+    assert len(parsers) > 15
+    for parser in parsers:
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or isinstance(action, argparse._HelpAction):
+                continue
+            where = f"{parser.prog} {'/'.join(action.option_strings)}"
+            metavar = action.metavar or action.dest.upper()  # argparse's own: the flag's name, in capitals
+            assert action.choices or metavar in ("INT", "FLOAT", "TEXT", "BOOL", "VALUE", "INT,INT", "LOW,HIGH",
+                                                  "T0[,T0...]", "FILE", "DIR", "OUT", "MODEL", "DEVICE"), where
+            assert action.help, where
+            if action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
+                assert "default" in parser._get_formatter()._get_help_string(action), where
+    sample = next(parser for parser in parsers if parser.prog == "dyod sample").format_help()
+    assert "first seed; sample i uses seed+i (default: 0)" in " ".join(sample.split())
 
 
 def test_the_parser_and_dyod_info_import_no_model_library(cli_run):

@@ -153,7 +153,7 @@ def test_interpolation_and_traversal_shapes(pipe, fitted_run):
     assert len(frames) == 4 and all(f.size == (pipe.output_resolution,) * 2 for f in frames)
     values = pipe.traverse(0, 3, [-2.0, 0.0, 2.0], SampleConfig(t0=0.5, num_inference_steps=10), progress=False)
     assert len(values) == 3 and values[0].tobytes() != values[2].tobytes()
-    with pytest.raises(DyodError, match="--dim must be in"):
+    with pytest.raises(DyodError, match=r"^dim must be in \[0, "):
         pipe.traverse(0, 99, [0.0], SampleConfig(num_inference_steps=10), progress=False)
 
 

@@ -670,8 +670,30 @@ def cmd_eval(args) -> None:
 
 
 # -- parser ---------------------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, where the text does not say it already and there is one to say."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if ("default" in help_text or not action.option_strings or action.nargs == 0
+                or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))):  # 0 == False
+            return help_text
+        return f"{help_text} (default: %(default)s)".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """dyod's parsers, the commands' included (argparse makes them of the parser's class): flags are taken whole, not by
+    a prefix (`--step` for `--steps`), which a flag added later would make ambiguous; a mistyped or shortened flag
+    is refused naming the flag it is nearest."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dyod", description="Customize a pre-trained text-to-image diffusion model to your own data (DYOD)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -700,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = training("fit", "stage 1 (dataset prompt) and stage 2 (custom VAE)", True, True)
     p.add_argument("--choose-t0", action="store_true",
                    help="hold out 20%% of the images (--holdout-fraction), sweep t0 against them, store the best in the run")
-    p.add_argument("--choose-t0-samples", type=_ranged(int, "--choose-t0-samples", 2), default=100,
+    p.add_argument("--choose-t0-samples", metavar="INT", type=_ranged(int, "--choose-t0-samples", 2), default=100,
                    help="samples per t0 for --choose-t0 (default: 100)")
     p.set_defaults(func=cmd_fit)
     training("invert", "stage 1 alone: learn the dataset prompt S* (Eq. 7)", True, False).set_defaults(func=cmd_invert)
@@ -726,9 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = sampling("sample", "distribution initialization (Eq. 9-10): custom VAE -> perturb to t0 -> DDIM with S*")
-    p.add_argument("-n", type=int, default=16, help="number of samples (default: 16)")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed; sample i uses seed+i")
-    p.add_argument("--noise-seed", type=_seed("--noise-seed"), default=None, help="fix ε to this seed for all samples")
+    p.add_argument("-n", metavar="INT", type=int, default=16, help="number of samples (default: 16)")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="first seed; sample i uses seed+i")
+    p.add_argument("--noise-seed", metavar="INT", type=_seed("--noise-seed"), default=None, help="fix ε to this seed for all samples")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run in --out (or extend one to a larger -n): sample only the seeds whose "
                         "image is missing, with the settings the folder was made with")
@@ -737,37 +759,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sampling("transform", "image initialization (Eq. 11): perturb inputs to t0 and denoise with S*")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--grayscale", action="store_true", help="convert inputs to grayscale first")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="input i uses noise seed seed+i")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="input i uses noise seed seed+i")
     p.set_defaults(func=cmd_transform)
 
     p = sampling("interpolate", "Fig. 6: interpolate between the VAE latents of two seeds")
-    p.add_argument("--seeds", required=True, help="two seeds, e.g. 3,7")
-    p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=8, help="frames, λ from 0 to 1 (default: 8)")
-    p.add_argument("--fix-noise", action=argparse.BooleanOptionalAction, default=True, help="same ε for every frame")
-    p.add_argument("--noise-seed", type=_seed("--noise-seed"), default=None, help="seed of ε (default: the first seed)")
+    p.add_argument("--seeds", metavar="INT,INT", required=True, help="two seeds, e.g. 3,7")
+    p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=8, help="frames, λ from 0 to 1 (default: 8)")
+    p.add_argument("--fix-noise", action=argparse.BooleanOptionalAction, default=True,
+                   help="the same ε for every frame, so that only the VAE latent changes (default: on)")
+    p.add_argument("--noise-seed", metavar="INT", type=_seed("--noise-seed"), default=None, help="seed of ε (default: the first seed)")
     p.set_defaults(func=cmd_interpolate)
 
     p = sampling("traverse", "Fig. 7: traverse one dimension of the VAE latent, the rest fixed")
-    p.add_argument("--dim", type=_ranged(int, "--dim", 0), required=True, help="latent dimension")
-    p.add_argument("--range", default="-3,3", help="low,high values of that coordinate (default: -3,3)")
-    p.add_argument("--steps", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="seed of z and ε")
+    p.add_argument("--dim", metavar="INT", type=_ranged(int, "--dim", 0), required=True, help="latent dimension")
+    p.add_argument("--range", metavar="LOW,HIGH", default="-3,3", help="low,high values of that coordinate (default: -3,3)")
+    p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed of z and ε")
     p.set_defaults(func=cmd_traverse)
     p = sampling("sweep", "the paper's Table 1: KID at each t0 against both baselines, with speed", skip=("t0",))
-    p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="comma-separated t0 values")
-    p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed")
+    p.add_argument("--t0", dest="t0s", metavar="T0[,T0...]", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="comma-separated t0 values")
+    p.add_argument("-n", metavar="INT", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="first seed")
     p.add_argument("--features", choices=("emoji", "inception"), default="emoji", help="KID features")
-    p.add_argument("--inception-weights", default=None, help="path of the FID Inception weights")
-    p.add_argument("--ref", default=None, help="reference folder (default: the run's dataset)")
+    p.add_argument("--inception-weights", metavar="FILE", default=None, help="path of the FID Inception weights")
+    p.add_argument("--ref", metavar="DIR", default=None, help="reference folder (default: the run's dataset)")
     p.set_defaults(func=cmd_sweep)
 
     p = sampling("tune", "choose t0 on the run's held-out images and store it as `dyod sample`'s default", out_required=False,
                  skip=("t0",))
-    p.add_argument("--t0", dest="t0s", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t0 values")
-    p.add_argument("-n", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="first seed")
-    p.add_argument("--ref", default=None,
+    p.add_argument("--t0", dest="t0s", metavar="T0[,T0...]", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated t0 values")
+    p.add_argument("-n", metavar="INT", type=_ranged(int, "-n", 2), default=100, help="samples per t0 (default: 100)")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="first seed")
+    p.add_argument("--ref", metavar="DIR", default=None,
                    help="score t0 against these images instead of the run's held-out ones: a folder kept out of "
                         "training, for a run fitted without --holdout-fraction (its training images would favour a "
                         "custom VAE that memorized them)")
@@ -775,9 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sampling("sweep-transform", "Fig. 5 as numbers: KID of transformed inputs with and without S*", skip=("t0",))
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--t0", dest="t0s", default="0.4,0.5,0.6,0.7,0.8", help="comma-separated t' values")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="noise seed")
-    p.add_argument("--baseline-prompt", default=None, help="prompt without S* (default: 'a photo of INITIALIZER')")
+    p.add_argument("--t0", dest="t0s", metavar="T0[,T0...]", default="0.4,0.5,0.6,0.7,0.8", help="comma-separated t' values")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="noise seed")
+    p.add_argument("--baseline-prompt", metavar="TEXT", default=None, help="prompt without S* (default: 'a photo of INITIALIZER')")
     p.set_defaults(func=cmd_sweep_transform)
 
     p = sub.add_parser("info", help="what a run folder holds: model, data, each stage (or where it stopped), the chosen "
@@ -791,15 +814,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", nargs="?", default=None,
                    help="the dataset folder to compare against (or --ref; default: the dataset of the run that made "
                         "SAMPLES_DIR, where its record, the run and the dataset are still here)")
-    p.add_argument("--ref", dest="ref_flag", metavar="REF", default=None, help="the dataset folder, as a flag")
+    p.add_argument("--ref", dest="ref_flag", metavar="DIR", default=None, help="the dataset folder, as a flag")
     p.add_argument("--features", choices=("emoji", "inception"), default="emoji",
                    help="emoji: the bundled offline network (default); inception: FID InceptionV3 from a local file")
-    p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--subset-size", type=_ranged(int, "--subset-size", 2), default=None,
+    p.add_argument("--inception-weights", metavar="FILE", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--subset-size", metavar="INT", type=_ranged(int, "--subset-size", 2), default=None,
                    help="KID subset size (default: min(1000, n_samples, n_reference))")
-    p.add_argument("--num-subsets", type=_ranged(int, "--num-subsets", 1), default=100, help="(default: 100)")
-    p.add_argument("--seed", type=_seed("--seed"), default=0, help="subset seed (default: 0)")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--num-subsets", metavar="INT", type=_ranged(int, "--num-subsets", 1), default=100, help="(default: 100)")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="subset seed (default: 0)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result to this JSON file")
     p.add_argument("--device", default=None, help="device for the feature network (default: cpu)")
     p.set_defaults(func=cmd_eval)
 
@@ -809,8 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", metavar="NAME", help="apple-orange, faces or fruit-stack (see `dyod datasets list`)")
     q.add_argument("out", metavar="OUT", nargs="?", default=None, help="output folder (or --out)")
     q.add_argument("--out", dest="out_flag", metavar="OUT", default=None, help="output folder, as every other command takes it")
-    q.add_argument("-n", "--n", type=_ranged(int, "-n", 1), default=None, help="number of images (default: the dataset's)")
-    q.add_argument("--seed", type=_seed("--seed"), default=0, help="seed (default: 0)")
+    q.add_argument("-n", "--n", metavar="INT", type=_ranged(int, "-n", 1), default=None, help="number of images (default: the dataset's)")
+    q.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     q.set_defaults(func=cmd_datasets_make)
     datasets.add_parser("list", help="list the bundled datasets").set_defaults(func=cmd_datasets_list)
@@ -818,9 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("world", help="build the offline reference world's networks")
     world = p.add_subparsers(dest="world_command", required=True)
     q = world.add_parser("train-features", help="train the emoji feature network used by offline KID")
-    q.add_argument("--steps", type=_ranged(int, "--steps", 1), default=6000)
-    q.add_argument("--batch-size", type=_ranged(int, "--batch-size", 2), default=128)
-    q.add_argument("--seed", type=_seed("--seed"), default=0)
+    q.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 1), default=6000, help="optimization steps")
+    q.add_argument("--batch-size", metavar="INT", type=_ranged(int, "--batch-size", 2), default=128, help="scenes per step")
+    q.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="training seed")
     q.add_argument("--out", default=None, help="folder (default: the package's assets)")
     q.set_defaults(func=cmd_train_features)
 
@@ -833,10 +856,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(q, PretrainConfig)
     q.set_defaults(func=cmd_pretrain)
 
+    from .demo import DemoConfig  # a dataclass; the demo's work imports its libraries when it runs
+
     p = sub.add_parser("demo", help="the method end to end on bundled defaults, with a report")
     p.add_argument("--out", default="demo-out", help="demo folder (default: demo-out)")
     p.add_argument("--model", default="emoji-prior", help="diffusers model (default: the bundled reference prior)")
-    p.add_argument("--num-samples", type=_ranged(int, "--num-samples", 2), default=None, help="samples per sampler")
+    p.add_argument("--num-samples", metavar="INT", type=_ranged(int, "--num-samples", 2), default=None,
+                   help=f"samples per sampler (default: {DemoConfig.num_samples})")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -864,9 +890,20 @@ def _refuse_unknown_arguments(parser: argparse.ArgumentParser, args, unknown: li
             break
         parser = commands.choices[getattr(args, commands.dest)]
     # compared without the dashes, which every flag shares: `--count` is not near enough `--out` to suggest it
-    flags = [flag[2:] for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
-    hints = [f"{name}: did you mean --{close[0]}?" for name in (arg.split("=", 1)[0] for arg in unknown)
-             if name.startswith("--") and (close := difflib.get_close_matches(name[2:], flags, n=1, cutoff=0.8))]
+    given = [flag for action in parser._actions for flag in action.option_strings]
+    flags = [flag[2:] for flag in given if flag.startswith("--")]
+    hints = []
+    for name in (arg.split("=", 1)[0] for arg in unknown):
+        if not name.startswith("--"):
+            continue
+        # a short flag with two dashes (`--n`), a shortened flag (`--step`: dyod takes flags only whole), else the
+        # nearest spelling
+        close = ([name[1:]] if name[1:] in given else
+                 ["--" + flag for flag in flags if flag.startswith(name[2:])]
+                 or ["--" + flag for flag in difflib.get_close_matches(name[2:], flags, n=1, cutoff=0.8)])
+        if close:
+            listed = " or ".join(close) if len(close) <= 3 else f"one of {', '.join(close[:3])}, ... ({len(close)} flags)"
+            hints.append(f"{name}: did you mean {listed}?")
     parser.error("; ".join([f"unrecognized arguments: {' '.join(unknown)}", *hints]))
 
 

@@ -314,7 +314,7 @@ class DyodPipeline:
         latent_dim = self._require_vae().latent_dim
         _warn_if_z_unused(config, "traversal")
         if not 0 <= dim < latent_dim:
-            raise DyodError(f"--dim must be in [0, {latent_dim - 1}] for this VAE, got {dim}")
+            raise DyodError(f"dim must be in [0, {latent_dim - 1}]: this custom VAE has {latent_dim} latent dimensions; got {dim}")
         z = self.z([seed]).repeat(len(values), 1)
         z[:, dim] = torch.tensor(values, dtype=z.dtype)
         noise = self.noise([seed] * len(values))
