@@ -192,7 +192,7 @@ def test_each_result_png_says_what_made_it(cli_run, shapes, tmp_path):
     assert made["seeds"] == [1, 2] and made["lambda"] == 1.0 and made["noise_seed"] == 3
     assert main(["traverse", str(cli_run), "--dim", "1", "--range", "-2,2", "--steps", "3", *flags,
                  "--out", str(tmp_path / "v")]) == 0
-    made = json.loads(Image.open(tmp_path / "v" / "value-000.png").text["dyod"])
+    made = json.loads(Image.open(tmp_path / "v" / "dim-001-value-000.png").text["dyod"])
     assert made["dim"] == 1 and made["value"] == -2.0 and made["seed"] == 0
 
 
@@ -207,6 +207,67 @@ def test_transform_interpolate_traverse(cli_run, shapes, tmp_path):
     assert main(["traverse", str(cli_run), "--dim", "2", "--range", "-3,3", "--steps", "5", "--out",
                  str(tmp_path / "v"), "--num-inference-steps", "5", "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "v" / "dyod_output.json").read_text())["values"] == [-3.0, -1.5, 0.0, 1.5, 3.0]
+
+
+def test_traverse_several_dimensions_a_row_each_and_the_most_active_ones(cli_run, tmp_path, capsys, caplog):
+    """Fig. 7 shows several dimensions, a row each: `--dim 1,4` makes each row the traversal `--dim D` makes alone
+    (the same z and ε), and `--active K` takes the K dimensions of largest posterior-mean variance, as recorded when
+    the VAE was trained, or measured on the run's dataset for a VAE trained before that was recorded."""
+    import shutil
+
+    from dyod.vae import ACTIVITY_FILE
+
+    # a batch a row, so that the row is computed as the traversal alone is (CPU kernels round differently by batch)
+    fast = ["--range=-2,2", "--steps", "3", "--batch-size", "3", "--num-inference-steps", "4", "--device", "cpu"]
+    assert main(["traverse", str(cli_run), "--dim", "1,4", *fast, "--out", str(tmp_path / "rows")]) == 0
+    assert main(["traverse", str(cli_run), "--dim", "4", *fast, "--out", str(tmp_path / "alone")]) == 0
+    rows = json.loads((tmp_path / "rows" / "dyod_output.json").read_text())
+    assert rows["dims"] == [1, 4] and rows["values"] == [-2.0, 0.0, 2.0]
+    assert rows["images"] == [f"dim-{d:03d}-value-{i:03d}.png" for d in (1, 4) for i in range(3)]
+    for i in range(3):
+        made = json.loads(Image.open(tmp_path / "rows" / f"dim-004-value-{i:03d}.png").text["dyod"])
+        assert made["dim"] == 4 and made["value"] == [-2.0, 0.0, 2.0][i]
+        assert (Image.open(tmp_path / "rows" / f"dim-004-value-{i:03d}.png").tobytes()
+                == Image.open(tmp_path / "alone" / f"dim-004-value-{i:03d}.png").tobytes())
+    side = Image.open(tmp_path / "rows" / rows["images"][0]).size[0]
+    grid = Image.open(tmp_path / "rows" / "grid.png").size
+    assert grid[0] > 3 * side > grid[1] > 2 * side  # 3 columns, 2 rows
+    assert main(["info", str(tmp_path / "rows")]) == 0
+    assert "  latent dimensions 1, 4 (a row each) at -2.0, 0.0, 2.0, the rest from seed 0" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    activity = json.loads((run / "vae" / ACTIVITY_FILE).read_text())
+    assert len(activity["posterior_mean_variance"]) == 6
+    activity["posterior_mean_variance"] = [0.5, 0.001, 0.02, 0.0, 3.0, 0.004]  # dims 4, 0, 2 active, in that order
+    activity["active_dimensions"] = 3
+    (run / "vae" / ACTIVITY_FILE).write_text(json.dumps(activity))
+    with caplog.at_level("INFO", logger="dyod"):
+        assert main(["traverse", str(run), "--active", "4", *fast, "--out", str(tmp_path / "active")]) == 0
+    record = json.loads((tmp_path / "active" / "dyod_output.json").read_text())
+    assert record["dims"] == [4, 0, 2, 5] and record["posterior_mean_variance"] == [3.0, 0.5, 0.02, 0.004]
+    assert "the 4 most used latent dimensions: 4, 0, 2, 5" in caplog.text
+    assert "--active 4: only 3 of the custom VAE's 6 latent dimensions are active" in caplog.text
+    assert len(record["images"]) == 12
+
+    # a VAE trained before the activity was recorded: measured on the run's dataset, then recorded
+    (run / "vae" / ACTIVITY_FILE).unlink()
+    assert main(["traverse", str(run), "--active", "2", *fast, "--out", str(tmp_path / "measured")]) == 0
+    measured = json.loads((run / "vae" / ACTIVITY_FILE).read_text())
+    recorded = json.loads((cli_run / "vae" / ACTIVITY_FILE).read_text())
+    assert measured["num_images"] == recorded["num_images"] == 12
+    assert measured["posterior_mean_variance"] == pytest.approx(recorded["posterior_mean_variance"], rel=1e-5, abs=1e-9)
+    variance = recorded["posterior_mean_variance"]
+    best = sorted(range(6), key=lambda d: -variance[d])[:2]
+    assert json.loads((tmp_path / "measured" / "dyod_output.json").read_text())["dims"] == best
+    (run / "vae" / ACTIVITY_FILE).unlink()
+    info = json.loads((run / "run.json").read_text())
+    info["data"]["root"] = str(tmp_path / "gone")
+    (run / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["traverse", str(run), "--active", "2", *fast, "--out", str(tmp_path / "nothing")]) == 2
+    assert "is not here to measure it; give the dimensions with --dim" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_transform_reads_inputs_at_the_model_size_with_the_same_results(cli_run, tmp_path):
@@ -260,6 +321,19 @@ def test_what_a_run_lacks_is_named_before_the_model_loads(cli_run, tmp_path, cap
     out = tmp_path / "t"
     assert main(["traverse", str(cli_run), "--dim", "6", "--out", str(out)]) == 2
     assert "--dim must be in [0, 5]: the run's custom VAE has 6 latent dimensions; got 6" in capsys.readouterr().err
+    for flags, message in ((["--dim", "1,7,9"], "--dim must be in [0, 5]: the run's custom VAE has 6 latent dimensions; "
+                                                "got 7, 9"),
+                           (["--dim", "2,2"], "--dim takes one or more different dimensions, e.g. 3 or 3,5,7; got '2,2'"),
+                           (["--dim", ","], "--dim takes one or more different dimensions"),
+                           (["--active", "7"], "--active 7: the run's custom VAE has 6 latent dimensions")):
+        assert main(["traverse", str(cli_run), *flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err, flags
+    for flags, message in (([], "one of the arguments --dim --active is required"),  # one of the two, exactly
+                           (["--dim", "1", "--active", "2"], "argument --active: not allowed with argument --dim")):
+        with pytest.raises(SystemExit):
+            main(["traverse", str(cli_run), *flags, "--out", str(out)])
+        assert message in capsys.readouterr().err, flags
+    assert not out.exists()
     run = tmp_path / "prompt-only"  # a run whose VAE stage has not run
     run.mkdir()
     (run / "run.json").write_text((cli_run / "run.json").read_text())
@@ -923,7 +997,7 @@ def test_every_flag_says_the_kind_of_value_it_takes_and_its_default():
             where = f"{parser.prog} {'/'.join(action.option_strings)}"
             metavar = action.metavar or action.dest.upper()  # argparse's own: the flag's name, in capitals
             assert action.choices or metavar in ("INT", "FLOAT", "TEXT", "BOOL", "VALUE", "INT,INT", "LOW,HIGH",
-                                                  "T0[,T0...]", "FILE", "DIR", "OUT", "MODEL", "DEVICE"), where
+                                                  "T0[,T0...]", "INT[,INT...]", "FILE", "DIR", "OUT", "MODEL", "DEVICE"), where
             assert action.help, where
             if action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
                 assert "default" in parser._get_formatter()._get_help_string(action), where
@@ -989,7 +1063,8 @@ def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_mo
     assert lines[1] == f"  model: {tiny_model} (16 px, epsilon)"
     assert lines[2] == f"  data: 12 images at 32 px from {shapes.resolve()}"
     assert lines[3].startswith("  dataset prompt S*: <dyod> (1 vector), 3 steps, final loss ")
-    assert lines[4].startswith("  custom VAE: 32 px, latent 6, 2 epochs, final loss ")
+    active = json.loads((cli_run / "run.json").read_text())["stages"]["vae"]["active_dimensions"]
+    assert lines[4].startswith(f"  custom VAE: 32 px, latent 6 ({active} active), 2 epochs, final loss ")
     assert lines[5] == f"  next: dyod sample {cli_run} -n 16 --out SAMPLES"
 
     again = tmp_path / "again"  # S* made, then `invert --overwrite` stopped at step 1: both are said

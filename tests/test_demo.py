@@ -23,6 +23,22 @@ def test_demo_smoke_writes_report(tmp_path):
     assert (tmp_path / "demo" / "dataset_through_autoencoder.png").exists()
     assert "![KID against t0](kid_vs_t0.png)" in text and (tmp_path / "demo" / "kid_vs_t0.png").stat().st_size > 1000
 
+    # latent manipulation at the best t0 < 1: an interpolation with ε fixed and the 3 most used dimensions traversed
+    from PIL import Image
+
+    from dyod.vae import ACTIVITY_FILE, most_active_dimensions
+
+    made = json.loads((tmp_path / "demo" / "demo.json").read_text())["latent_manipulation"]
+    activity = json.loads((tmp_path / "demo" / "run" / "vae" / ACTIVITY_FILE).read_text())
+    assert made["t0"] == 0.5 and made["traversed_dimensions"] == most_active_dimensions(activity, 3)
+    assert "## Latent manipulation at t0 = 0.5 (the best DYOD row)" in text
+    assert f"({', '.join(map(str, made['traversed_dimensions']))}: the largest variances" in text
+    assert "![](interpolation.png)" in text and "![](traversal.png)" in text
+    width, height = Image.open(tmp_path / "demo" / "traversal.png").size
+    assert 7 * 64 < width < 8 * 64 and 3 * 64 < height < 4 * 64  # 7 values, a row per dimension
+    width, height = Image.open(tmp_path / "demo" / "interpolation.png").size
+    assert 8 * 64 < width < 9 * 64 and 64 < height < 2 * 64
+
 
 def test_the_sweep_plot_draws_the_floor_when_given():
     from dyod.sweep import SweepRow, sweep_figure

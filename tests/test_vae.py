@@ -116,6 +116,61 @@ def test_training_reduces_reconstruction_error_and_writes_samples(tmp_path, shap
         dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=1), progress=False, device="cpu")
 
 
+def test_latent_activity_is_the_variance_of_the_posterior_mean_and_the_mean_kl_per_dimension():
+    """Burda et al. (2016)'s activity per dimension, computed a batch at a time, against the whole batch at once: a
+    dimension the encoder maps every image to the same value has none (dims 1 and 3 here), and the most active come
+    first."""
+    from dyod.vae import latent_activity, most_active_dimensions
+
+    torch.manual_seed(0)
+    model = VanillaVAE(16, latent_dim=5, hidden_dims=(8, 16))
+    with torch.no_grad():
+        model.fc_mu.weight[[1, 3]] = 0.0  # the same mean for every image
+        model.fc_mu.weight[4] *= 40.0  # far more spread than the others
+        model.fc_mu.bias[4] = 2.0  # a mean away from 0 adds to the KL, not to the variance
+    pixels = torch.randint(0, 256, (11, 3, 16, 16), dtype=torch.uint8)
+    activity = latent_activity(model, pixels, batch_size=4)
+    assert not model.training and activity["num_images"] == 11
+    with torch.no_grad():
+        mu, log_var = model.encode(pixels.double().float() / 127.5 - 1.0)
+    mu, log_var = mu.double(), log_var.double()
+    variance = torch.tensor(activity["posterior_mean_variance"], dtype=torch.float64)
+    torch.testing.assert_close(variance, mu.var(dim=0, unbiased=False), rtol=1e-6, atol=1e-12)
+    kl = (-0.5 * (1 + log_var - mu**2 - log_var.exp())).mean(dim=0)
+    torch.testing.assert_close(torch.tensor(activity["mean_kl"], dtype=torch.float64), kl, rtol=1e-6, atol=1e-9)
+    assert variance[1] == 0 and variance[3] == 0 and variance[4] > 0.01
+    assert most_active_dimensions(activity, 5)[0] == 4 and most_active_dimensions(activity, 5)[3:] == [1, 3]
+    assert most_active_dimensions(activity, 2) == most_active_dimensions(activity, 5)[:2]
+    assert activity["active_dimensions"] == int((variance > 0.01).sum()) and 1 <= activity["active_dimensions"] <= 3
+    _assert_same_activity(latent_activity(model, pixels, batch_size=256), activity)
+    with pytest.raises(DyodError, match="at least one image"):
+        latent_activity(model, pixels[:0])
+
+
+def _assert_same_activity(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a["num_images"] == b["num_images"]
+    assert a["active_dimensions"] == b["active_dimensions"]
+    for key in ("posterior_mean_variance", "mean_kl"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+
+
+def test_training_records_how_much_the_vae_uses_each_latent_dimension(tmp_path, shapes):
+    """The activity on the training images is written beside the weights, and the count of active dimensions in the
+    run's record of the stage; it is what the saved VAE gives on those images."""
+    from dyod.data import dataset_files
+    from dyod.vae import ACTIVITY_FILE, latent_activity
+    from dyod.vae_training import read_pixels
+
+    folder = dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=2, batch_size=4, latent_dim=8),
+                            progress=False, device="cpu")
+    recorded = json.loads((folder / ACTIVITY_FILE).read_text())
+    assert recorded["num_images"] == 12 and len(recorded["posterior_mean_variance"]) == 8
+    pixels, _ = read_pixels(shapes, dataset_files(shapes), 32, dyod.DataConfig())
+    _assert_same_activity(latent_activity(load_vae(folder), pixels), recorded)
+    stage = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["vae"]
+    assert stage["active_dimensions"] == recorded["active_dimensions"]
+
+
 def test_a_resolution_the_vae_cannot_take_is_refused_in_its_config():
     for resolution in (8, 24):
         with pytest.raises(ValueError, match=f"--vae-resolution must be 0 .* or a power of two >= 16, got {resolution}"):

@@ -224,12 +224,12 @@ GRID_MAX = 64  # grid.png shows the first 64 results: a grid of 50,000 samples w
 
 
 def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict, listed: list[str] | None = None,
-                  made: list[dict] | None = None) -> None:
+                  made: list[dict] | None = None, grid_max: int = GRID_MAX) -> None:
     """Write each batch of images as it comes (a long run stopped midway keeps what it made), then grid.png of the
-    first GRID_MAX results and the record that lists them (``listed``: all the folder's results, in order, when a
+    first ``grid_max`` results, ``ncols`` a row, and the record that lists them (``listed``: all the folder's results, in order, when a
     resumed run adds ``names`` to those it found). ``made``: what made each image (see ``_write_batches``)."""
     written = _write_batches(batches, names, out, record, made)
-    _finish_outputs(out, ncols, record, names[:written] if listed is None else listed)
+    _finish_outputs(out, ncols, record, names[:written] if listed is None else listed, grid_max)
 
 
 PNG_KEY = "dyod"  # the tEXt chunk of each result: JSON of what made it (run, model, settings, seed, ...)
@@ -253,14 +253,15 @@ def _write_batches(batches, names, out: Path, record: dict | None = None, made: 
     return written
 
 
-def _finish_outputs(out: Path, ncols: int | None, record: dict, listed: list[str]) -> None:
-    """grid.png of the first GRID_MAX of the folder's results (read back from disk) and the record listing them."""
+def _finish_outputs(out: Path, ncols: int | None, record: dict, listed: list[str], grid_max: int = GRID_MAX) -> None:
+    """grid.png of the first ``grid_max`` of the folder's results (read back from disk) and the record listing
+    them."""
     from PIL import Image
 
     from .data import OUTPUT_RECORD
     from .images import make_grid, save_png
 
-    save_png(make_grid([Image.open(out / name) for name in listed[:GRID_MAX]], ncols), out / "grid.png")
+    save_png(make_grid([Image.open(out / name) for name in listed[:grid_max]], ncols), out / "grid.png")
     write_json(out / OUTPUT_RECORD, {**record, "images": listed})  # what `dyod eval OUT` counts (not the grid)
     logger.info("wrote %d image%s and grid.png to %s", len(listed), "" if len(listed) == 1 else "s", out)
 
@@ -576,18 +577,49 @@ def cmd_traverse(args) -> None:
     from .run import Run
     from .vae import model_config_of
 
-    latent_dim = model_config_of(Run.open(args.run).vae_path)["latent_dim"]  # before the model loads
-    if args.dim >= latent_dim:
-        raise DyodError(f"--dim must be in [0, {latent_dim - 1}]: the run's custom VAE has {latent_dim} latent "
-                        f"dimensions; got {args.dim}")
+    run = Run.open(args.run)
+    latent_dim = model_config_of(run.vae_path)["latent_dim"]  # before the model loads
     config = config_from_args(args, SampleConfig)
     _require_what_sampling_needs(args.run, config, from_vae=False)  # the VAE is checked above
+    dims, activity = _traversed_dimensions(args, run, latent_dim)
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
-    images = pipe.traverse(args.seed, args.dim, values, config)
-    _save_outputs([images], [f"value-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
-                  _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dim=args.dim, values=values),
-                  made=[{"seed": args.seed, "dim": args.dim, "value": v} for v in values])
+    images = pipe.traverse(args.seed, dims, values, config)
+    # a row per dimension, as many whole rows as the grid holds
+    _save_outputs([images], [f"dim-{d:03d}-value-{i:03d}.png" for d in dims for i in range(len(values))], out,
+                  len(values), _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dims=dims,
+                                              values=values, **activity),
+                  made=[{"seed": args.seed, "dim": d, "value": v} for d in dims for v in values],
+                  grid_max=GRID_MAX // len(values) * len(values) or len(values))
+
+
+def _traversed_dimensions(args, run, latent_dim: int) -> tuple[list[int], dict]:
+    """``--dim`` as given, or the ``--active`` most used ones (with their variances, for the record)."""
+    if args.dim is not None:
+        dims = _parse_csv(args.dim, int, "--dim")
+        if not dims or len(set(dims)) < len(dims):  # a dimension twice would write its row's files twice
+            raise DyodError(f"--dim takes one or more different dimensions, e.g. 3 or 3,5,7; got {args.dim!r}")
+        wrong = [d for d in dims if not 0 <= d < latent_dim]
+        if wrong:
+            raise DyodError(f"--dim must be in [0, {latent_dim - 1}]: the run's custom VAE has {latent_dim} latent "
+                            f"dimensions; got {', '.join(map(str, wrong))}")
+        return dims, {}
+    from .vae import most_active_dimensions
+    from .vae_training import run_latent_activity
+
+    if args.active > latent_dim:
+        raise DyodError(f"--active {args.active}: the run's custom VAE has {latent_dim} latent dimensions")
+    activity = run_latent_activity(run)
+    dims = most_active_dimensions(activity, args.active)
+    variance = activity["posterior_mean_variance"]
+    active = activity["active_dimensions"]
+    logger.info("the %d most used latent dimensions: %s (variance of the posterior mean over %d images: %s); %d of %d "
+                "are active (above %g)", len(dims), ", ".join(map(str, dims)), activity["num_images"],
+                ", ".join(f"{variance[d]:.3g}" for d in dims), active, latent_dim, activity["active_threshold"])
+    if args.active > active:
+        logger.warning("--active %d: only %d of the custom VAE's %d latent dimensions are active; traversing the "
+                       "others changes little", args.active, active, latent_dim)
+    return dims, {"posterior_mean_variance": [variance[d] for d in dims]}
 
 
 def cmd_demo(args) -> None:
@@ -770,8 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-seed", metavar="INT", type=_seed("--noise-seed"), default=None, help="seed of ε (default: the first seed)")
     p.set_defaults(func=cmd_interpolate)
 
-    p = sampling("traverse", "Fig. 7: traverse one dimension of the VAE latent, the rest fixed")
-    p.add_argument("--dim", metavar="INT", type=_ranged(int, "--dim", 0), required=True, help="latent dimension")
+    p = sampling("traverse", "Fig. 7: traverse one dimension of the VAE latent, the rest fixed (several: a row each)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dim", metavar="INT[,INT...]", help="latent dimension(s), one row of the grid each")
+    which.add_argument("--active", metavar="INT", type=_ranged(int, "--active", 1),
+                       help="the dimensions the dataset uses most, this many, the most used first: the largest "
+                            "variances of the custom VAE's posterior mean over the run's images (`dyod info RUN` says "
+                            "how many are active)")
     p.add_argument("--range", metavar="LOW,HIGH", default="-3,3", help="low,high values of that coordinate (default: -3,3)")
     p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
     p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed of z and ε")

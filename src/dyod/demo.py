@@ -12,10 +12,12 @@ import platform
 import time
 from pathlib import Path
 
-from .config import InversionConfig, SampleConfig, VAEConfig, to_dict, write_json
+from .config import InversionConfig, SampleConfig, VAEConfig, read_json, to_dict, write_json
 from .images import make_grid, save_png
 
 logger = logging.getLogger(__name__)
+
+TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # z_u in prior standard deviations, as Fig. 7's rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .pipeline import DyodPipeline
     from .run import check_output_folder
     from .sweep import SweepRow, plot_sweep
+    from .vae import ACTIVITY_FILE, most_active_dimensions
     from .vae_training import train_vae
     from .world.datasets import make_dataset
     from .world.features import EmojiFeatures
@@ -101,9 +104,23 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
                          seconds / config.num_samples, config.num_samples)
                 for (label, calls, _, seconds, score, _), t0 in zip(rows, (None, *config.t0s))],
                out / "kid_vs_t0.png", title=f"{config.dataset} on {model}", floor=floor.mean_x100)
+
+    # Latent manipulation at the best t0: between the VAE latents of two seeds with ε held fixed (Fig. 6), and the
+    # dimensions the dataset uses most, each traversed with the rest of z and ε fixed, a row each (Fig. 7).
+    best_t0, best = min(((t0, row) for t0, row in zip(config.t0s, rows[1:]) if t0 < 1), key=lambda r: r[1][4].mean)
+    t = time.time()
+    manipulation = SampleConfig(t0=best_t0, num_inference_steps=config.num_inference_steps,
+                                guidance_scale=config.guidance_scale, batch_size=50)
+    ends = [config.seed, config.seed + 1]
+    frames = pipe.interpolate(*ends, steps=8, config=manipulation, progress=False)
+    save_png(make_grid(frames, len(frames)), out / "interpolation.png")
+    activity = read_json(run / "vae" / ACTIVITY_FILE)
+    dims, variance = most_active_dimensions(activity, 3), activity["posterior_mean_variance"]
+    save_png(make_grid(pipe.traverse(config.seed, dims, list(TRAVERSAL_VALUES), manipulation, progress=False),
+                       len(TRAVERSAL_VALUES)), out / "traversal.png")
+    timings["latent manipulation"] = time.time() - t
     wall = time.time() - started
 
-    best = min((r for r in rows if r[0].startswith("DYOD")), key=lambda r: r[4].mean)
     vae_alone, alone = rows[0][4], next((r[4] for r in rows if r[0].startswith("prior")), None)
     lines = [
         "# dyod demo",
@@ -128,6 +145,18 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
            f"\"{InversionConfig().initializer}\", {prompt_grids[-1].stem} the final S*): "
            + " ".join(f"![]({p.relative_to(out)})" for p in (prompt_grids[0], prompt_grids[-1])), ""]
           if len(prompt_grids) > 1 else []),
+        f"## Latent manipulation at t0 = {best_t0:.1f} (the best DYOD row)",
+        "",
+        f"Between the custom VAE's latents of seeds {ends[0]} and {ends[1]}, the forward noise ε held fixed (Fig. 6): "
+        "![](interpolation.png)",
+        "",
+        f"The {len(dims)} latent dimensions the dataset uses most ({', '.join(map(str, dims))}: the largest variances "
+        "of the VAE's posterior mean over the dataset, "
+        f"{', '.join(f'{variance[d]:.2f}' for d in dims)}; {activity['active_dimensions']} of "
+        f"{len(variance)} dimensions are active, above {activity['active_threshold']}), "
+        f"each set to {TRAVERSAL_VALUES[0]:g} … {TRAVERSAL_VALUES[-1]:g} with the rest of z (seed {config.seed}) and ε "
+        "fixed, a row each (Fig. 7): ![](traversal.png)",
+        "",
         f"Time: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {wall / 60:.1f} min on "
         f"{platform.machine()} ({os.cpu_count()} CPUs).",
         "",
@@ -136,7 +165,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     write_json(out / "demo.json", {"config": to_dict(config), "model": model, "wall_time_s": round(wall, 1),
                                    "rows": [{"sampler": r[0], "unet_calls": r[1], "seconds": round(r[3], 2),
                                              "kid_x100": r[4].mean_x100, "kid_x100_std": r[4].std_x100} for r in rows],
-                                   "autoencoder_floor": {"kid_x100": floor.mean_x100, "kid_x100_std": floor.std_x100}})
+                                   "autoencoder_floor": {"kid_x100": floor.mean_x100, "kid_x100_std": floor.std_x100},
+                                   "latent_manipulation": {"t0": best_t0, "interpolation_seeds": ends,
+                                                           "traversed_dimensions": dims,
+                                                           "traversal_values": list(TRAVERSAL_VALUES)}})
     logger.info("demo report: %s", out / "report.md")
     return out / "report.md"
 

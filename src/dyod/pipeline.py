@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -308,16 +308,23 @@ class DyodPipeline:
         noise = self.noise(interpolation_noise_seeds(seed_a, steps, fix_noise, noise_seed))
         return self.generate(z, noise, config, progress)
 
-    def traverse(self, seed: int, dim: int, values: list[float], config: SampleConfig = SampleConfig(),
+    def traverse(self, seed: int, dim: int | Sequence[int], values: list[float], config: SampleConfig = SampleConfig(),
                  progress: bool = True) -> list[Image.Image]:
-        """Fig. 7: set one coordinate of z to each value, the rest of z and ε fixed."""
+        """Fig. 7: set one coordinate of z to each value, the rest of z and ε fixed. With several dimensions, one such
+        row after another (row i varies ``dim[i]``; every row starts from the same z and ε)."""
         latent_dim = self._require_vae().latent_dim
         _warn_if_z_unused(config, "traversal")
-        if not 0 <= dim < latent_dim:
-            raise DyodError(f"dim must be in [0, {latent_dim - 1}]: this custom VAE has {latent_dim} latent dimensions; got {dim}")
-        z = self.z([seed]).repeat(len(values), 1)
-        z[:, dim] = torch.tensor(values, dtype=z.dtype)
-        noise = self.noise([seed] * len(values))
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        if not dims:
+            raise DyodError("traverse needs at least one dimension")
+        for d in dims:
+            if not 0 <= d < latent_dim:
+                raise DyodError(f"dim must be in [0, {latent_dim - 1}]: this custom VAE has {latent_dim} latent "
+                                f"dimensions; got {d}")
+        z = self.z([seed]).repeat(len(dims) * len(values), 1)
+        for row, d in enumerate(dims):
+            z[row * len(values):(row + 1) * len(values), d] = torch.tensor(values, dtype=z.dtype)
+        noise = self.noise([seed] * len(z))
         return self.generate(z, noise, config, progress)
 
 

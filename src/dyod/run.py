@@ -254,9 +254,11 @@ def describe_outputs(path: str | os.PathLike) -> str:
     if command == "interpolate" and len(seeds) == 2:
         lines.append(f"  between the custom VAE latents of seeds {seeds[0]} and {seeds[1]}, {made.get('steps')} steps, "
                      f"the forward noise {'held fixed' if made.get('fix_noise') else 'drawn for each image'}")
-    elif command == "traverse" and made.get("dim") is not None:
-        lines.append(f"  latent dimension {made.get('dim')} at {', '.join(map(str, made.get('values') or []))}, "
-                     f"the rest from seed {made.get('seed')}")
+    elif command == "traverse" and (made.get("dims") or made.get("dim") is not None):
+        dims = made.get("dims") or [made["dim"]]  # a record of one dimension, as dyod wrote them before rows
+        lines.append(f"  latent dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}"
+                     + (" (a row each)" if len(dims) > 1 else "")
+                     + f" at {', '.join(map(str, made.get('values') or []))}, the rest from seed {made.get('seed')}")
     elif seeds:
         lines.append(f"  seeds {seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
                      else f"  seeds {', '.join(map(str, seeds[:8]))}" + (", ..." if len(seeds) > 8 else ""))
@@ -366,7 +368,11 @@ def describe_run(path: str | os.PathLike) -> str:
                 f"{_count(p.get('steps'), 'step')}{loss}, {p.get('wall_time_s')} s on {p.get('device')}")
 
     def vae_summary(v: dict) -> str:
-        return (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}, "
+        active = v.get("active_dimensions")  # recorded by the training; a VAE trained before, `traverse --active`
+        if active is None and (run.vae_path / "latent_activity.json").exists():  # (vae.ACTIVITY_FILE) measures
+            active = read_json(run.vae_path / "latent_activity.json").get("active_dimensions")
+        return (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}"
+                + (f" ({active} active)" if active is not None else "") + ", "
                 f"{_count(v.get('epochs'), 'epoch')}, final loss {v.get('final_loss', float('nan')):.4f}, "
                 f"{v.get('wall_time_s')} s on {v.get('device')}")
 

@@ -104,6 +104,42 @@ def vae_loss(recons: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: t
     return recons_loss + kl_scale * kld, recons_loss.detach(), kld.detach()
 
 
+ACTIVITY_FILE = "latent_activity.json"  # beside the VAE's weights: how much the dataset uses each latent dimension
+ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): a dimension is active where Var_x(E_q[z_u | x]) > 0.01
+
+
+@torch.no_grad()
+def latent_activity(model: VanillaVAE, pixels: torch.Tensor, batch_size: int = 256) -> dict:
+    """How much the dataset uses each dimension of z (which to traverse, Fig. 7): over the images, the variance of
+    the posterior mean E_q[z_u | x] (Burda et al., 2016's activity: a dimension the encoder maps every image to the
+    same place is one the decoder has learned to ignore, and traversing it changes nothing) and the mean
+    KL(q(z_u | x) || N(0, 1)). ``pixels``: uint8, (N, C, H, W) at the VAE's resolution. The model is put in eval mode
+    (its batch norms use their running statistics, as when it generates)."""
+    from .data import to_unit_range
+
+    if not len(pixels):
+        raise DyodError("the latent activity needs at least one image")
+    model.eval()
+    device = next(model.parameters()).device
+    means, kl_sum = [], torch.zeros(model.latent_dim, dtype=torch.float64)
+    for start in range(0, len(pixels), batch_size):
+        mu, log_var = model.encode(to_unit_range(pixels[start:start + batch_size]).to(device))
+        mu, log_var = mu.double().cpu(), log_var.double().cpu()
+        means.append(mu)
+        kl_sum += (-0.5 * (1 + log_var - mu**2 - log_var.exp())).sum(dim=0)
+    means = torch.cat(means)
+    variance = means.var(dim=0, unbiased=False)
+    return {"num_images": len(means), "active_threshold": ACTIVE_THRESHOLD,
+            "active_dimensions": int((variance > ACTIVE_THRESHOLD).sum()),
+            "posterior_mean_variance": variance.tolist(), "mean_kl": (kl_sum / len(means)).tolist()}
+
+
+def most_active_dimensions(activity: dict, k: int) -> list[int]:
+    """The ``k`` dimensions of largest posterior-mean variance, the largest first (ties: the lower index)."""
+    variance = activity["posterior_mean_variance"]
+    return sorted(range(len(variance)), key=lambda d: (-variance[d], d))[:k]
+
+
 def save_vae(model: VanillaVAE, folder: str | os.PathLike, train_config: VAEConfig | None = None, extra: dict | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_config, checkpoint_meta,
                          load_training_state, save_training_state, truncate_log)
-from .config import DataConfig, VAEConfig, read_json, to_dict, write_json
+from .config import DataConfig, VAEConfig, from_dict, read_json, to_dict, write_json
 from .data import (
     ImageFolder,
     dataset_files,
@@ -28,7 +28,8 @@ from .data import (
 from .errors import DyodError
 from .images import make_grid, save_png
 from .run import Run, check_run_to_resume
-from .vae import VanillaVAE, check_resolution, default_hidden_dims, save_vae, vae_loss
+from .vae import (ACTIVITY_FILE, VanillaVAE, check_resolution, default_hidden_dims, latent_activity,
+                  load_vae, save_vae, vae_loss)
 
 logger = logging.getLogger(__name__)
 
@@ -100,23 +101,11 @@ def train_vae(
     resolution = config.resolution or vae_resolution(config, header_resolution(files, data_config.max_images) or 128)
     hidden_dims = default_hidden_dims(resolution, config.hidden_dims)
     check_resolution(resolution, hidden_dims)  # before reading the images
-    # The dataset as 8-bit pixels at the VAE's resolution, each image put there as it is read and made float a batch
-    # at a time: 30,000 images at 128 px are 1.5 GB so, 5.9 GB in float32.
-    data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[], size=resolution)
-    # Stored height, width, channels, as PIL gives them (the layout the batches have always had: the same numbers).
-    pixels = torch.empty((min(len(files), data_config.max_images or len(files)), resolution, resolution, 3),
-                         dtype=torch.uint8)
-    rows = pixels.numpy()  # the same memory
-    for i, image in enumerate(iter_images(data, files, data_config.grayscale, data_config.max_images)):
-        rows[i] = np.asarray(image.convert("RGB"))
-    n = len(data)
-    if not n:
-        raise nothing_readable(Path(data_dir), files, data.skipped)
-    processes = accelerator.num_processes
+    pixels, data = read_pixels(data_dir, files, resolution, data_config)
+    n, processes = len(data), accelerator.num_processes
     if n < processes:
         raise DyodError(f"{data_dir}: {n} readable image(s) for {processes} processes; the custom VAE gives each "
                         "process at least one image per update, so launch fewer processes")
-    pixels = pixels[:n].permute(0, 3, 1, 2)
     if "data" not in run.info and main:
         run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
         write_json(run.path / "data.json", data.stats())
@@ -204,6 +193,8 @@ def train_vae(
     model = accelerator.unwrap_model(model).eval()
     if main:
         save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
+        activity = latent_activity(model, pixels)  # which dimensions `dyod traverse --active` shows
+        write_json(folder / ACTIVITY_FILE, activity)
         _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,  # --resume with more
                          {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})  # --vae-epochs goes on
         run.set_stage(
@@ -216,6 +207,7 @@ def train_vae(
                 "updates_per_epoch": steps,
                 "final_loss": loss,
                 "final_recon": rec,
+                "active_dimensions": activity["active_dimensions"],
                 "wall_time_s": round(time.time() - started, 1),
                 "device": str(accelerator.device),
                 "config": to_dict(config),
@@ -223,6 +215,44 @@ def train_vae(
         )
     accelerator.wait_for_everyone()  # what the main process wrote is there for every process's next step
     return folder
+
+
+def read_pixels(data_dir: str | os.PathLike, files: list[Path], resolution: int,
+                data_config: DataConfig) -> tuple[torch.Tensor, ImageFolder]:
+    """The readable images among ``files`` as uint8 pixels (N, 3, H, W) at the VAE's resolution, and what was read.
+    Each image is put there as it is read and made float a batch at a time: 30,000 images at 128 px are 1.5 GB so,
+    5.9 GB in float32."""
+    data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[], size=resolution)
+    # Stored height, width, channels, as PIL gives them (the layout the batches have always had: the same numbers).
+    pixels = torch.empty((min(len(files), data_config.max_images or len(files)), resolution, resolution, 3),
+                         dtype=torch.uint8)
+    rows = pixels.numpy()  # the same memory
+    for i, image in enumerate(iter_images(data, files, data_config.grayscale, data_config.max_images)):
+        rows[i] = np.asarray(image.convert("RGB"))
+    if not len(data):
+        raise nothing_readable(Path(data_dir), files, data.skipped)
+    return pixels[:len(data)].permute(0, 3, 1, 2), data
+
+
+def run_latent_activity(run: Run, device: str | torch.device = "cpu") -> dict:
+    """The custom VAE's latent activity on the run's training images (``latent_activity``): as recorded when it was
+    trained, or, for a VAE trained before it was, computed now from the run's dataset and recorded."""
+    path = run.vae_path / ACTIVITY_FILE
+    if path.exists():
+        return read_json(path)
+    data_dir = run.info.get("data", {}).get("root")
+    if not data_dir or not Path(data_dir).is_dir():
+        raise DyodError(f"the custom VAE of run {run.path} was trained before dyod recorded how much it uses each latent "
+                        f"dimension, and its dataset ({data_dir or 'not recorded'}) is not here to measure it; give "
+                        "the dimensions with --dim")
+    data_config = from_dict(DataConfig, run.info.get("data_config") or {})
+    model = load_vae(run.vae_path, device)
+    logger.info("measuring how much the custom VAE uses each latent dimension on %s", data_dir)
+    pixels, _ = read_pixels(data_dir, dataset_files(data_dir, data_config.holdout_fraction), model.resolution,
+                            data_config)
+    activity = latent_activity(model, pixels)
+    write_json(path, activity)
+    return activity
 
 
 def _save_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, generator: torch.Generator, epoch: int,
