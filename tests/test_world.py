@@ -101,6 +101,43 @@ def test_faces_and_fruit_stack_invariants(atlas):
     assert set(DATASETS) == {"apple-orange", "faces", "fruit-stack"}
 
 
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_strokes_paint_each_emoji_as_a_flat_disc_of_its_mean_colour_in_its_box(name, atlas):
+    """Inputs for image initialization: the scene's background and one colour per emoji, nothing else; each disc
+    inside its emoji's box and covering its centre; the colour the emoji's opacity-weighted mean."""
+    from dyod.world.scenes import mean_colour
+
+    scene = dataset_scene(name, 3, seed=1)
+    pixels = np.asarray(scene.render_strokes(atlas))
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)}
+    painted = {mean_colour(atlas, p.emoji) for p in scene.placements}
+    assert colours == painted | {BACKGROUNDS[scene.background]}
+    for p in scene.placements:
+        is_colour = (pixels == mean_colour(atlas, p.emoji)).all(axis=-1)
+        boxes = np.zeros(pixels.shape[:2], dtype=bool)  # every box of this emoji (fruit-stack may hold one twice)
+        for q in scene.placements:
+            if q.emoji == p.emoji:
+                boxes[q.y:q.y + q.size, q.x:q.x + q.size] = True
+        assert is_colour[p.y + p.size // 2, p.x + p.size // 2] and not (is_colour & ~boxes).any()
+        # a disc in its box: pi/4 of it, less the margin
+        assert 0.4 < is_colour[p.y:p.y + p.size, p.x:p.x + p.size].mean() < 0.8
+    rgba = np.asarray(atlas.sprite(scene.placements[0].emoji), dtype=np.float64)
+    expected = (rgba[..., :3] * rgba[..., 3:]).sum(axis=(0, 1)) / rgba[..., 3].sum()
+    assert np.abs(np.array(mean_colour(atlas, scene.placements[0].emoji)) - expected).max() <= 0.5
+
+
+def test_the_strokes_of_a_dataset_are_its_scenes_painted(tmp_path, atlas):
+    from dyod.cli import main
+
+    assert main(["datasets", "make", "apple-orange", str(tmp_path / "s"), "-n", "3", "--seed", "1", "--strokes"]) == 0
+    record = json.loads((tmp_path / "s" / "dataset.json").read_text())
+    assert record["strokes"] is True and [r["file"] for r in record["images"]] == ["00000.png", "00001.png", "00002.png"]
+    for i in range(3):
+        scene = dataset_scene("apple-orange", i, seed=1)
+        assert record["images"][i]["caption"] == scene.caption
+        assert Image.open(tmp_path / "s" / f"{i:05d}.png").tobytes() == scene.render_strokes(atlas).tobytes()
+
+
 def test_feature_network_separates_emoji_better_than_pixels(atlas):
     from dyod.world.features import EmojiFeatures
     from dyod.world.scenes import Placement, Scene

@@ -644,8 +644,8 @@ def cmd_datasets_make(args) -> None:
     from .world.datasets import make_dataset
 
     out = _positional_or_flag(args.out, args.out_flag, "output folder", "dyod datasets make NAME OUT")
-    out = make_dataset(args.name, out, n=args.n, seed=args.seed, overwrite=args.overwrite)
-    print(f"dataset {args.name}: {out}")
+    out = make_dataset(args.name, out, n=args.n, seed=args.seed, overwrite=args.overwrite, strokes=args.strokes)
+    print(f"dataset {args.name}{' as strokes' if args.strokes else ''}: {out}")
 
 
 def cmd_datasets_list(args) -> None:
@@ -872,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-n", "--n", metavar="INT", type=_ranged(int, "-n", 1), default=None, help="number of images (default: the dataset's)")
     q.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    q.add_argument("--strokes", action="store_true",
+                   help="paint each scene as flat discs of its emoji's colours, inputs for `dyod transform` (give "
+                        "another --seed than the dataset's for scenes it does not hold)")
     q.set_defaults(func=cmd_datasets_make)
     datasets.add_parser("list", help="list the bundled datasets").set_defaults(func=cmd_datasets_list)
 

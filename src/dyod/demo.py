@@ -1,7 +1,9 @@
 """``dyod demo``: the whole method end to end on the bundled defaults, with a Markdown report.
 
 Makes the ``apple-orange`` dataset, fits DYOD on the bundled reference prior (dataset prompt + custom VAE), samples
-at several t0 and at t0 = 1 (the prior with S* alone), and compares every set to the dataset with offline KID."""
+at several t0 and at t0 = 1 (the prior with S* alone), and compares every set to the dataset with offline KID; then
+shows the latent manipulation (an interpolation, a traversal) at the best t0 and image initialization of painted
+strokes at each t0."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .images import make_grid, save_png
 logger = logging.getLogger(__name__)
 
 TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # z_u in prior standard deviations, as Fig. 7's rows
+STROKES = 8  # painted inputs for image initialization, a row of the grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .sweep import SweepRow, plot_sweep
     from .vae import ACTIVITY_FILE, most_active_dimensions
     from .vae_training import train_vae
-    from .world.datasets import make_dataset
+    from .world.atlas import EmojiAtlas
+    from .world.datasets import dataset_scene, make_dataset
     from .world.features import EmojiFeatures
 
     out = check_output_folder(out, overwrite, "demo folder")
@@ -119,6 +123,17 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     save_png(make_grid(pipe.traverse(config.seed, dims, list(TRAVERSAL_VALUES), manipulation, progress=False),
                        len(TRAVERSAL_VALUES)), out / "traversal.png")
     timings["latent manipulation"] = time.time() - t
+
+    # Image initialization (Eq. 11): scenes the dataset does not hold (the next seed), painted as flat discs of their
+    # emoji's colours, perturbed to each t' < 1 of the table and denoised with S*.
+    t = time.time()
+    atlas = EmojiAtlas.bundled()
+    strokes = [dataset_scene(config.dataset, i, config.seed + 1).render_strokes(atlas) for i in range(STROKES)]
+    stroke_t0s = [t0 for t0 in config.t0s if t0 < 1]
+    transformed = [pipe.transform(strokes, dataclasses.replace(manipulation, t0=t0), seed=config.seed, progress=False)
+                   for t0 in stroke_t0s]
+    save_png(make_grid(strokes + [im for row in transformed for im in row], STROKES), out / "image_initialization.png")
+    timings["image initialization"] = time.time() - t
     wall = time.time() - started
 
     vae_alone, alone = rows[0][4], next((r[4] for r in rows if r[0].startswith("prior")), None)
@@ -157,6 +172,13 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         f"each set to {TRAVERSAL_VALUES[0]:g} … {TRAVERSAL_VALUES[-1]:g} with the rest of z (seed {config.seed}) and ε "
         "fixed, a row each (Fig. 7): ![](traversal.png)",
         "",
+        "## Image initialization (Eq. 11)",
+        "",
+        f"{STROKES} scenes of `{config.dataset}` the dataset does not hold (seed {config.seed + 1}), painted as flat "
+        "discs of their emoji's colours (the top row; `dyod datasets make --strokes` writes such inputs), each "
+        f"perturbed to t' = {', '.join(f'{t0:.1f}' for t0 in stroke_t0s)} (the rows below) and denoised with S*: "
+        "![](image_initialization.png)",
+        "",
         f"Time: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {wall / 60:.1f} min on "
         f"{platform.machine()} ({os.cpu_count()} CPUs).",
         "",
@@ -168,7 +190,9 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
                                    "autoencoder_floor": {"kid_x100": floor.mean_x100, "kid_x100_std": floor.std_x100},
                                    "latent_manipulation": {"t0": best_t0, "interpolation_seeds": ends,
                                                            "traversed_dimensions": dims,
-                                                           "traversal_values": list(TRAVERSAL_VALUES)}})
+                                                           "traversal_values": list(TRAVERSAL_VALUES)},
+                                   "image_initialization": {"strokes": STROKES, "stroke_seed": config.seed + 1,
+                                                            "t0s": stroke_t0s}})
     logger.info("demo report: %s", out / "report.md")
     return out / "report.md"
 

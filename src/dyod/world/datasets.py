@@ -108,8 +108,10 @@ def _spec(name: str) -> DatasetSpec:
 
 
 def make_dataset(name: str, out: str | os.PathLike, n: int | None = None, seed: int = 0, overwrite: bool = False,
-                 progress: bool = True) -> Path:
-    """Write ``n`` PNG images of dataset ``name`` and ``dataset.json`` (captions and placements) to ``out``."""
+                 progress: bool = True, strokes: bool = False) -> Path:
+    """Write ``n`` PNG images of dataset ``name`` and ``dataset.json`` (captions and placements) to ``out``.
+    ``strokes``: each scene painted as flat discs (``Scene.render_strokes``), inputs for image initialization; with
+    another ``seed`` than the dataset's, scenes the dataset does not hold."""
     spec = _spec(name)
     n = spec.default_n if n is None else n
     if n < 1:
@@ -125,9 +127,9 @@ def make_dataset(name: str, out: str | os.PathLike, n: int | None = None, seed: 
     for i in tqdm(range(n), disable=not progress, desc=name, leave=False):
         scene = dataset_scene(name, i, seed)
         file = f"{i:05d}.png"
-        scene.render(atlas).save(out / file)
+        (scene.render_strokes(atlas) if strokes else scene.render(atlas)).save(out / file)
         records.append({"file": file, "caption": scene.caption, "background": scene.background,
                         "placements": [dataclasses.asdict(p) | {"name": atlas.names[p.emoji]} for p in scene.placements]})
-    write_json(out / "dataset.json", {"name": name, "n": n, "seed": seed, "resolution": spec.resolution,
+    write_json(out / "dataset.json", {"name": name, "n": n, "seed": seed, "strokes": strokes, "resolution": spec.resolution,
                                       "description": spec.description, "images": records})
     return out

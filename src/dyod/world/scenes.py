@@ -10,7 +10,7 @@ import dataclasses
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .atlas import EmojiAtlas
 
@@ -59,6 +59,26 @@ class Scene:
         for p in self.placements:
             canvas.alpha_composite(atlas.sprite_at(p.emoji, p.size), (p.x, p.y))
         return canvas.convert("RGB")
+
+    def render_strokes(self, atlas: EmojiAtlas | None = None) -> Image.Image:
+        """The scene as a person might paint it for image initialization (Eq. 11, the paper's Fig. 5): each emoji a
+        flat disc of its mean colour filling most of its box, on the scene's background, without anti-aliasing (the
+        image holds the background's colour and one colour per emoji, nothing else)."""
+        atlas = atlas or EmojiAtlas.bundled()
+        canvas = Image.new("RGB", (self.resolution, self.resolution), BACKGROUNDS[self.background])
+        draw = ImageDraw.Draw(canvas)
+        for p in self.placements:
+            inset = p.size // 10  # emoji leave a margin in their tile
+            draw.ellipse((p.x + inset, p.y + inset, p.x + p.size - 1 - inset, p.y + p.size - 1 - inset),
+                         fill=mean_colour(atlas, p.emoji))
+        return canvas
+
+
+def mean_colour(atlas: EmojiAtlas, index: int) -> tuple[int, int, int]:
+    """The emoji's colour on average over its opaque pixels (weighted by opacity)."""
+    rgba = np.asarray(atlas.sprite(index), dtype=np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    return tuple(int(round(c)) for c in (rgba[..., :3] * alpha).sum(axis=(0, 1)) / max(alpha.sum(), 1e-9))
 
 
 def position_phrase(cx: float, cy: float, resolution: int) -> str:
