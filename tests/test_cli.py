@@ -249,6 +249,11 @@ def test_traverse_several_dimensions_a_row_each_and_the_most_active_ones(cli_run
     assert "the 4 most used latent dimensions: 4, 0, 2, 5" in caplog.text
     assert "--active 4: only 3 of the custom VAE's 6 latent dimensions are active" in caplog.text
     assert len(record["images"]) == 12
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "active")]) == 0
+    assert capsys.readouterr().out.splitlines()[2:4] == [
+        "  latent dimensions 4, 0, 2, 5 (a row each) at -2.0, 0.0, 2.0, the rest from seed 0",
+        "  the 4 dimensions the dataset uses most (--active): posterior-mean variance 3, 0.5, 0.02, 0.004"]
 
     # a VAE trained before the activity was recorded: measured on the run's dataset, then recorded
     (run / "vae" / ACTIVITY_FILE).unlink()

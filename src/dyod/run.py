@@ -259,6 +259,9 @@ def describe_outputs(path: str | os.PathLike) -> str:
         lines.append(f"  latent dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}"
                      + (" (a row each)" if len(dims) > 1 else "")
                      + f" at {', '.join(map(str, made.get('values') or []))}, the rest from seed {made.get('seed')}")
+        if made.get("posterior_mean_variance"):  # chosen by --active
+            lines.append(f"  the {_count(len(dims), 'dimension')} the dataset uses most (--active): posterior-mean "
+                         f"variance {', '.join(f'{v:.3g}' for v in made['posterior_mean_variance'])}")
     elif seeds:
         lines.append(f"  seeds {seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
                      else f"  seeds {', '.join(map(str, seeds[:8]))}" + (", ..." if len(seeds) > 8 else ""))
