@@ -39,12 +39,13 @@ def test_demo_smoke_writes_report(tmp_path):
     width, height = Image.open(tmp_path / "demo" / "interpolation.png").size
     assert 8 * 64 < width < 9 * 64 and 64 < height < 2 * 64
 
-    # image initialization: a row of painted strokes, then a row per t0 < 1 of what S* makes of them
+    # image initialization: a row of painted strokes, a row per t0 < 1 of what S* makes of them, and the baseline's
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["image_initialization"] == {
-        "strokes": 8, "stroke_seed": 1, "t0s": [0.5]}
-    assert "perturbed to t' = 0.5 (the rows below) and denoised with S*: ![](image_initialization.png)" in text
+        "strokes": 8, "stroke_seed": 1, "t0s": [0.5], "baseline_prompt": "a photo of object", "baseline_t0": 0.5}
+    assert ("perturbed to t' = 0.5 (the rows below) and denoised with S*; the last row, the paper's baseline: t' = 0.5 "
+            "with \"a photo of object\", the prompt without S* (Fig. 5): ![](image_initialization.png)") in text
     width, height = Image.open(tmp_path / "demo" / "image_initialization.png").size
-    assert 8 * 64 < width < 9 * 64 and 2 * 64 < height < 3 * 64
+    assert 8 * 64 < width < 9 * 64 and 3 * 64 < height < 4 * 64
 
 
 def test_the_sweep_plot_draws_the_floor_when_given():

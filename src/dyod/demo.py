@@ -46,8 +46,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .evaluation import kid
     from .inversion import invert
     from .pipeline import DyodPipeline
-    from .run import check_output_folder
-    from .sweep import SweepRow, plot_sweep
+    from .run import Run, check_output_folder
+    from .sweep import SweepRow, plot_sweep, prompt_without_token
     from .vae import ACTIVITY_FILE, most_active_dimensions
     from .vae_training import train_vae
     from .world.atlas import EmojiAtlas
@@ -132,6 +132,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     stroke_t0s = [t0 for t0 in config.t0s if t0 < 1]
     transformed = [pipe.transform(strokes, dataclasses.replace(manipulation, t0=t0), seed=config.seed, progress=False)
                    for t0 in stroke_t0s]
+    # and the paper's baseline: at the best t0, the prompt without S* (the word S* started from)
+    baseline = prompt_without_token(Run.open(run))
+    transformed.append(pipe.transform(strokes, dataclasses.replace(manipulation, prompt=baseline), seed=config.seed,
+                                      progress=False))
     save_png(make_grid(strokes + [im for row in transformed for im in row], STROKES), out / "image_initialization.png")
     timings["image initialization"] = time.time() - t
     wall = time.time() - started
@@ -176,7 +180,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         "",
         f"{STROKES} scenes of `{config.dataset}` the dataset does not hold (seed {config.seed + 1}), painted as flat "
         "discs of their emoji's colours (the top row; `dyod datasets make --strokes` writes such inputs), each "
-        f"perturbed to t' = {', '.join(f'{t0:.1f}' for t0 in stroke_t0s)} (the rows below) and denoised with S*: "
+        f"perturbed to t' = {', '.join(f'{t0:.1f}' for t0 in stroke_t0s)} (the rows below) and denoised with S*; the "
+        f"last row, the paper's baseline: t' = {best_t0:.1f} with \"{baseline}\", the prompt without S* (Fig. 5): "
         "![](image_initialization.png)",
         "",
         f"Time: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {wall / 60:.1f} min on "
@@ -192,7 +197,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
                                                            "traversed_dimensions": dims,
                                                            "traversal_values": list(TRAVERSAL_VALUES)},
                                    "image_initialization": {"strokes": STROKES, "stroke_seed": config.seed + 1,
-                                                            "t0s": stroke_t0s}})
+                                                            "t0s": stroke_t0s, "baseline_prompt": baseline,
+                                                            "baseline_t0": best_t0}})
     logger.info("demo report: %s", out / "report.md")
     return out / "report.md"
 

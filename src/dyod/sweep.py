@@ -268,6 +268,12 @@ def check_transform_inputs(inputs: list) -> None:
                         f"got {len(inputs)} readable input image(s)")
 
 
+def prompt_without_token(run: Run) -> str:
+    """The baseline of Fig. 5: "a photo of" the word S* was initialized from, the prompt without S*."""
+    initializer = run.info.get("stages", {}).get("inversion", {}).get("config", {}).get("initializer", "object")
+    return f"a photo of {initializer}"
+
+
 def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0.6, 0.7, 0.8), seed: int = 0,
                     config: SampleConfig = SampleConfig(), baseline_prompt: str | None = None,
                     out: str | os.PathLike | None = None, progress: bool = True, pipe=None) -> list[dict]:
@@ -282,9 +288,7 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
     pipe = pipe() if callable(pipe) else pipe or DyodPipeline.for_sampling(run)
     extractor = feature_extractor("emoji")
     ref_features = reference_features(run, extractor)
-    if baseline_prompt is None:
-        initializer = run.info.get("stages", {}).get("inversion", {}).get("config", {}).get("initializer", "object")
-        baseline_prompt = f"a photo of {initializer}"
+    baseline_prompt = baseline_prompt or prompt_without_token(run)
     results = []
     out = Path(out) if out else None
     for t0 in t0s:
