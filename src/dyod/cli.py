@@ -809,8 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the dimensions the dataset uses most, this many, the most used first: the largest "
                             "variances of the custom VAE's posterior mean over the run's images (`dyod info RUN` says "
                             "how many are active)")
-    p.add_argument("--range", metavar="LOW,HIGH", default="-3,3", help="low,high values of that coordinate (default: -3,3)")
-    p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=7, help="values (default: 7)")
+    p.add_argument("--range", metavar="LOW,HIGH", default="-3,3", help="the lowest and highest value of each traversed coordinate (default: -3,3)")
+    p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=7,
+                   help="values from low to high, evenly spaced: the columns (default: 7)")
     p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed of z and ε")
     p.set_defaults(func=cmd_traverse)
     p = sampling("sweep", "the paper's Table 1: KID at each t0 against both baselines, with speed", skip=("t0",))
