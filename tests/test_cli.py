@@ -275,6 +275,46 @@ def test_traverse_several_dimensions_a_row_each_and_the_most_active_ones(cli_run
     assert not (tmp_path / "nothing").exists()
 
 
+def test_interpolate_between_and_traverse_from_images_latents(cli_run, shapes, tmp_path, capsys):
+    """`--images A B` interpolates between two images' custom-VAE latents (ε from --noise-seed) and `--image A`
+    traverses from one: what the library gives from `latents_of` those images, and said so in the records."""
+    from dyod import DyodPipeline, SampleConfig
+
+    a, b = sorted(shapes.glob("*.png"))[:2]
+    fast = ["--t0", "0.5", "--num-inference-steps", "4", "--device", "cpu"]
+    assert main(["interpolate", str(cli_run), "--images", str(a), str(b), "--steps", "3", "--noise-seed", "4", *fast,
+                 "--out", str(tmp_path / "between")]) == 0
+    assert main(["traverse", str(cli_run), "--image", str(a), "--dim", "1,3", "--range=-2,2", "--steps", "3",
+                 "--seed", "5", *fast, "--out", str(tmp_path / "from")]) == 0
+    pipe = DyodPipeline.for_sampling(cli_run, device="cpu")
+    config = SampleConfig(t0=0.5, num_inference_steps=4)
+    ends = pipe.latents_of([Image.open(a), Image.open(b)])
+    expected = pipe.interpolate(4, 4, 3, config, progress=False, ends=(ends[0], ends[1]))
+    assert [Image.open(tmp_path / "between" / f"frame-{i:03d}.png").tobytes() for i in range(3)] == [
+        im.tobytes() for im in expected]
+    expected = pipe.traverse(5, [1, 3], [-2.0, 0.0, 2.0], config, progress=False, z=ends[0])
+    record = json.loads((tmp_path / "from" / "dyod_output.json").read_text())
+    assert [Image.open(tmp_path / "from" / name).tobytes() for name in record["images"]] == [
+        im.tobytes() for im in expected]
+    assert record["image"] == str(a) and record["seed"] == 5
+    made = json.loads(Image.open(tmp_path / "between" / "frame-002.png").text["dyod"])
+    assert made["end_images"] == [str(a), str(b)] and made["lambda"] == 1.0 and made["noise_seed"] == 4
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "between")]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == (
+        f"  between the custom VAE latents of images {a} and {b}, 3 steps, the forward noise held fixed")
+    assert main(["info", str(tmp_path / "from")]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == (
+        f"  latent dimensions 1, 3 (a row each) at -2.0, 0.0, 2.0, the rest from image {a} (ε from seed 5)")
+    for argv, message in ((["interpolate", "--images", str(shapes), str(b)], f"--images takes image files; {shapes} is "
+                                                                                 "a folder"),
+                          (["traverse", "--dim", "0", "--image", str(tmp_path / "nope.png")],
+                           f"--image takes image files; {tmp_path / 'nope.png'} is not there")):
+        assert main([argv[0], str(cli_run), *argv[1:], *fast, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_transform_reads_inputs_at_the_model_size_with_the_same_results(cli_run, tmp_path):
     """The command reads each input straight to the model's resolution (in grayscale with --grayscale), so a folder
     of photos is never held at full size: the results are those of transforming the full-size images."""

@@ -54,7 +54,7 @@ def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatc
     monkeypatch.chdir(tmp_path)  # the example's runs/ folder
     exec(compile(code, "README.md", "exec"), namespace)
     assert len(namespace["images"]) == 2 and len(namespace["edits"]) == 2 and len(namespace["frames"]) == 8
-    assert len(namespace["column"]) == 3 and len(namespace["rows"]) == 9
+    assert len(namespace["column"]) == 3 and len(namespace["rows"]) == 9 and len(namespace["between"]) == 4
     assert namespace["latents"].shape == latent
     assert json.loads((tmp_path / "runs" / "shoes-fit" / "run.json").read_text())["chosen_t0"]["n"] == 2
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -146,6 +147,29 @@ def test_outputs_come_at_the_dataset_resolution_or_the_models_if_the_dataset_is_
                                               noise, 0.5, config))
     made = small.generate(z, noise, config)
     assert made[0].size == (8, 8) and made[0].tobytes() == tensor_to_pil(lanczos_resize_tensor(decoded, 8))[0].tobytes()
+
+
+def test_images_latents_are_their_posterior_means_and_start_interpolations_and_traversals(pipe, shapes):
+    """`latents_of` reads an image as the VAE's training read its data and returns E_q[z | x]; given as the ends of an
+    interpolation or the start of a traversal, a seed's own z gives exactly what the seed gives."""
+    from dyod.data import pil_to_tensor, resize_lanczos
+
+    image = Image.open(sorted(shapes.glob("*.png"))[0])
+    vae = pipe.custom_vae
+    with torch.no_grad():
+        expected = vae.encode(pil_to_tensor([resize_lanczos(image.convert("RGB"), vae.resolution)]))[0]
+    torch.testing.assert_close(pipe.latents_of([image]), expected, rtol=0, atol=0)
+    assert pipe.latents_of([image.resize((97, 61))]).shape == (1, vae.latent_dim)  # cropped and resized as data are
+    config = SampleConfig(t0=0.5, num_inference_steps=10)
+    z = pipe.z([1, 2])
+    by_seeds = pipe.interpolate(1, 2, steps=3, config=config, progress=False)
+    by_ends = pipe.interpolate(1, 2, steps=3, config=config, progress=False, ends=(z[0], z[1]))
+    assert [im.tobytes() for im in by_seeds] == [im.tobytes() for im in by_ends]
+    by_seed = pipe.traverse(1, [0, 3], [-1.0, 1.0], config, progress=False)
+    by_z = pipe.traverse(1, [0, 3], [-1.0, 1.0], config, progress=False, z=z[0])
+    assert [im.tobytes() for im in by_seed] == [im.tobytes() for im in by_z]
+    from_image = pipe.traverse(1, [0, 3], [-1.0, 1.0], config, progress=False, z=pipe.latents_of([image]))
+    assert [im.tobytes() for im in from_image] != [im.tobytes() for im in by_seed]
 
 
 def test_interpolation_and_traversal_shapes(pipe, fitted_run):

@@ -553,20 +553,38 @@ def cmd_transform(args) -> None:
 def cmd_interpolate(args) -> None:
     from .pipeline import interpolation_noise_seeds
 
-    seed_a, seed_b = _parse_csv(args.seeds, int, "--seeds", 2)
-    if not all(0 <= s < SEED_LIMIT for s in (seed_a, seed_b)):
-        raise DyodError(f"--seeds must be in [0, {SEED_LIMIT - 1}], got {args.seeds!r}")
+    if args.images is not None:  # z of each end from an image; ε drawn from --noise-seed (default 0)
+        inputs = _latent_images(args.images, "--images")
+        seed_a = seed_b = 0 if args.noise_seed is None else args.noise_seed
+        ends_made = {"end_images": args.images}  # "images": the outputs, in the record
+    else:
+        seed_a, seed_b = _parse_csv(args.seeds, int, "--seeds", 2)
+        if not all(0 <= s < SEED_LIMIT for s in (seed_a, seed_b)):
+            raise DyodError(f"--seeds must be in [0, {SEED_LIMIT - 1}], got {args.seeds!r}")
+        ends_made = {"seeds": [seed_a, seed_b]}
     config = config_from_args(args, SampleConfig)
     _require_what_sampling_needs(args.run, config)
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
-    images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed)
+    ends = tuple(pipe.latents_of(inputs)) if args.images is not None else None
+    images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed,
+                              ends=ends)
     noise_seeds = interpolation_noise_seeds(seed_a, args.steps, args.fix_noise, args.noise_seed)
     _save_outputs([images], [f"frame-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
-                  _sample_record(args, Path(args.run), config, pipe, seeds=[seed_a, seed_b], steps=args.steps,
+                  _sample_record(args, Path(args.run), config, pipe, **ends_made, steps=args.steps,
                                  fix_noise=args.fix_noise),
-                  made=[{"seeds": [seed_a, seed_b], "lambda": i / (args.steps - 1), "noise_seed": noise_seeds[i]}
+                  made=[{**ends_made, "lambda": i / (args.steps - 1), "noise_seed": noise_seeds[i]}
                         for i in range(len(images))])
+
+
+def _latent_images(paths: list[str], flag: str) -> list:
+    """The image files whose custom-VAE latents ``interpolate --images`` and ``traverse --image`` start from."""
+    from .pipeline import load_input_images
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise DyodError(f"{flag} takes image files; {path} is {'a folder' if Path(path).is_dir() else 'not there'}")
+    return [load_input_images([path])[0][0] for path in paths]
 
 
 def cmd_traverse(args) -> None:
@@ -582,14 +600,16 @@ def cmd_traverse(args) -> None:
     config = config_from_args(args, SampleConfig)
     _require_what_sampling_needs(args.run, config, from_vae=False)  # the VAE is checked above
     dims, activity = _traversed_dimensions(args, run, latent_dim)
+    inputs = _latent_images([args.image], "--image") if args.image is not None else None
     out = _prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
-    images = pipe.traverse(args.seed, dims, values, config)
+    z = pipe.latents_of(inputs) if args.image is not None else None
+    images = pipe.traverse(args.seed, dims, values, config, z=z)
     # a row per dimension, as many whole rows as the grid holds
     _save_outputs([images], [f"dim-{d:03d}-value-{i:03d}.png" for d in dims for i in range(len(values))], out,
                   len(values), _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dims=dims,
-                                              values=values, **activity),
-                  made=[{"seed": args.seed, "dim": d, "value": v} for d in dims for v in values],
+                                              values=values, image=args.image, **activity),
+                  made=[{"seed": args.seed, "image": args.image, "dim": d, "value": v} for d in dims for v in values],
                   grid_max=GRID_MAX // len(values) * len(values) or len(values))
 
 
@@ -795,11 +815,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transform)
 
     p = sampling("interpolate", "Fig. 6: interpolate between the VAE latents of two seeds")
-    p.add_argument("--seeds", metavar="INT,INT", required=True, help="two seeds, e.g. 3,7")
+    ends = p.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--seeds", metavar="INT,INT", help="two seeds, e.g. 3,7: their z and ε")
+    ends.add_argument("--images", nargs=2, metavar="FILE",
+                      help="two images: their custom-VAE latents (posterior means) as the ends, ε from --noise-seed")
     p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=8, help="frames, λ from 0 to 1 (default: 8)")
     p.add_argument("--fix-noise", action=argparse.BooleanOptionalAction, default=True,
                    help="the same ε for every frame, so that only the VAE latent changes (default: on)")
-    p.add_argument("--noise-seed", metavar="INT", type=_seed("--noise-seed"), default=None, help="seed of ε (default: the first seed)")
+    p.add_argument("--noise-seed", metavar="INT", type=_seed("--noise-seed"), default=None,
+                   help="seed of ε (default: the first seed; 0 with --images)")
     p.set_defaults(func=cmd_interpolate)
 
     p = sampling("traverse", "Fig. 7: traverse one dimension of the VAE latent, the rest fixed (several: a row each)")
@@ -812,7 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", metavar="LOW,HIGH", default="-3,3", help="the lowest and highest value of each traversed coordinate (default: -3,3)")
     p.add_argument("--steps", metavar="INT", type=_ranged(int, "--steps", 2), default=7,
                    help="values from low to high, evenly spaced: the columns (default: 7)")
-    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed of z and ε")
+    p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="seed of z and ε (of ε alone with --image)")
+    p.add_argument("--image", metavar="FILE", default=None,
+                   help="start from this image's custom-VAE latent (posterior mean) instead of the seed's z")
     p.set_defaults(func=cmd_traverse)
     p = sampling("sweep", "the paper's Table 1: KID at each t0 against both baselines, with speed", skip=("t0",))
     p.add_argument("--t0", dest="t0s", metavar="T0[,T0...]", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="comma-separated t0 values")

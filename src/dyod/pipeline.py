@@ -167,6 +167,17 @@ class DyodPipeline:
     def z(self, seeds: list[int]) -> torch.Tensor:
         return randn_per_seed(seeds, (self._require_vae().latent_dim,), STREAM_Z)
 
+    @torch.no_grad()
+    def latents_of(self, images: list[Image.Image]) -> torch.Tensor:
+        """Where images lie in the custom VAE's latent space: the posterior means E_q[z | x], each image read as the
+        VAE's training read its data (centre-cropped, Lanczos to the VAE's resolution; grayscale for a grayscale run),
+        to interpolate between or traverse from as from a seed's z."""
+        vae = self._require_vae()
+        inputs = [im.convert("L").convert("RGB") if self.grayscale else im.convert("RGB") for im in images]
+        mu, _ = vae.encode(pil_to_tensor([resize_lanczos(im, vae.resolution) for im in inputs])
+                           .to(next(vae.parameters()).device))
+        return mu.float().cpu()
+
     def _require_vae(self) -> VanillaVAE:
         if self.custom_vae is None:
             raise DyodError("this run has no custom VAE; run `dyod train-vae` (or `dyod fit`) first, or use --t0 1.0")
@@ -297,21 +308,24 @@ class DyodPipeline:
         return self._iter_batched(len(images), config, progress, run)
 
     def interpolate(self, seed_a: int, seed_b: int, steps: int = 8, config: SampleConfig = SampleConfig(),
-                    fix_noise: bool = True, noise_seed: int | None = None, progress: bool = True) -> list[Image.Image]:
-        """Fig. 6: z = z1 + λ(z2 - z1) for λ in [0, 1]; ε the same for every frame when fix_noise."""
+                    fix_noise: bool = True, noise_seed: int | None = None, progress: bool = True,
+                    ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Image.Image]:
+        """Fig. 6: z = z1 + λ(z2 - z1) for λ in [0, 1]; ε the same for every frame when fix_noise. ``ends``: z1 and
+        z2 given (``latents_of`` two images) instead of drawn from the seeds, which then draw ε alone."""
         if steps < 2:
             raise DyodError(f"interpolation needs at least 2 steps, got {steps}")
         _warn_if_z_unused(config, "interpolation")
-        z1, z2 = self.z([seed_a, seed_b])
+        z1, z2 = self.z([seed_a, seed_b]) if ends is None else ends
         lambdas = torch.linspace(0, 1, steps)
         z = torch.stack([z1 + lam * (z2 - z1) for lam in lambdas])
         noise = self.noise(interpolation_noise_seeds(seed_a, steps, fix_noise, noise_seed))
         return self.generate(z, noise, config, progress)
 
     def traverse(self, seed: int, dim: int | Sequence[int], values: list[float], config: SampleConfig = SampleConfig(),
-                 progress: bool = True) -> list[Image.Image]:
+                 progress: bool = True, z: torch.Tensor | None = None) -> list[Image.Image]:
         """Fig. 7: set one coordinate of z to each value, the rest of z and ε fixed. With several dimensions, one such
-        row after another (row i varies ``dim[i]``; every row starts from the same z and ε)."""
+        row after another (row i varies ``dim[i]``; every row starts from the same z and ε). ``z``: the latent to
+        start from (``latents_of`` an image) instead of the seed's, which then draws ε alone."""
         latent_dim = self._require_vae().latent_dim
         _warn_if_z_unused(config, "traversal")
         dims = [dim] if isinstance(dim, int) else list(dim)
@@ -321,7 +335,7 @@ class DyodPipeline:
             if not 0 <= d < latent_dim:
                 raise DyodError(f"dim must be in [0, {latent_dim - 1}]: this custom VAE has {latent_dim} latent "
                                 f"dimensions; got {d}")
-        z = self.z([seed]).repeat(len(dims) * len(values), 1)
+        z = (self.z([seed]) if z is None else z.reshape(1, -1)).repeat(len(dims) * len(values), 1)
         for row, d in enumerate(dims):
             z[row * len(values):(row + 1) * len(values), d] = torch.tensor(values, dtype=z.dtype)
         noise = self.noise([seed] * len(z))

@@ -251,14 +251,19 @@ def describe_outputs(path: str | os.PathLike) -> str:
                                                     if steps is not None else "")
                      + f", guidance {config.get('guidance_scale')}, prompt {config.get('prompt')!r}")
     seeds, command = made.get("seeds") or [], made.get("command")
-    if command == "interpolate" and len(seeds) == 2:
-        lines.append(f"  between the custom VAE latents of seeds {seeds[0]} and {seeds[1]}, {made.get('steps')} steps, "
+    ends = (f"seeds {seeds[0]} and {seeds[1]}" if len(seeds) == 2 else
+            f"images {made['end_images'][0]} and {made['end_images'][1]}" if len(made.get("end_images") or []) == 2
+            else None)
+    if command == "interpolate" and ends:
+        lines.append(f"  between the custom VAE latents of {ends}, {made.get('steps')} steps, "
                      f"the forward noise {'held fixed' if made.get('fix_noise') else 'drawn for each image'}")
     elif command == "traverse" and (made.get("dims") or made.get("dim") is not None):
         dims = made.get("dims") or [made["dim"]]  # a record of one dimension, as dyod wrote them before rows
         lines.append(f"  latent dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}"
                      + (" (a row each)" if len(dims) > 1 else "")
-                     + f" at {', '.join(map(str, made.get('values') or []))}, the rest from seed {made.get('seed')}")
+                     + f" at {', '.join(map(str, made.get('values') or []))}, the rest from "
+                     + (f"image {made['image']} (ε from seed {made.get('seed')})" if made.get("image")
+                        else f"seed {made.get('seed')}"))
         if made.get("posterior_mean_variance"):  # chosen by --active
             lines.append(f"  the {_count(len(dims), 'dimension')} the dataset uses most (--active): posterior-mean "
                          f"variance {', '.join(f'{v:.3g}' for v in made['posterior_mean_variance'])}")
