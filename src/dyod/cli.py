@@ -814,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", metavar="INT", type=_seed("--seed"), default=0, help="input i uses noise seed seed+i")
     p.set_defaults(func=cmd_transform)
 
-    p = sampling("interpolate", "Fig. 6: interpolate between the VAE latents of two seeds")
+    p = sampling("interpolate", "Fig. 6: interpolate between the VAE latents of two seeds (or two images)")
     ends = p.add_mutually_exclusive_group(required=True)
     ends.add_argument("--seeds", metavar="INT,INT", help="two seeds, e.g. 3,7: their z and ε")
     ends.add_argument("--images", nargs=2, metavar="FILE",
