@@ -215,7 +215,7 @@ def test_traverse_several_dimensions_a_row_each_and_the_most_active_ones(cli_run
     the VAE was trained, or measured on the run's dataset for a VAE trained before that was recorded."""
     import shutil
 
-    from dyod.vae import ACTIVITY_FILE
+    from dyod.run import ACTIVITY_FILE
 
     # a batch a row, so that the row is computed as the traversal alone is (CPU kernels round differently by batch)
     fast = ["--range=-2,2", "--steps", "3", "--batch-size", "3", "--num-inference-steps", "4", "--device", "cpu"]

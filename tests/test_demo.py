@@ -26,7 +26,8 @@ def test_demo_smoke_writes_report(tmp_path):
     # latent manipulation at the best t0 < 1: an interpolation with ε fixed and the 3 most used dimensions traversed
     from PIL import Image
 
-    from dyod.vae import ACTIVITY_FILE, most_active_dimensions
+    from dyod.run import ACTIVITY_FILE
+    from dyod.vae import most_active_dimensions
 
     made = json.loads((tmp_path / "demo" / "demo.json").read_text())["latent_manipulation"]
     activity = json.loads((tmp_path / "demo" / "run" / "vae" / ACTIVITY_FILE).read_text())

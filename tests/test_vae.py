@@ -158,7 +158,8 @@ def test_training_records_how_much_the_vae_uses_each_latent_dimension(tmp_path, 
     """The activity on the training images is written beside the weights, and the count of active dimensions in the
     run's record of the stage; it is what the saved VAE gives on those images."""
     from dyod.data import dataset_files
-    from dyod.vae import ACTIVITY_FILE, latent_activity
+    from dyod.run import ACTIVITY_FILE
+    from dyod.vae import latent_activity
     from dyod.vae_training import read_pixels
 
     folder = dyod.train_vae(shapes, tmp_path / "run", dyod.VAEConfig(epochs=2, batch_size=4, latent_dim=8),

@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-from .config import InversionConfig, SampleConfig, VAEConfig, read_json, to_dict, write_json
+from .config import InversionConfig, SampleConfig, VAEConfig, to_dict, write_json
 from .images import make_grid, save_png
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .pipeline import DyodPipeline
     from .run import Run, check_output_folder
     from .sweep import SweepRow, plot_sweep, prompt_without_token
-    from .vae import ACTIVITY_FILE, most_active_dimensions
-    from .vae_training import train_vae
+    from .vae import most_active_dimensions
+    from .vae_training import run_latent_activity, train_vae
     from .world.atlas import EmojiAtlas
     from .world.datasets import dataset_scene, make_dataset
     from .world.features import EmojiFeatures
@@ -118,7 +118,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     ends = [config.seed, config.seed + 1]
     frames = pipe.interpolate(*ends, steps=8, config=manipulation, progress=False)
     save_png(make_grid(frames, len(frames)), out / "interpolation.png")
-    activity = read_json(run / "vae" / ACTIVITY_FILE)
+    fitted = Run.open(run)
+    activity = run_latent_activity(fitted)  # as its training recorded it
     dims, variance = most_active_dimensions(activity, 3), activity["posterior_mean_variance"]
     save_png(make_grid(pipe.traverse(config.seed, dims, list(TRAVERSAL_VALUES), manipulation, progress=False),
                        len(TRAVERSAL_VALUES)), out / "traversal.png")
@@ -133,7 +134,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     transformed = [pipe.transform(strokes, dataclasses.replace(manipulation, t0=t0), seed=config.seed, progress=False)
                    for t0 in stroke_t0s]
     # and the paper's baseline: at the best t0, the prompt without S* (the word S* started from)
-    baseline = prompt_without_token(Run.open(run))
+    baseline = prompt_without_token(fitted)
     transformed.append(pipe.transform(strokes, dataclasses.replace(manipulation, prompt=baseline), seed=config.seed,
                                       progress=False))
     save_png(make_grid(strokes + [im for row in transformed for im in row], STROKES), out / "image_initialization.png")

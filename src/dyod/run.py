@@ -26,6 +26,8 @@ from .errors import DyodError, first_line
 
 logger = logging.getLogger(__name__)
 
+ACTIVITY_FILE = "latent_activity.json"  # in RUN/vae/: how much the dataset uses each latent dimension
+
 
 def check_run_to_resume(out: str | os.PathLike) -> None:
     """--resume continues a run: where ``out`` holds none, say so before anything is made there."""
@@ -177,6 +179,11 @@ class Run:
     def vae_weights_path(self) -> Path:
         """The custom VAE's weights: there once stage 2 has finished."""
         return self.vae_path / "model.safetensors"
+
+    @property
+    def latent_activity_path(self) -> Path:
+        """How much the dataset uses each latent dimension of the custom VAE (``vae.latent_activity``)."""
+        return self.vae_path / ACTIVITY_FILE
 
     @property
     def inversion_path(self) -> Path:
@@ -377,8 +384,8 @@ def describe_run(path: str | os.PathLike) -> str:
 
     def vae_summary(v: dict) -> str:
         active = v.get("active_dimensions")  # recorded by the training; a VAE trained before, `traverse --active`
-        if active is None and (run.vae_path / "latent_activity.json").exists():  # (vae.ACTIVITY_FILE) measures
-            active = read_json(run.vae_path / "latent_activity.json").get("active_dimensions")
+        if active is None and run.latent_activity_path.exists():  # measures
+            active = read_json(run.latent_activity_path).get("active_dimensions")
         return (f"{v.get('resolution')} px, latent {v.get('config', {}).get('latent_dim')}"
                 + (f" ({active} active)" if active is not None else "") + ", "
                 f"{_count(v.get('epochs'), 'epoch')}, final loss {v.get('final_loss', float('nan')):.4f}, "

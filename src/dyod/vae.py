@@ -104,7 +104,6 @@ def vae_loss(recons: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, log_var: t
     return recons_loss + kl_scale * kld, recons_loss.detach(), kld.detach()
 
 
-ACTIVITY_FILE = "latent_activity.json"  # beside the VAE's weights: how much the dataset uses each latent dimension
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): a dimension is active where Var_x(E_q[z_u | x]) > 0.01
 
 

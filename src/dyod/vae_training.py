@@ -28,7 +28,7 @@ from .data import (
 from .errors import DyodError
 from .images import make_grid, save_png
 from .run import Run, check_run_to_resume
-from .vae import (ACTIVITY_FILE, VanillaVAE, check_resolution, default_hidden_dims, latent_activity,
+from .vae import (VanillaVAE, check_resolution, default_hidden_dims, latent_activity,
                   load_vae, save_vae, vae_loss)
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def train_vae(
     if main:
         save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
         activity = latent_activity(model, pixels)  # which dimensions `dyod traverse --active` shows
-        write_json(folder / ACTIVITY_FILE, activity)
+        write_json(run.latent_activity_path, activity)
         _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,  # --resume with more
                          {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})  # --vae-epochs goes on
         run.set_stage(
@@ -237,7 +237,7 @@ def read_pixels(data_dir: str | os.PathLike, files: list[Path], resolution: int,
 def run_latent_activity(run: Run, device: str | torch.device = "cpu") -> dict:
     """The custom VAE's latent activity on the run's training images (``latent_activity``): as recorded when it was
     trained, or, for a VAE trained before it was, computed now from the run's dataset and recorded."""
-    path = run.vae_path / ACTIVITY_FILE
+    path = run.latent_activity_path
     if path.exists():
         return read_json(path)
     data_dir = run.info.get("data", {}).get("root")
