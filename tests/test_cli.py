@@ -1012,7 +1012,12 @@ def test_flags_are_taken_whole_and_a_shortened_one_is_refused_naming_the_flags_i
              (["sample", "RUN", "--num-inference", "5", "--out", str(tmp_path / "o")], "dyod sample",
               "--num-inference: did you mean --num-inference-steps?"),
              (["train-vae", "DATA", "--vae", "3", "--out", str(tmp_path / "o")], "dyod train-vae",
-              "--vae: did you mean one of --vae-resolution, --vae-latent-dim, --vae-hidden-dims, ... (12 flags)?")]
+              "--vae: did you mean one of --vae-resolution, --vae-latent-dim, --vae-hidden-dims, ... (12 flags)?"),
+             # a flag's last words: what sample calls --num-inference-steps, invert calls --steps
+             (["sample", "RUN", "--steps", "5", "--out", str(tmp_path / "o")], "dyod sample",
+              "--steps: did you mean --num-inference-steps?"),
+             (["fit", "DATA", "--model", "M", "--epochs", "5", "--out", str(tmp_path / "o")], "dyod fit",
+              "--epochs: did you mean --vae-epochs?")]
     for argv, command, message in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)

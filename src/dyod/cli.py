@@ -963,10 +963,12 @@ def _refuse_unknown_arguments(parser: argparse.ArgumentParser, args, unknown: li
     for name in (arg.split("=", 1)[0] for arg in unknown):
         if not name.startswith("--"):
             continue
-        # a short flag with two dashes (`--n`), a shortened flag (`--step`: dyod takes flags only whole), else the
+        # a short flag with two dashes (`--n`), a shortened flag (`--step`: dyod takes flags only whole), a flag's
+        # last words (`--steps` for sample's `--num-inference-steps`, `--epochs` for `--vae-epochs`), else the
         # nearest spelling
         close = ([name[1:]] if name[1:] in given else
                  ["--" + flag for flag in flags if flag.startswith(name[2:])]
+                 or ["--" + flag for flag in flags if flag.endswith("-" + name[2:])]
                  or ["--" + flag for flag in difflib.get_close_matches(name[2:], flags, n=1, cutoff=0.8)])
         if close:
             listed = " or ".join(close) if len(close) <= 3 else f"one of {', '.join(close[:3])}, ... ({len(close)} flags)"
