@@ -161,3 +161,15 @@ def test_feature_extractors_take_images_of_mixed_sizes(tmp_path):
         torch.testing.assert_close(mixed, one_by_one, rtol=1e-5, atol=1e-6)
         same_size = [images[0], images[2]]
         assert torch.equal(extractor(same_size), extractor(pil_to_tensor(same_size)))  # as stacking them whole
+
+
+def test_kid_of_two_sets_used_whole_reports_no_spread_rather_than_a_spread_of_zero():
+    """With both sets as small as the subset, every subset is both sets whole and the spread is 0 by construction;
+    `dyod eval` printed `± 0.000`, which reads as an exact figure."""
+    whole = kid(features(4), features(4, seed=2))
+    assert whole.std < 1e-12 and whole.subset_size == 4  # 0 but for the order of the sums
+    assert str(whole) == (f"KID×100 = {whole.mean_x100:.3f} (n = 4 vs 4, both sets whole: no spread over subsets to "
+                          "report; more images in either set give one)")
+    subsampled = kid(features(6), features(4, seed=2), num_subsets=20)  # the larger set subsampled: a real spread
+    assert subsampled.std > 0 and re.fullmatch(r"KID×100 = -?\d+\.\d{3} ± \d+\.\d{3} \(n = 6 vs 4, 20 subsets of 4\)",
+                                              str(subsampled))

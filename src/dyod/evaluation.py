@@ -47,6 +47,10 @@ class KIDResult:
         return 100 * self.std
 
     def __str__(self) -> str:
+        if self.subset_size == self.n_x == self.n_y:
+            # every subset is both sets whole: a spread of 0 would read as a certainty the estimate does not have
+            return (f"KID×100 = {self.mean_x100:.3f} (n = {self.n_x} vs {self.n_y}, both sets whole: no spread over "
+                    "subsets to report; more images in either set give one)")
         return (f"KID×100 = {self.mean_x100:.3f} ± {self.std_x100:.3f} "
                 f"(n = {self.n_x} vs {self.n_y}, {self.num_subsets} subsets of {self.subset_size})")
 
