@@ -57,6 +57,8 @@ def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatc
     assert len(namespace["column"]) == 3 and len(namespace["rows"]) == 9 and len(namespace["between"]) == 4
     assert namespace["latents"].shape == latent
     assert json.loads((tmp_path / "runs" / "shoes-fit" / "run.json").read_text())["chosen_t0"]["n"] == 2
+    imported = json.loads((tmp_path / "runs" / "shoes-ti" / "run.json").read_text())["stages"]["inversion"]
+    assert imported["imported_from"] == str(tmp_path / "runs" / "shoes" / "learned_embeds.safetensors")
 
 
 def test_configs_made_in_python_keep_the_bounds_their_flags_have():

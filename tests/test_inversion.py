@@ -439,3 +439,88 @@ def test_an_on_disk_latent_cache_is_reused_only_for_the_same_files(tmp_path, tin
         dyod.invert(other, tiny_model, run, longer, overwrite=True, progress=False, device="cpu")
         assert "reusing the latent cache" not in caplog.text
         assert json.loads((run / "cache" / "latents.json").read_text())["num_images"] == 12
+
+
+def test_a_textual_inversion_learned_elsewhere_becomes_the_runs_dataset_prompt(tmp_path, tiny_model, shapes, fitted_run):
+    """A user with S* already learned for the model (diffusers' textual-inversion example, the web UI) skips stage 1:
+    imported, the run samples exactly what the run that learned it samples, and records where S* came from."""
+    from dyod.inversion import import_dataset_prompt
+
+    _, vectors = load_learned_embeds(fitted_run / "learned_embeds.safetensors")
+    diffusers_file, webui_file = tmp_path / "learned_embeds.safetensors", tmp_path / "shapes-webui.safetensors"
+    save_file({"<shapes>": vectors.clone()}, str(diffusers_file))
+    save_file({"emb_params": vectors.clone()}, str(webui_file))  # the web UI names no token
+    with pytest.raises(DyodError, match="names no token; give the word .*--placeholder-token"):
+        import_dataset_prompt(shapes, tiny_model, tmp_path / "nameless", webui_file)
+    assert not (tmp_path / "nameless").exists()
+
+    config = dyod.SampleConfig(t0=1.0, num_inference_steps=4, batch_size=2)
+    learned = dyod.DyodPipeline.from_run(fitted_run, device="cpu").sample(2, config, seed=3)
+    for name, source, token in (("diffusers", diffusers_file, None), ("webui", webui_file, "<webui>")):
+        out = tmp_path / name
+        path = import_dataset_prompt(shapes, tiny_model, out, source, token=token)
+        token_saved, saved = load_learned_embeds(path)
+        assert token_saved == (token or "<shapes>") and torch.equal(saved, vectors)
+        info = json.loads((out / "run.json").read_text())
+        assert info["placeholder_token"] == token_saved and info["num_vectors"] == 1
+        assert info["stages"]["inversion"]["imported_from"] == str(source.resolve())
+        fitted_info = json.loads((fitted_run / "run.json").read_text())
+        assert info["data"] == fitted_info["data"] and info["model"] == fitted_info["model"]
+        imported = dyod.DyodPipeline.from_run(out, device="cpu").sample(2, config, seed=3)
+        assert len(imported) == len(learned) == 2
+        assert all((a.tobytes() == b.tobytes()) for a, b in zip(imported, learned)), name
+        assert f"imported from {source.resolve()}" in dyod.run.describe_run(out)
+
+
+def test_an_embedding_that_cannot_serve_is_refused_naming_the_file_and_leaving_the_run_as_it_was(
+        tmp_path, tiny_model, shapes, fitted_run):
+    from dyod.inversion import import_dataset_prompt
+
+    cases = {"wide.safetensors": ({"<w>": torch.zeros(1, 768)}, "wide.safetensors: the embedding for '<w>' is 768 wide "
+                                  "but this text encoder's is 32 wide"),
+             "xl.safetensors": ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "Stable Diffusion XL"),
+             "word.safetensors": ({"<|endoftext|>": torch.zeros(1, 32)}, "already exists in the tokenizer's vocabulary"),
+             "nan.safetensors": ({"<n>": torch.full((1, 32), float("nan"))}, "non-finite"),
+             "many.safetensors": ({"a": torch.zeros(1, 32), "b": torch.zeros(1, 32)}, "found \\['a', 'b'\\]")}
+    for name, (state, message) in cases.items():
+        save_file(state, str(tmp_path / name))
+        with pytest.raises(DyodError, match=message):
+            import_dataset_prompt(shapes, tiny_model, tmp_path / "run", tmp_path / name)
+        assert not (tmp_path / "run").exists(), name  # a run this command began, and nothing else: gone
+    with pytest.raises(DyodError, match="pickle"):
+        import_dataset_prompt(shapes, tiny_model, tmp_path / "run", tmp_path / "learned_embeds.bin")
+    # a run that holds a prompt keeps it unless told
+    before = (fitted_run / "learned_embeds.safetensors").read_bytes()
+    save_file({"<other>": torch.zeros(1, 32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DyodError, match="already holds a dataset prompt; pass --overwrite"):
+        import_dataset_prompt(shapes, tiny_model, fitted_run, tmp_path / "other.safetensors")
+    assert (fitted_run / "learned_embeds.safetensors").read_bytes() == before
+
+
+def test_fit_with_an_embedding_imports_s_star_and_trains_the_custom_vae(tmp_path, tiny_model, shapes, fitted_run,
+                                                                        capsys):
+    from dyod.cli import main
+
+    source = fitted_run / "learned_embeds.safetensors"
+    out = tmp_path / "run"
+    argv = ["fit", str(shapes), "--model", str(tiny_model), "--out", str(out), "--embedding", str(source),
+            "--vae-epochs", "1", "--vae-latent-dim", "4", "--device", "cpu"]
+    assert main([*argv, "--steps", "3", "--learning-rate", "1"]) == 2  # training flags would do nothing: refused
+    assert ("--learning-rate, --steps: S* is imported from --embedding" in capsys.readouterr().err
+            and not out.exists())
+    invert = ["invert", *argv[1:8], "--resume"]  # invert's --resume continues a training, which there is not
+    assert main(invert) == 2 and "give one of them" in capsys.readouterr().err and not out.exists()
+    assert main(argv) == 0
+    assert (out / "vae" / "model.safetensors").exists() and not (out / "inversion").exists()
+    assert torch.equal(load_learned_embeds(out / "learned_embeds.safetensors")[1], load_learned_embeds(source)[1])
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    described = capsys.readouterr().out
+    assert f"dataset prompt S*: <dyod> (1 vector), imported from {source.resolve()}" in described
+    assert "custom VAE: " in described and "not trained" not in described
+    # resuming keeps the import of the same file; another file is refused, the run as it was
+    assert main([*argv, "--resume"]) == 0
+    save_file({"<other>": torch.zeros(1, 32)}, str(tmp_path / "other.safetensors"))
+    other = [str(tmp_path / "other.safetensors") if arg == str(source) else arg for arg in argv]
+    assert main([*other, "--resume"]) == 2
+    assert "already holds a dataset prompt" in capsys.readouterr().err

@@ -287,11 +287,32 @@ def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
-def cmd_invert(args) -> None:
-    from .inversion import invert
+def _check_embedding_flags(args) -> str | None:
+    """With --embedding, S* is imported, not trained: a training flag given beside it would be silently ignored, so
+    it is refused. Returns the token to give the imported S* (--placeholder-token's, where given)."""
+    if args.embedding is None:
+        return None
+    unused = [f"--{name.split('.', 1)[1].replace('_', '-')}" for name in vars(args)
+              if name.startswith("InversionConfig.") and name != "InversionConfig.placeholder_token"]
+    if unused:
+        raise DyodError(f"{', '.join(sorted(unused))}: S* is imported from --embedding {args.embedding}, not "
+                        "trained, so these training flags would do nothing; leave them out")
+    if args.resume and args.command != "fit":
+        raise DyodError("--resume continues a training; --embedding imports S* without training: give one of them")
+    return getattr(args, "InversionConfig.placeholder_token", None)
 
+
+def cmd_invert(args) -> None:
+    from .inversion import import_dataset_prompt, invert
+
+    token = _check_embedding_flags(args)
     config, data_config = _inversion_config(args), _data_config(args)  # bad settings: before any work
     _attach_run_log(Path(args.out))
+    if args.embedding is not None:
+        path = import_dataset_prompt(args.data_dir, args.model, args.out, args.embedding, data_config, token=token,
+                                     overwrite=args.overwrite)
+        print(f"dataset prompt: {path} (imported from {args.embedding})")
+        return
     path = invert(args.data_dir, args.model, args.out, config, data_config, resume=args.resume,
                   overwrite=args.overwrite, device=args.device)
     print(f"dataset prompt: {path}")
@@ -341,6 +362,7 @@ def cmd_fit(args) -> None:
     from .run import is_main_process
 
     # bad settings of either stage: before any work
+    token = _check_embedding_flags(args)
     configs = _inversion_config(args), _vae_config(args), _data_config(args)
     if args.choose_t0 and "DataConfig.holdout_fraction" not in vars(args) and not configs[2].holdout_fraction:
         # t0 is chosen on held-out images: 0.2 of them unless given (or, resuming, recorded)
@@ -348,7 +370,7 @@ def cmd_fit(args) -> None:
     _attach_run_log(Path(args.out))
     run = fit(args.data_dir, args.model, args.out, *configs, choose_t0=args.choose_t0,
               choose_t0_samples=args.choose_t0_samples, resume=args.resume, overwrite=args.overwrite,
-              device=args.device)
+              device=args.device, embedding=args.embedding, token=token)
     print(f"dataset prompt: {run / 'learned_embeds.safetensors'}\ncustom VAE: {run / 'vae'}")
     if args.choose_t0 and is_main_process():
         t0 = json.loads((run / "run.json").read_text())["chosen_t0"]["t0"]
@@ -767,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, DataConfig)
         if inversion:
             add_config_flags(p, InversionConfig)
+            p.add_argument("--embedding", metavar="FILE", default=None,
+                           help="take S* from a textual inversion already learned for --model on these images "
+                                "(diffusers' learned_embeds.safetensors, or an AUTOMATIC1111 .safetensors with "
+                                "--placeholder-token) instead of training one")
         if vae:
             add_config_flags(p, VAEConfig, prefix="vae-")
         return p

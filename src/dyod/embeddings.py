@@ -121,22 +121,59 @@ def save_learned_embeds(path: str | os.PathLike, token: str, vectors: torch.Tens
     os.replace(tmp, path)
 
 
-def load_learned_embeds(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
-    path = Path(path)
+def _read_embedding_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise DyodError(f"{path} is a pickle file; dyod loads embeddings only from .safetensors (pickles can run code)")
     if not path.exists():
         raise DyodError(f"{path} does not exist")
+    if path.is_dir():
+        raise DyodError(f"{path} is a folder; give the embedding's .safetensors file (e.g. {path / EMBEDDINGS_FILE})")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:
         raise DyodError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_learned_embeds(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
+    path = Path(path)
+    state = _read_embedding_file(path)
     if len(state) != 1:
         raise DyodError(f"{path} must hold exactly one token (diffusers' format), found {sorted(state)}")
     token, vectors = next(iter(state.items()))
     if vectors.ndim == 1:
         vectors = vectors[None]
     return token, vectors
+
+
+def read_textual_inversion(path: str | os.PathLike, token: str | None = None) -> tuple[str, torch.Tensor]:
+    """A textual-inversion embedding learned elsewhere, as (token, vectors [K, dim]): diffusers' format
+    (``{token: [K, dim]}`` or ``[dim]``, what its textual-inversion example and dyod write) or the AUTOMATIC1111 web
+    UI's safetensors (``emb_params``: [K, dim], no token in the file). ``token`` renames the first; the second needs
+    one."""
+    path = Path(path)
+    state = _read_embedding_file(path)
+    if {"clip_l", "clip_g"} & set(state):
+        raise DyodError(f"{path} is a Stable Diffusion XL embedding (clip_l, clip_g: one per text encoder); dyod "
+                        "customizes Stable Diffusion 1.x / 2.x models, whose one text encoder takes one embedding")
+    if "emb_params" in state:  # the web UI's: the token is the file's name there, chosen by the user here
+        if token is None:
+            raise DyodError(f"{path} is an AUTOMATIC1111 embedding, which names no token; give the word that stands "
+                            "for it (--placeholder-token, e.g. '<my-dataset>')")
+        vectors = state["emb_params"]
+    elif len(state) == 1:
+        found, vectors = next(iter(state.items()))
+        token = token or found
+    else:
+        raise DyodError(f"{path} is no textual-inversion embedding dyod reads: diffusers' format holds one token "
+                        f"(its vectors), the AUTOMATIC1111 web UI's an 'emb_params' tensor; found {sorted(state)[:8]}")
+    if vectors.ndim == 1:
+        vectors = vectors[None]
+    if vectors.ndim != 2 or not len(vectors):
+        raise DyodError(f"{path}: the embedding is a tensor of shape {tuple(vectors.shape)}; a textual inversion is "
+                        "[vectors, width] (or [width])")
+    if not torch.isfinite(vectors).all():
+        raise DyodError(f"{path}: the embedding holds non-finite values (NaN or inf); it cannot condition a model")
+    return token, vectors.float()
 
 
 def load_into(tokenizer, text_encoder, token: str, vectors: torch.Tensor) -> None:

@@ -40,18 +40,24 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    embedding: str | os.PathLike | None = None,
+    token: str | None = None,
 ) -> Path:
     """Learn S* (``invert``), train the custom VAE (``train_vae``) and, with ``choose_t0``, sweep t0 < 1 against the
     images ``data_config.holdout_fraction`` keeps out of both stages and store the best as the run's default t0.
-    ``resume`` continues whichever stage was stopped. Returns the run folder."""
-    from .inversion import invert
+    ``resume`` continues whichever stage was stopped. With ``embedding`` (a textual inversion learned elsewhere, see
+    ``import_dataset_prompt``; ``token`` renames it) S* is imported instead of learned. Returns the run folder."""
+    from .inversion import import_dataset_prompt, invert
     from .run import Run, is_main_process
     from .vae_training import CHECKPOINT_FILE, train_vae
 
     if choose_t0:
         check_heldout(data_dir, data_config.holdout_fraction)  # before any training
-    invert(data_dir, model, out, inversion_config, data_config, resume=resume, overwrite=overwrite, progress=progress,
-           device=device)
+    if embedding is None:
+        invert(data_dir, model, out, inversion_config, data_config, resume=resume, overwrite=overwrite,
+               progress=progress, device=device)
+    elif not (resume and _imported(out, embedding)):  # resuming the VAE: the same file's import is kept
+        import_dataset_prompt(data_dir, model, out, embedding, data_config, token=token, overwrite=overwrite)
     run = Run.open(out)
     resume_vae = resume and (run.vae_path / CHECKPOINT_FILE).exists()
     if resume and not resume_vae and run.vae_weights_path.exists():  # made before VAE checkpoints
@@ -65,3 +71,18 @@ def fit(
 
         sweep_and_store_t0(out, DEFAULT_T0S, n=choose_t0_samples, out=Path(out) / "t0_sweep", progress=progress)
     return Path(out)
+
+
+def _imported(out: str | os.PathLike, embedding: str | os.PathLike) -> bool:
+    """Whether the run in ``out`` holds S* imported from this very file (the same bytes)."""
+    import hashlib
+
+    from .data import RUN_FILE
+    from .run import Run
+
+    if not (Path(out) / RUN_FILE).exists() or not Path(embedding).is_file():
+        return False
+    run = Run.open(out)
+    stage = run.info.get("stages", {}).get("inversion", {})
+    return (run.embeddings_path.exists() and stage.get("imported_from") is not None
+            and stage.get("sha256") == hashlib.sha256(Path(embedding).read_bytes()).hexdigest())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_config, checkpoint_meta,
                          load_training_state, save_training_state, truncate_log)
-from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, from_dict, to_dict, write_json
+from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, to_dict, write_json
 from .data import (
     RUN_FILE,
     ImageFolder,
@@ -511,7 +511,65 @@ def invert(
     return run.embeddings_path
 
 
-def load_inversion_config(run: Run) -> InversionConfig:
-    from .config import read_json
+def import_dataset_prompt(
+    data_dir: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    embedding: str | os.PathLike,
+    data_config: DataConfig = DataConfig(),
+    token: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """S* from a textual inversion learned elsewhere for ``model`` on the images in ``data_dir`` (diffusers'
+    ``learned_embeds.safetensors``, or the AUTOMATIC1111 web UI's ``.safetensors``), instead of learning it: the run
+    is then as ``invert`` leaves it, ready for the custom VAE and sampling. ``token`` renames the file's pseudo-word
+    (the web UI's names none). Returns the run's ``learned_embeds.safetensors``."""
+    import hashlib
 
-    return from_dict(InversionConfig, read_json(run.inversion_path / "config.json"))
+    from .embeddings import load_into, read_textual_inversion
+
+    embedding = Path(embedding)
+    token, vectors = read_textual_inversion(embedding, token)  # an unreadable file is named before anything is made
+    try:
+        InversionConfig(placeholder_token=token, num_vectors=len(vectors))  # the token's own checks (spaces, {})
+    except ValueError as e:
+        raise DyodError(f"{embedding}: {e}") from None
+    files = dataset_files(data_dir, data_config.holdout_fraction)
+    made_here = None if (Path(out) / RUN_FILE).exists() else Path(out).exists()
+    run = Run.open_or_create(out)
+    checkpoint = run.inversion_path / CHECKPOINT_FILE
+    if not overwrite and (checkpoint.exists() or run.embeddings_path.exists()):
+        raise DyodError(f"{run.path} already holds a dataset prompt; pass --overwrite to replace it with {embedding}")
+    try:
+        prior = load_prior(model)
+        # the width and the token checked the way sampling will load them: an embedding made for another text
+        # encoder, or a token that is a word of the model's vocabulary, is refused here, naming the file
+        try:
+            load_into(prior.tokenizer, prior.text_encoder, token, vectors)
+        except DyodError as e:
+            raise DyodError(f"{embedding}: {e}") from None
+    except DyodError:
+        if made_here is not None:  # a run this command began and nothing else: gone, as if never begun
+            run.remove_if_bare(folder_existed=made_here)
+        raise
+    run.bind_model(model_reference(model), prior.describe())
+    # the dataset is read as invert reads it (each image decoded once, the unreadable ones recorded with the reason):
+    # the run's record of its data sets the samples' resolution and what `dyod eval` scores against
+    data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[])
+    for _ in iter_images(data, files, data_config.grayscale, data_config.max_images):
+        pass
+    if not len(data):
+        raise nothing_readable(Path(data_dir), files, data.skipped)
+    run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
+    write_json(run.path / "data.json", data.stats())
+    if overwrite:
+        checkpoint.unlink(missing_ok=True)  # a training's checkpoint would --resume into another S*
+    save_learned_embeds(run.embeddings_path, token, vectors)
+    run.update(placeholder_token=token, num_vectors=len(vectors))
+    run.set_stage("inversion", {
+        "imported_from": str(embedding.resolve()),
+        "sha256": hashlib.sha256(embedding.read_bytes()).hexdigest(),
+        "num_vectors": len(vectors),
+    })
+    logger.info("dataset prompt: %s (%d vector(s)) imported from %s", token, len(vectors), embedding)
+    return run.embeddings_path

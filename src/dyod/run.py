@@ -378,6 +378,9 @@ def describe_run(path: str | os.PathLike) -> str:
                 + (f"; a new training {again} it" if again else ""))
 
     def prompt_summary(p: dict) -> str:
+        if p.get("imported_from"):
+            return (f"{info.get('placeholder_token')} ({_count(info.get('num_vectors', 1), 'vector')}), imported from "
+                    f"{p['imported_from']}")
         loss = f", final loss {p['final_loss']:.4f}" if p.get("final_loss") is not None else ""
         return (f"{info.get('placeholder_token')} ({_count(info.get('num_vectors', 1), 'vector')}), "
                 f"{_count(p.get('steps'), 'step')}{loss}, {p.get('wall_time_s')} s on {p.get('device')}")
