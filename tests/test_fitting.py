@@ -29,6 +29,19 @@ def test_fit_runs_both_stages_and_chooses_t0(tmp_path, shapes, tiny_model):
     assert (run / "t0_sweep" / "sweep.md").exists()
 
 
+def test_fit_with_an_imported_s_star_chooses_t0_and_warns_that_s_star_may_have_seen_the_held_out_images(
+        tmp_path, shapes, tiny_model, fitted_run, caplog):
+    source = fitted_run / "learned_embeds.safetensors"
+    run = dyod.fit(shapes, tiny_model, tmp_path / "run", vae_config=dyod.VAEConfig(epochs=1, batch_size=4, latent_dim=4),
+                   data_config=dyod.DataConfig(holdout_fraction=0.3), choose_t0=True, choose_t0_samples=2,
+                   progress=False, device="cpu", embedding=source)
+    info = json.loads((run / "run.json").read_text())
+    assert info["stages"]["inversion"]["imported_from"] == str(source.resolve()) and 0 < info["chosen_t0"]["t0"] < 1
+    # the run's data record counts what the stages train on: the held-out images are not in it
+    assert info["data"]["num_images"] < json.loads((fitted_run / "run.json").read_text())["data"]["num_images"]
+    assert any("perhaps on them too" in r.message and r.levelname == "WARNING" for r in caplog.records)
+
+
 def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatch):
     """The README's Python API block, run as written with the tiny model, the test images and small step counts in
     place of the example's (each replaced text must still be in the README)."""

@@ -56,8 +56,13 @@ def fit(
     if embedding is None:
         invert(data_dir, model, out, inversion_config, data_config, resume=resume, overwrite=overwrite,
                progress=progress, device=device)
-    elif not (resume and _imported(out, embedding)):  # resuming the VAE: the same file's import is kept
-        import_dataset_prompt(data_dir, model, out, embedding, data_config, token=token, overwrite=overwrite)
+    else:
+        if not (resume and _imported(out, embedding)):  # resuming the VAE: the same file's import is kept
+            import_dataset_prompt(data_dir, model, out, embedding, data_config, token=token, overwrite=overwrite)
+        if choose_t0:
+            logger.warning("t0 is chosen on the images --holdout-fraction keeps out of training here, but S* from %s "
+                           "was learned elsewhere, perhaps on them too: the chosen t0's score may be optimistic",
+                           embedding)
     run = Run.open(out)
     resume_vae = resume and (run.vae_path / CHECKPOINT_FILE).exists()
     if resume and not resume_vae and run.vae_weights_path.exists():  # made before VAE checkpoints
