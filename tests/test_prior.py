@@ -152,3 +152,21 @@ def test_models_that_are_not_text_to_image_sd_are_refused_before_their_weights_l
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # would fail to load: never read
     with pytest.raises(DyodError, match=f"is not a text-to-image model dyod can run: its UNet {re.escape(reason)}"):
         load_prior(folder)
+
+
+def test_loading_a_local_model_draws_no_transformers_bar_and_leaves_the_users_setting(tiny_model, capfd):
+    """transformers 5 drew "Loading weights: 100%|…| 68/68" on every dyod command, between dyod's own bars."""
+    from transformers import CLIPTextModel
+    from transformers.utils import logging as transformers_logging
+
+    initial = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")  # the check can fail: transformers' own load
+    assert "Loading weights" in capfd.readouterr().err
+    for enabled in (True, False):  # the user's own setting (HF_HUB_DISABLE_PROGRESS_BARS, or the call) is kept
+        (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+        load_prior(tiny_model)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert transformers_logging.is_progress_bar_enabled() is enabled
+    (transformers_logging.enable_progress_bar if initial else transformers_logging.disable_progress_bar)()

@@ -6,6 +6,8 @@ their scheduler configs work unchanged."""
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import logging
 import os
@@ -216,6 +218,23 @@ def same_model(recorded: str, model: str) -> bool:
     return BUNDLED_PRIOR not in (recorded, model) and a.is_dir() and b.is_dir() and a.resolve() == b.resolve()
 
 
+@contextlib.contextmanager
+def _no_weight_loading_bar(local: bool):
+    """transformers 5 draws a "Loading weights" bar for every model it loads, a line between dyod's own bars for a
+    load that takes a second; dyod logs what it loaded instead. Only from a local folder: transformers' switch also
+    turns off huggingface_hub's bars, and a hub id's first load is a download worth watching."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    if local and enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if local and enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Prior:
     """Load the frozen prior from a local diffusers folder or a hub id, with a clear error when it is missing."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -259,8 +278,9 @@ def load_prior(model: str | os.PathLike, device: str | torch.device = "cpu", dty
                             dict(AutoencoderKL.load_config(model, subfolder="vae", **hub)),
                             CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **hub).hidden_size)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **hub)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
-                                                     use_safetensors=True, **variant("text_encoder"))
+        with _no_weight_loading_bar(looks_local):
+            text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype,
+                                                         use_safetensors=True, **variant("text_encoder"))
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, use_safetensors=True,
                                                     **variant("unet"))
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, use_safetensors=True,
