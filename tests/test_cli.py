@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 from dyod.cli import build_parser, main
 from dyod.errors import DyodError
@@ -864,6 +865,23 @@ def test_fit_under_a_multi_process_launch(tmp_path, tiny_model, shapes):
     assert result.returncode == 0, result.stderr[-3000:]  # on the images --choose-t0 held out of the run, still
     steps = [json.loads(line)["step"] for line in (out / "inversion" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_fit_with_an_imported_s_star_under_a_multi_process_launch(tmp_path, tiny_model, shapes, fitted_run):
+    """The import is checked by every process and written by the main one; the custom VAE then trains on both."""
+    import os
+
+    out, source = tmp_path / "run", fitted_run / "learned_embeds.safetensors"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dyod.cli"]
+    fit = [*launch, "fit", str(shapes), "--model", str(tiny_model), "--out", str(out), "--embedding", str(source),
+           "--vae-epochs", "1", "--vae-batch-size", "2", "--vae-latent-dim", "6", "--device", "cpu"]
+    result = subprocess.run(fit, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["stages"]["inversion"]["imported_from"] == str(source.resolve())
+    assert info["stages"]["vae"]["processes"] == 2 and (out / "vae" / "model.safetensors").exists()
+    assert result.stderr.count("imported from") == 1  # logged by the main process alone
+    assert load_file(str(out / "learned_embeds.safetensors"))["<dyod>"].equal(load_file(str(source))["<dyod>"])
 
 
 def test_sample_under_a_multi_process_launch_deals_out_the_seeds(cli_run, tmp_path):

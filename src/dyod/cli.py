@@ -310,7 +310,7 @@ def cmd_invert(args) -> None:
     _attach_run_log(Path(args.out))
     if args.embedding is not None:
         path = import_dataset_prompt(args.data_dir, args.model, args.out, args.embedding, data_config, token=token,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, device=args.device)
         print(f"dataset prompt: {path} (imported from {args.embedding})")
         return
     path = invert(args.data_dir, args.model, args.out, config, data_config, resume=args.resume,

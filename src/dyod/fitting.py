@@ -58,8 +58,9 @@ def fit(
                progress=progress, device=device)
     else:
         if not (resume and _imported(out, embedding)):  # resuming the VAE: the same file's import is kept
-            import_dataset_prompt(data_dir, model, out, embedding, data_config, token=token, overwrite=overwrite)
-        if choose_t0:
+            import_dataset_prompt(data_dir, model, out, embedding, data_config, token=token, overwrite=overwrite,
+                                  device=device)
+        if choose_t0 and is_main_process():
             logger.warning("t0 is chosen on the images --holdout-fraction keeps out of training here, but S* from %s "
                            "was learned elsewhere, perhaps on them too: the chosen t0's score may be optimistic",
                            embedding)

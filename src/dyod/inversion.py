@@ -519,6 +519,7 @@ def import_dataset_prompt(
     data_config: DataConfig = DataConfig(),
     token: str | None = None,
     overwrite: bool = False,
+    device: str | None = None,
 ) -> Path:
     """S* from a textual inversion learned elsewhere for ``model`` on the images in ``data_dir`` (diffusers'
     ``learned_embeds.safetensors``, or the AUTOMATIC1111 web UI's ``.safetensors``), instead of learning it: the run
@@ -535,11 +536,17 @@ def import_dataset_prompt(
     except ValueError as e:
         raise DyodError(f"{embedding}: {e}") from None
     files = dataset_files(data_dir, data_config.holdout_fraction)
-    made_here = None if (Path(out) / RUN_FILE).exists() else Path(out).exists()
-    run = Run.open_or_create(out)
+    # Under a multi-process launch (`dyod fit --embedding` with the custom VAE's processes) every process checks what
+    # the main process alone writes, so that each fails or goes on alike; as in invert, the run folder is the main's.
+    accelerator = new_accelerator(mixed_precision="no", cpu=training_on_cpu(device))
+    main = accelerator.is_main_process
+    with accelerator.main_process_first():
+        made_here = None if (Path(out) / RUN_FILE).exists() else Path(out).exists()
+        run = Run.open_or_create(out)
     checkpoint = run.inversion_path / CHECKPOINT_FILE
     if not overwrite and (checkpoint.exists() or run.embeddings_path.exists()):
         raise DyodError(f"{run.path} already holds a dataset prompt; pass --overwrite to replace it with {embedding}")
+    accelerator.wait_for_everyone()  # every process has seen the run as it was before the main one changes it
     try:
         prior = load_prior(model)
         # the width and the token checked the way sampling will load them: an embedding made for another text
@@ -549,10 +556,9 @@ def import_dataset_prompt(
         except DyodError as e:
             raise DyodError(f"{embedding}: {e}") from None
     except DyodError:
-        if made_here is not None:  # a run this command began and nothing else: gone, as if never begun
+        if main and made_here is not None:  # a run this command began and nothing else: gone, as if never begun
             run.remove_if_bare(folder_existed=made_here)
         raise
-    run.bind_model(model_reference(model), prior.describe())
     # the dataset is read as invert reads it (each image decoded once, the unreadable ones recorded with the reason):
     # the run's record of its data sets the samples' resolution and what `dyod eval` scores against
     data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[])
@@ -560,16 +566,19 @@ def import_dataset_prompt(
         pass
     if not len(data):
         raise nothing_readable(Path(data_dir), files, data.skipped)
-    run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
-    write_json(run.path / "data.json", data.stats())
-    if overwrite:
-        checkpoint.unlink(missing_ok=True)  # a training's checkpoint would --resume into another S*
-    save_learned_embeds(run.embeddings_path, token, vectors)
-    run.update(placeholder_token=token, num_vectors=len(vectors))
-    run.set_stage("inversion", {
-        "imported_from": str(embedding.resolve()),
-        "sha256": hashlib.sha256(embedding.read_bytes()).hexdigest(),
-        "num_vectors": len(vectors),
-    })
-    logger.info("dataset prompt: %s (%d vector(s)) imported from %s", token, len(vectors), embedding)
+    if main:
+        run.bind_model(model_reference(model), prior.describe())
+        run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
+        write_json(run.path / "data.json", data.stats())
+        if overwrite:
+            checkpoint.unlink(missing_ok=True)  # a training's checkpoint would --resume into another S*
+        save_learned_embeds(run.embeddings_path, token, vectors)
+        run.update(placeholder_token=token, num_vectors=len(vectors))
+        run.set_stage("inversion", {
+            "imported_from": str(embedding.resolve()),
+            "sha256": hashlib.sha256(embedding.read_bytes()).hexdigest(),
+            "num_vectors": len(vectors),
+        })
+        logger.info("dataset prompt: %s (%d vector(s)) imported from %s", token, len(vectors), embedding)
+    accelerator.wait_for_everyone()  # the next stage (fit's custom VAE) reads what the main process wrote
     return run.embeddings_path

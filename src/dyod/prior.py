@@ -7,7 +7,6 @@ their scheduler configs work unchanged."""
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import logging
 import os
