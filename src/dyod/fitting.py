@@ -47,7 +47,7 @@ def fit(
     images ``data_config.holdout_fraction`` keeps out of both stages and store the best as the run's default t0.
     ``resume`` continues whichever stage was stopped. With ``embedding`` (a textual inversion learned elsewhere, see
     ``import_dataset_prompt``; ``token`` renames it) S* is imported instead of learned. Returns the run folder."""
-    from .inversion import import_dataset_prompt, invert
+    from .inversion import holds_import_of, import_dataset_prompt, invert
     from .run import Run, is_main_process
     from .vae_training import CHECKPOINT_FILE, train_vae
 
@@ -57,7 +57,7 @@ def fit(
         invert(data_dir, model, out, inversion_config, data_config, resume=resume, overwrite=overwrite,
                progress=progress, device=device)
     else:
-        if not (resume and _imported(out, embedding)):  # resuming the VAE: the same file's import is kept
+        if not (resume and holds_import_of(out, embedding)):  # resuming the VAE: the same file's import is kept
             import_dataset_prompt(data_dir, model, out, embedding, data_config, token=token, overwrite=overwrite,
                                   device=device)
         if choose_t0 and is_main_process():
@@ -77,18 +77,3 @@ def fit(
 
         sweep_and_store_t0(out, DEFAULT_T0S, n=choose_t0_samples, out=Path(out) / "t0_sweep", progress=progress)
     return Path(out)
-
-
-def _imported(out: str | os.PathLike, embedding: str | os.PathLike) -> bool:
-    """Whether the run in ``out`` holds S* imported from this very file (the same bytes)."""
-    import hashlib
-
-    from .data import RUN_FILE
-    from .run import Run
-
-    if not (Path(out) / RUN_FILE).exists() or not Path(embedding).is_file():
-        return False
-    run = Run.open(out)
-    stage = run.info.get("stages", {}).get("inversion", {})
-    return (run.embeddings_path.exists() and stage.get("imported_from") is not None
-            and stage.get("sha256") == hashlib.sha256(Path(embedding).read_bytes()).hexdigest())

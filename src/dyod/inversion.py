@@ -525,9 +525,8 @@ def import_dataset_prompt(
     ``learned_embeds.safetensors``, or the AUTOMATIC1111 web UI's ``.safetensors``), instead of learning it: the run
     is then as ``invert`` leaves it, ready for the custom VAE and sampling. ``token`` renames the file's pseudo-word
     (the web UI's names none). Returns the run's ``learned_embeds.safetensors``."""
-    import hashlib
-
     from .embeddings import load_into, read_textual_inversion
+    from .run import file_sha256
 
     embedding = Path(embedding)
     token, vectors = read_textual_inversion(embedding, token)  # an unreadable file is named before anything is made
@@ -576,9 +575,21 @@ def import_dataset_prompt(
         run.update(placeholder_token=token, num_vectors=len(vectors))
         run.set_stage("inversion", {
             "imported_from": str(embedding.resolve()),
-            "sha256": hashlib.sha256(embedding.read_bytes()).hexdigest(),
+            "sha256": file_sha256(embedding),
             "num_vectors": len(vectors),
         })
         logger.info("dataset prompt: %s (%d vector(s)) imported from %s", token, len(vectors), embedding)
     accelerator.wait_for_everyone()  # the next stage (fit's custom VAE) reads what the main process wrote
     return run.embeddings_path
+
+
+def holds_import_of(out: str | os.PathLike, embedding: str | os.PathLike) -> bool:
+    """Whether the run in ``out`` holds S* imported (``import_dataset_prompt``) from this very file, the same bytes."""
+    from .run import file_sha256
+
+    if not (Path(out) / RUN_FILE).exists() or not Path(embedding).is_file():
+        return False
+    run = Run.open(out)
+    stage = run.info.get("stages", {}).get("inversion", {})
+    return (run.embeddings_path.exists() and stage.get("imported_from") is not None
+            and stage.get("sha256") == file_sha256(Path(embedding)))

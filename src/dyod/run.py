@@ -192,7 +192,7 @@ class Run:
     def results_fingerprint(self) -> dict:
         """SHA-256 of what the two stages made (S* and the custom VAE's weights; None for a stage not made): stored
         with the t0 ``dyod tune`` chooses, which holds only for the S* and VAE it was chosen with."""
-        return {name: _sha256(path) if path.exists() else None
+        return {name: file_sha256(path) if path.exists() else None
                 for name, path in (("embedding", self.embeddings_path), ("vae", self.vae_weights_path))}
 
     def changed_results(self, recorded: dict) -> list[str]:
@@ -429,7 +429,8 @@ def _count(n, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read a MiB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
