@@ -54,35 +54,128 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
     assert recorded == {**json.loads(json.dumps(dataclasses.asdict(config))), "unet_steps": 4}
 
 
-def test_ctrl_c_in_pretraining_writes_its_state_and_resume_goes_on(tmp_path, monkeypatch, ctrl_c_raises):
-    """Pre-training checkpoints every 1,000 steps: Ctrl-C between them lost everything since (hours on a CPU). Now
-    the step in progress finishes and its state is written; --resume goes on from there."""
+TINY = dict(corpus_size=64, vae_steps=4, vae_batch_size=4, unet_steps=5, unet_batch_size=4, vocab_size=600,
+            text_width=32, text_layers=1, vae_channels=(32, 32, 32), unet_channels=(32, 32, 32), probe_every=0)
+
+
+def _interrupt_on_call(monkeypatch, module, name, call):
+    """SIGINT while ``module.name`` runs for the ``call``-th time (the step in progress then finishes)."""
     import os
     import signal
 
+    original, calls = getattr(module, name), []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+
+
+def test_pretraining_stopped_in_each_stage_and_resumed_gives_the_uninterrupted_prior(tmp_path, monkeypatch,
+                                                                                   ctrl_c_raises):
+    """Ctrl-C in the autoencoder's stage, then in the UNet's: the step in progress finishes and its state is written
+    (EMA weights and all), and --resume ends with the very weights of a run never stopped."""
+    from safetensors.torch import load_file
+
+    from dyod.world import prior_training
     from dyod.world.prior_training import PretrainConfig, pretrain
 
-    config = PretrainConfig(corpus_size=64, vae_steps=2, vae_batch_size=4, unet_steps=5, unet_batch_size=4,
-                            vocab_size=600, text_width=32, text_layers=1, vae_channels=(32, 32, 32),
-                            unet_channels=(32, 32, 32), checkpoint_every=100)
-    clip, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def interrupted_in_step_three(*args, **kwargs):  # the UNet loop's alone
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_in_step_three)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tmp_path / "prior", config, progress=False, device="cpu")
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    config = PretrainConfig(**TINY, checkpoint_every=100, ema_decay=0.9)
+    whole = pretrain(tmp_path / "whole", config, progress=False, device="cpu")
+    # render_scenes: call 1 renders the corpus, call k + 1 the autoencoder's step k
+    with monkeypatch.context() as m:
+        _interrupt_on_call(m, prior_training, "render_scenes", 3)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(tmp_path / "stopped", config, progress=False, device="cpu")
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "prior" / "training" / "unet_state.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "stopped" / "training" / "vae_state.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2"
+    assert not (tmp_path / "stopped" / "vae").exists()
+    with monkeypatch.context() as m:  # clip_grad_norm_: the UNet loop's alone
+        _interrupt_on_call(m, torch.nn.utils, "clip_grad_norm_", 3)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
+    with safe_open(str(tmp_path / "stopped" / "training" / "unet_state.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "3"
-    out = pretrain(tmp_path / "prior", config, resume=True, progress=False, device="cpu")
-    assert len(json.loads((out / "training" / "unet_losses.json").read_text())) == 5  # steps 4 and 5 added
+    resumed = pretrain(tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
+    for component, file in (("vae", "diffusion_pytorch_model"), ("unet", "diffusion_pytorch_model"),
+                            ("text_encoder", "model")):
+        a = load_file(str(whole / component / f"{file}.safetensors"))
+        b = load_file(str(resumed / component / f"{file}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    assert len(json.loads((resumed / "training" / "unet_losses.json").read_text())) == 5
+    assert len(json.loads((resumed / "training" / "vae_losses.json").read_text())) == 4
+
+
+def test_the_saved_weights_are_the_exponential_average_of_the_trained_ones(tmp_path):
+    """With EMA the UNet saved is not the last step's: pre-training without it (decay 0) differs, and the decay's
+    warm-up is diffusers' EMAModel's."""
+    from safetensors.torch import load_file
+
+    from dyod.world.prior_training import PretrainConfig, ema_of, pretrain
+
+    plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY, ema_decay=0.0), progress=False, device="cpu")
+    averaged = pretrain(tmp_path / "ema", PretrainConfig(**TINY, ema_decay=0.999), progress=False, device="cpu")
+    a = load_file(str(plain / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(averaged / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = ema_of([p], 0.999)
+    for n in range(1, 4):  # EMAModel: the first step copies, then decay (1 + n) / (10 + n)
+        with torch.no_grad():
+            p.add_(1.0)
+        before = ema.shadow_params[0].clone()
+        ema.step([p])
+        decay = 0.0 if n == 1 else min(0.999, n / (9 + n))
+        assert torch.allclose(ema.shadow_params[0], decay * before + (1 - decay) * p.detach())
+
+
+def test_min_snr_weights_are_diffusers_training_recipe():
+    """Min-SNR-γ as diffusers' train_text_to_image computes it for ε-prediction: min(SNR, γ) / SNR."""
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from dyod.world.prior_training import ddim_config, min_snr_weights
+
+    scheduler = DDIMScheduler(**ddim_config())
+    t = torch.arange(0, 1000, 7)
+    snr = compute_snr(scheduler, t)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
+    got = min_snr_weights(scheduler.alphas_cumprod, t, 5.0)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert got[0] < 0.01 and got[-1] == 1.0  # the easy, nearly clean steps count less; the noisy ones fully
+    assert torch.equal(min_snr_weights(scheduler.alphas_cumprod, t, 0.0), torch.ones(len(t)))
+
+
+def test_the_concept_set_takes_an_even_share_of_every_group_and_the_autoencoder_sees_all_emoji():
+    from dyod.config import PretrainConfig
+    from dyod.world.atlas import EmojiAtlas
+    from dyod.world.concepts import atlas_corpus, concept_corpus, concept_set, heldout_corpora
+
+    atlas = EmojiAtlas.bundled()
+    concepts = concept_set(atlas, 4)
+    assert len(concepts) >= 300
+    codepoints = [int(e["codepoint"][2:], 16) for e in atlas.entries]
+    assert codepoints == sorted(codepoints)  # the rule's premise: code-point order, groups in contiguous runs
+    groups = {"faces": (0x1F600, 0x1F64F), "people and body": (0x1F466, 0x1F487), "animals": (0x1F400, 0x1F43F),
+              "food": (0x1F32D, 0x1F37F), "travel": (0x1F680, 0x1F6FF), "activities": (0x1F3A0, 0x1F3CF),
+              "objects": (0x1F4A0, 0x1F4FF), "symbols": (0x2600, 0x27BF)}
+    chosen = set(concepts)
+    for name, (low, high) in groups.items():
+        members = [i for i, c in enumerate(codepoints) if low <= c <= high]
+        share = sum(i in chosen for i in members) / len(members)
+        assert len(members) >= 20 and 0.2 <= share <= 0.3, (name, len(members), share)
+    config = PretrainConfig()
+    drawn = lambda gen: {p.emoji for i in range(400) for p in gen.scene(i).placements}  # noqa: E731
+    assert drawn(concept_corpus(config)) <= chosen
+    heldout = heldout_corpora(config)
+    assert drawn(heldout["in_set"]) <= chosen and not drawn(heldout["out_of_set"]) & chosen
+    everything = drawn(atlas_corpus(config))
+    assert len(everything - chosen) > 2 * len(everything & chosen)  # all emoji, mostly outside the concept set
 
 
 def test_a_folder_of_fp16_variant_weights_loads(tmp_path, tiny_model):

@@ -705,13 +705,16 @@ def cmd_train_features(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .world.prior_training import pretrain, write_model_card
+    from .world.prior_card import card_for
+    from .world.prior_training import pretrain
 
     recorded = Path(args.out) / "training" / "pretrain_config.json"  # with --resume, the flags not given
     config = _resumed_config(args, PretrainConfig, read_json(recorded) if recorded.exists() else None)
     out = pretrain(args.out, config, resume=args.resume, device=args.device)
-    card = write_model_card(out)
+    card, rows = card_for(out, device=args.device or "cpu")
     print(f"reference prior: {out} (model card: {card})")
+    for prop, measured, target, met in rows:
+        print(f"  {prop}: {measured} (target {target}{'' if met else ', not met'})")
 
 
 def cmd_info(args) -> None:

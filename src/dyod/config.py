@@ -198,41 +198,56 @@ class SampleConfig:
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Sizes and schedule of the reference prior, ``dyod reference pretrain`` (``dyod.world.prior_training``; defaults:
-    about an hour on 2 CPU cores)."""
+    about two hours on 2 CPU cores, docs/reference-prior.md)."""
 
     resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
-    corpus_size: int = field(30000, "captioned scenes rendered to train on", min=1)
+    concept_stride: int = field(4, "the concept set the UNet is told about: every Nth emoji of the atlas in code-point "
+                                   "order (339 of 1,356 at 4, about a quarter of every group)", min=1)
+    corpus_size: int = field(60000, "captioned scenes of the concept set rendered for the UNet (latents cached)", min=1)
     corpus_seed: int = seed_field("seed of the scene corpus (scene i of a seed is always the same)")
-    emphasis_weight: float = field(0.5, "share of sprites drawn from the bundled datasets' emoji (fruits, faces), in "
-                                        "[0, 1]", min=0.0)
+    emphasis_weight: float = field(0.0, "share of sprites drawn from the bundled datasets' emoji (fruits, faces), in "
+                                        "[0, 1]; 0: none favoured", min=0.0)
     vocab_size: int = field(4096, "size of the BPE vocabulary trained on the captions", min=1)
     max_length: int = field(64, "tokens per caption (longer captions are truncated)", min=2)
     text_width: int = field(128, "width of the CLIP text encoder (a multiple of --text-heads)", min=1)
     text_layers: int = field(4, "transformer layers of the text encoder", min=1)
     text_heads: int = field(4, "attention heads of the text encoder", min=1)
-    vae_channels: tuple[int, ...] = field((32, 64, 64), "autoencoder channels per level; each level after the first "
-                                                        "halves the resolution")
-    vae_steps: int = field(2000, "autoencoder training steps", min=1)
+    vae_channels: tuple[int, ...] = field((32, 64, 128), "autoencoder channels per level; each level after the first "
+                                                         "halves the resolution")
+    vae_steps: int = field(3600, "autoencoder training steps, each on freshly rendered scenes of every emoji", min=1)
     vae_batch_size: int = field(16, "images per autoencoder step", min=1)
-    vae_learning_rate: float = field(1e-3, "AdamW learning rate of the autoencoder", min=0.0)
+    vae_learning_rate: float = field(1e-3, "peak AdamW learning rate of the autoencoder (warm-up, then cosine decay)",
+                                     min=0.0)
     vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
     unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
-    unet_steps: int = field(10000, "UNet and text encoder training steps", min=1)
-    unet_batch_size: int = field(16, "images per UNet step", min=1)
+    unet_attention_from: int = field(1, "first UNet level with cross-attention (0: all; attention at the finest level "
+                                        "costs most)", min=0)
+    unet_steps: int = field(7000, "UNet and text encoder training steps", min=1)
+    unet_batch_size: int = field(64, "images per UNet step", min=1)
     unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
                                             "cosine decay)", min=0.0)
+    min_snr_gamma: float = field(5.0, "Min-SNR-γ loss weighting of the UNet (Hang et al. 2023); 0: plain ε-MSE",
+                                 min=0.0)
+    ema_decay: float = field(0.999, "decay of the exponential moving average of the UNet and text encoder weights "
+                                    "that is saved; 0: no average", min=0.0)
     caption_dropout: float = field(0.1, "share of captions replaced by the empty one, so that classifier-free guidance "
                                         "works, in [0, 1]", min=0.0)
-    checkpoint_every: int = field(1000, "write a resumable checkpoint of the stage in training every N steps", min=1)
+    checkpoint_every: int = field(500, "write a resumable checkpoint of the stage in training every N steps", min=1)
+    probe_every: int = field(600, "measure the stage in training every N steps (reconstruction, text following on a "
+                                  "small probe), for the model card's curves; 0: only at the end", min=0)
     seed: int = seed_field("training seed")
 
     def __post_init__(self):
         check_bounds(self)
-        for name in ("emphasis_weight", "caption_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("emphasis_weight", "caption_dropout", "ema_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0 or (name == "ema_decay" and self.ema_decay == 1.0):
+                bound = "[0, 1)" if name == "ema_decay" else "[0, 1]"
+                raise ValueError(f"--{name.replace('_', '-')} must be in {bound}, got {getattr(self, name)}")
         if self.text_width % self.text_heads:
             raise ValueError(f"--text-width ({self.text_width}) must be a multiple of --text-heads ({self.text_heads})")
+        if self.unet_attention_from >= len(self.unet_channels):
+            raise ValueError(f"--unet-attention-from ({self.unet_attention_from}) must name one of the "
+                             f"{len(self.unet_channels)} UNet levels (0 to {len(self.unet_channels) - 1})")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,18 +1,24 @@
 """The reference prior: a miniature Stable Diffusion pre-trained on the emoji scene corpus, in diffusers layout.
 
-    dyod reference pretrain --out PRIOR [--corpus-size N --unet-steps N ...] [--resume]
+    dyod reference pretrain --out PRIOR [--unet-steps N ...] [--resume]
 
-Stages (each resumable, each written as soon as it is done):
-  1. tokenizer/    CLIP BPE vocab + merges trained on the corpus captions (HF tokenizers' BPE trainer)
-  2. vae/          AutoencoderKL, 64 px -> 16 x 16 x 4 latents (×4), MSE + small KL; scaling_factor = 1/std(latents)
-  3. unet/ + text_encoder/   trained together on cached latents, ε-prediction, 10% caption dropout (for
-                   classifier-free guidance with the empty prompt)
+Stages (each resumable, each written as soon as it is done, each timed in training/timings.json):
+  1. tokenizer/    CLIP BPE vocab + merges trained on the concept corpus' captions (HF tokenizers' BPE trainer)
+  2. vae/          AutoencoderKL, 64 px -> 16 x 16 x 4 latents (x4), L1 + MSE + tiny KL, on an endless stream of freshly
+                   rendered scenes of every emoji in the atlas (it must draw what the UNet is never told about);
+                   scaling_factor = 1/std(latents), as SD's 0.18215
+  3. unet/ + text_encoder/   trained together on the cached latents of the concept corpus: ε-prediction, Min-SNR-γ
+                   weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
+
+The concept set is every ``concept_stride``-th emoji of the atlas in code-point order: Unicode allocates each group
+(faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs, so the stride takes an even
+share of every group, whatever the bundled datasets hold. ``training/probes.json`` records, every ``probe_every``
+steps, the held-out reconstruction error and the text following on a small probe (the model card's curves).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -26,63 +32,90 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointOnInterrupt, load_training_state, save_training_state
-from ..config import PretrainConfig, write_json
+from ..config import PretrainConfig, to_dict, write_json
 from ..errors import DyodError
 from ..testing import bytes_to_unicode
 from .atlas import EmojiAtlas
-from .datasets import face_indices, fruit_indices
+from .concepts import (HELDOUT_SEED, atlas_corpus, concept_corpus, concept_set, heldout_corpora, render_scenes,
+                       to_unit)
 from .scenes import SceneGenerator
 
 logger = logging.getLogger(__name__)
 
-
 def corpus(config: PretrainConfig) -> SceneGenerator:
-    atlas = EmojiAtlas.bundled()
-    return SceneGenerator(seed=config.corpus_seed, resolution=config.resolution, atlas=atlas,
-                          emphasis=fruit_indices(atlas) + face_indices(atlas), emphasis_weight=config.emphasis_weight)
+    return concept_corpus(config)
 
 
 # -- 1. tokenizer ---------------------------------------------------------------------------------------------------
+CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # CLIP's pre-tokenization
+
+
+def learn_bpe_merges(captions: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """BPE merges over the captions' words as CLIP splits them (bytes as unicode symbols, ``</w>`` ending a word):
+    repeatedly the most frequent adjacent pair, ties broken by the pair's own order, so the same captions always give
+    the same tokenizer (HF tokenizers' trainer breaks ties by hash order, which changes from process to process)."""
+    import collections
+    import unicodedata
+
+    import regex
+
+    byte_symbol = bytes_to_unicode()
+    pattern = regex.compile(CLIP_WORDS)
+    counts = collections.Counter(
+        word for caption in captions
+        for word in pattern.findall(" ".join(unicodedata.normalize("NFC", caption).lower().split())))
+    words = []
+    for word, n in sorted(counts.items()):
+        symbols = [byte_symbol[b] for b in word.encode("utf-8")]
+        words.append([symbols[:-1] + [symbols[-1] + "</w>"], n])
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: collections.Counter = collections.Counter()
+        for symbols, n in words:
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break  # every word is one symbol
+        best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        merges.append(best)
+        joined = best[0] + best[1]
+        for entry in words:
+            symbols, i, merged = entry[0], 0, []
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(joined)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            entry[0] = merged
+    return merges
+
+
 def train_tokenizer(captions: list[str], folder: Path, vocab_size: int, max_length: int) -> None:
-    """A CLIP BPE tokenizer (vocab.json + merges.txt with </w> word ends) trained on the captions."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A CLIP BPE tokenizer trained on the captions, laid out as CLIP's own: vocab.json holds every byte symbol, alone
+    and word-final, then one entry per merge, then the start and end tokens (``vocab_size`` in all, at most)."""
     from transformers import CLIPTokenizer
 
     alphabet = list(bytes_to_unicode().values())
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>",
-                                  special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator(captions, trainer)
-    vocab: dict[str, int] = dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
-    for symbol in alphabet + [s + "</w>" for s in alphabet]:  # CLIP encodes any byte, alone or word-final
-        vocab.setdefault(symbol, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    merges = learn_bpe_merges(captions, max(0, vocab_size - 2 * len(alphabet) - 2))
+    symbols = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
+    vocab = {s: i for i, s in enumerate(dict.fromkeys(symbols + ["<|startoftext|>", "<|endoftext|>"]))}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     clip = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
     clip.save_pretrained(folder)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
 def render_corpus(config: PretrainConfig, progress: bool) -> tuple[torch.Tensor, list[str]]:
-    gen = corpus(config)
-    images = np.empty((config.corpus_size, config.resolution, config.resolution, 3), dtype=np.uint8)
-    captions = []
-    for i in tqdm(range(config.corpus_size), disable=not progress, desc="rendering corpus"):
-        scene = gen.scene(i)
-        images[i] = np.asarray(scene.render(gen.atlas))
-        captions.append(scene.caption)
-    return torch.from_numpy(images).permute(0, 3, 1, 2), captions
+    return render_scenes(concept_corpus(config), range(config.corpus_size), progress, "rendering corpus")
 
 
-def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
-    return x_uint8.float() / 127.5 - 1
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 0 at ``total``."""
+    return min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 def _save_state(path: Path, modules: dict, optimizer, step: int, generator: torch.Generator, extra: dict | None = None):
@@ -97,52 +130,103 @@ def _load_state(path: Path, modules: dict, optimizer, generator: torch.Generator
     return step, meta
 
 
+class Probes:
+    """training/probes.json: a list of {stage, step, seconds, ...measurements}, kept across --resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = json.loads(path.read_text()) if path.exists() else []
+
+    def add(self, stage: str, step: int, seconds: float, **values) -> None:
+        self.records = [r for r in self.records if not (r["stage"] == stage and r["step"] >= step)]
+        self.records.append({"stage": stage, "step": step, "seconds": round(seconds, 1), **values})
+        write_json(self.path, self.records)
+        logger.info("probe %s step %d: %s", stage, step, values)
+
+
 # -- 2. VAE -------------------------------------------------------------------------------------------------------------
-def train_autoencoder(images: torch.Tensor, config: PretrainConfig, folder: Path, device, progress: bool, resume: bool):
+def build_autoencoder(config: PretrainConfig):
     from diffusers import AutoencoderKL
 
     n_blocks = len(config.vae_channels)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=config.resolution,
         block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D",) * n_blocks, up_block_types=("UpDecoderBlock2D",) * n_blocks,
-    ).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
+    )
+
+
+@torch.no_grad()
+def reconstruct(vae, images_uint8: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
+    """Images through the autoencoder (posterior mean), in [-1, 1] on the CPU."""
+    out = []
+    for i in range(0, len(images_uint8), batch_size):
+        x = to_unit(images_uint8[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
+        out.append(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().cpu())
+    return torch.cat(out)
+
+
+def heldout_sets(config: PretrainConfig, n: int = 256) -> dict[str, torch.Tensor]:
+    return {name: render_scenes(gen, range(n))[0] for name, gen in heldout_corpora(config).items()}
+
+
+def autoencoder_probe(vae, heldout: dict[str, torch.Tensor], device) -> dict:
+    vae.eval()
+    values = {f"mse_{name}": round(float(F.mse_loss(reconstruct(vae, x, device), to_unit(x))), 5)
+              for name, x in heldout.items()}
+    vae.train()
+    return values
+
+
+def train_autoencoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
+    vae = build_autoencoder(config).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
-    state_path, start, losses = folder.parent / "training" / "vae_state.safetensors", 0, []
+    stream = atlas_corpus(config)
+    heldout = heldout_sets(config) if config.probe_every else None
+    state_path, start, losses, before = folder.parent / "training" / "vae_state.safetensors", 0, [], 0.0
     if resume and state_path.exists():
         start, extra = _load_state(state_path, {"vae": vae}, optimizer, generator)
-        losses = extra.get("losses", [])
+        losses, before = extra.get("losses", []), extra.get("vae_s", 0.0)
+    started = time.time()
     vae.train()
     bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, disable=not progress, desc="prior VAE")
     with CheckpointOnInterrupt() as interrupt:
         for step in bar:
-            x = to_unit(images[torch.randint(len(images), (config.vae_batch_size,), generator=generator)]).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = config.vae_learning_rate * warmup_cosine(step, config.vae_steps, 100)
+            batch = range(step * config.vae_batch_size, (step + 1) * config.vae_batch_size)
+            x = to_unit(render_scenes(stream, batch)[0]).to(device).contiguous(memory_format=torch.channels_last)
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
             recon = vae.decode(z).sample
-            rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-            kl = posterior.kl().mean()
-            loss = rec + config.vae_kl_weight * kl
+            rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+            loss = rec + config.vae_kl_weight * posterior.kl().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(rec.item())
             if step % 20 == 0:
                 bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
-            stopping = interrupt.stopping(step + 1, config.vae_steps)
-            if (step + 1) % config.checkpoint_every == 0 or stopping:
-                _save_state(state_path, {"vae": vae}, optimizer, step + 1, generator, {"losses": losses})
+            done = step + 1
+            if heldout is not None and (done % config.probe_every == 0 or done == config.vae_steps):
+                probes.add("vae", done, before + time.time() - started, **autoencoder_probe(vae, heldout, device))
+            stopping = interrupt.stopping(done, config.vae_steps)
+            if done % config.checkpoint_every == 0 or stopping:
+                _save_state(state_path, {"vae": vae}, optimizer, done, generator,
+                            {"losses": losses, "vae_s": before + time.time() - started})
             if stopping:
-                interrupt.stop(bar, step + 1, config.vae_steps, "the prior's autoencoder", "step", state_path)
+                interrupt.stop(bar, done, config.vae_steps, "the prior's autoencoder", "step", state_path)
     vae.eval()
     # SD's recipe: scale latents to unit variance (SD 1.5 uses 0.18215)
+    sample = render_scenes(concept_corpus(config), range(1024))[0]
     with torch.no_grad():
-        sample = to_unit(images[:1024]).to(device)
-        latents = torch.cat([vae.encode(sample[i:i + 128]).latent_dist.mean for i in range(0, len(sample), 128)])
+        latents = torch.cat([vae.encode(to_unit(sample[i:i + 128]).to(device)).latent_dist.mean
+                             for i in range(0, len(sample), 128)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae = vae.to(memory_format=torch.contiguous_format)
     vae.save_pretrained(folder)
-    return vae.cpu(), losses
+    return vae.cpu(), losses, before + time.time() - started
 
 
 @torch.no_grad()
@@ -150,7 +234,8 @@ def encode_corpus(vae, images: torch.Tensor, device, progress: bool) -> tuple[to
     vae = vae.to(device).eval()
     means, stds = [], []
     for i in tqdm(range(0, len(images), 256), disable=not progress, desc="encoding corpus"):
-        posterior = vae.encode(to_unit(images[i:i + 256]).to(device)).latent_dist
+        x = to_unit(images[i:i + 256]).to(device).contiguous(memory_format=torch.channels_last)
+        posterior = vae.encode(x).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
@@ -167,12 +252,13 @@ def build_unet_and_text_encoder(config: PretrainConfig, tokenizer):
         max_position_embeddings=config.max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    ch = config.unet_channels
+    ch, first = config.unet_channels, config.unet_attention_from
+    # cross-attention from level ``first`` down; the deepest level's attention is the mid block's
+    down = tuple("CrossAttnDownBlock2D" if first <= i < len(ch) - 1 else "DownBlock2D" for i in range(len(ch)))
     unet = UNet2DConditionModel(
         sample_size=config.resolution // 2 ** (len(config.vae_channels) - 1), in_channels=4, out_channels=4,
         block_out_channels=ch, layers_per_block=1, cross_attention_dim=config.text_width, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
+        down_block_types=down, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         norm_num_groups=32,
     )
     return unet, text_encoder
@@ -184,9 +270,146 @@ def ddim_config(prediction_type: str = "epsilon") -> dict:
                 timestep_spacing="leading")
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights of the ε-MSE per sample: min(SNR(t), γ) / SNR(t) (Hang et al. 2023; 1 where γ is 0)."""
+    if not gamma:
+        return torch.ones_like(t, dtype=torch.float32)
+    ab = alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    return snr.clamp(max=gamma) / snr
+
+
+def ema_of(params: list[torch.nn.Parameter], decay: float):
+    """diffusers' EMAModel of the parameters (its warm-up (1 + n) / (10 + n), capped at ``decay``): the weights saved."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay, foreach=True)
+
+
+def unet_probe(unet, text_encoder, tokenizer, vae, scaling, probe_emoji, probe_batch, alphas_cumprod, device) -> dict:
+    """Text following on a small probe (20 DDIM steps), and whether the UNet uses the text at all: the ε-MSE of a
+    fixed held-out batch with its true captions against the same captions shuffled."""
+    from .prior_card import sample_single_emoji, top_k_hits
+
+    unet.eval(), text_encoder.eval()
+    with torch.no_grad():
+        images = sample_single_emoji(unet, text_encoder, tokenizer, vae, scaling, probe_emoji, steps=20, device=device)
+        top1, top5 = top_k_hits(images, probe_emoji)
+        latents, ids, noise, t = (v.to(device) for v in probe_batch)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        mse = {}
+        for name, order in (("true", torch.arange(len(ids))), ("shuffled", torch.roll(torch.arange(len(ids)), 1))):
+            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids[order.to(device)])[0]).sample
+            mse[name] = float(F.mse_loss(pred, noise))
+    unet.train(), text_encoder.train()
+    return {"probe_top1": round(float(top1.mean()), 4), "probe_top5": round(float(top5.mean()), 4),
+            "mse_true_captions": round(mse["true"], 5), "mse_shuffled_captions": round(mse["shuffled"], 5)}
+
+
+def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, token_ids, empty_ids, device,
+               progress: bool, resume: bool, probes: Probes):
+    from diffusers import DDIMScheduler
+
+    work = out / "training"
+    unet, text_encoder = build_unet_and_text_encoder(config, tokenizer)
+    unet.to(device, memory_format=torch.channels_last).train()
+    text_encoder.to(device).train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.unet_learning_rate, weight_decay=0.01)
+    ema = ema_of(params, config.ema_decay) if config.ema_decay else None
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    state_path, start, losses, before = work / "unet_state.safetensors", 0, [], 0.0
+    if resume and state_path.exists():
+        modules = {"unet": unet, "text_encoder": text_encoder}
+        step, tensors, meta = load_training_state(state_path, optimizer, generator)
+        for name, m in modules.items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        if ema is not None:
+            for i, shadow in enumerate(ema.shadow_params):
+                shadow.copy_(tensors[f"ema.{i}"])
+            ema.optimization_step = meta["ema_step"]
+        start, losses, before = step, meta.get("losses", []), meta.get("unet_s", 0.0)
+    alphas_cumprod = DDIMScheduler(**ddim_config()).alphas_cumprod.to(device)
+    scaling = vae.config.scaling_factor
+    vae = vae.to(device).eval()
+    # the probe: 24 concepts and a fixed held-out batch (scenes of a seed the UNet never trains on)
+    rng = np.random.default_rng(config.seed)
+    probe_emoji = [int(k) for k in rng.choice(concept_set(EmojiAtlas.bundled(), config.concept_stride), 24, replace=False)]
+    held_images, held_captions = render_scenes(concept_corpus(config, seed=HELDOUT_SEED), range(128))
+    held_mean, held_std = encode_corpus(vae, held_images, device, False)
+    g = torch.Generator().manual_seed(HELDOUT_SEED)
+    held_latents = (held_mean + held_std * torch.randn(held_mean.shape, generator=g)) * scaling
+    probe_batch = (held_latents, tokenizer(held_captions, padding="max_length", max_length=config.max_length,
+                                           truncation=True, return_tensors="pt").input_ids,
+                   torch.randn(held_latents.shape, generator=g), torch.randint(100, 900, (128,), generator=g))
+
+    def state_tensors():
+        tensors = {f"{name}.{k}": v for name, m in (("unet", unet), ("text_encoder", text_encoder))
+                   for k, v in m.state_dict().items()}
+        if ema is not None:
+            tensors.update({f"ema.{i}": shadow for i, shadow in enumerate(ema.shadow_params)})
+        return tensors
+
+    def probe(step: int) -> None:
+        if ema is not None:  # the probe measures the weights that will be saved
+            ema.store(params)
+            ema.copy_to(params)
+        values = unet_probe(unet, text_encoder, tokenizer, vae, scaling, probe_emoji, probe_batch, alphas_cumprod,
+                            device)
+        if ema is not None:
+            ema.restore(params)
+        probes.add("unet", step, before + time.time() - started, loss=round(float(np.mean(losses[-200:])), 5), **values)
+
+    started = time.time()
+    bar = tqdm(range(start, config.unet_steps), initial=start, total=config.unet_steps, disable=not progress, desc="prior UNet")
+    with CheckpointOnInterrupt() as interrupt:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = config.unet_learning_rate * warmup_cosine(step, config.unet_steps, 500)
+            idx = torch.randint(len(means), (config.unet_batch_size,), generator=generator)
+            latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(1000, (len(idx),), generator=generator)
+            ids = token_ids[idx].clone()
+            drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
+            ids[drop] = empty_ids[0]
+            latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
+            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+            noisy = (ab.sqrt() * latents + (1 - ab).sqrt() * noise).contiguous(memory_format=torch.channels_last)  # Eq. 4
+            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+            per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # Eq. 5
+            loss = (min_snr_weights(alphas_cumprod, t, config.min_snr_gamma) * per_sample).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if ema is not None:
+                ema.step(params)
+            losses.append(float(per_sample.detach().mean()))
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            done = step + 1
+            if config.probe_every and done % config.probe_every == 0 and done < config.unet_steps:
+                probe(done)
+            stopping = interrupt.stopping(done, config.unet_steps)
+            if done % config.checkpoint_every == 0 or done == config.unet_steps or stopping:
+                save_training_state(state_path, state_tensors(), optimizer, generator, done,
+                                    {"losses": losses, "unet_s": before + time.time() - started,
+                                     "ema_step": ema.optimization_step if ema is not None else 0})
+            if stopping:
+                interrupt.stop(bar, done, config.unet_steps, "the prior's UNet", "step", state_path)
+    elapsed = before + time.time() - started
+    if ema is not None:
+        ema.copy_to(params)
+    if config.probe_every:
+        probe(config.unet_steps)
+    return unet.to(memory_format=torch.contiguous_format), text_encoder, losses, elapsed
+
+
 def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), resume: bool = False,
              progress: bool = True, device: str | None = None) -> Path:
-    """Train the reference prior into ``out`` (a diffusers folder) and write its model card; return ``out``."""
+    """Train the reference prior into ``out`` (a diffusers folder), stage by stage; return ``out``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -196,9 +419,10 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
         raise DyodError(f"{out} is not empty; pass --resume to continue a pre-training there, or choose another --out")
     work = out / "training"
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "pretrain_config.json", {k: list(v) if isinstance(v, tuple) else v
-                                              for k, v in dataclasses.asdict(config).items()})
+    write_json(work / "pretrain_config.json", to_dict(config))
     timings: dict = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+    timings.update(device=device, threads=torch.get_num_threads())
+    probes = Probes(work / "probes.json")
     torch.manual_seed(config.seed)
 
     started = time.time()
@@ -214,202 +438,28 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
                        sum(n > config.max_length for n in lengths), config.max_length)
 
     if not (out / "vae" / "config.json").exists():
-        t = time.time()
-        vae, vae_losses = train_autoencoder(images, config, out / "vae", device, progress, resume)
-        timings["vae_s"] = round(time.time() - t, 1)
+        vae, vae_losses, seconds = train_autoencoder(config, out / "vae", device, progress, resume, probes)
+        timings["vae_s"] = round(seconds, 1)
         write_json(work / "vae_losses.json", vae_losses)
         write_json(work / "timings.json", timings)  # kept across a --resume of the UNet stage
-    vae = AutoencoderKL.from_pretrained(out / "vae")
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(memory_format=torch.channels_last)
+    t = time.time()
     means, stds = encode_corpus(vae, images, device, progress)
-    scaling = vae.config.scaling_factor
+    timings["encode_s"] = round(time.time() - t, 1)
     token_ids = tokenizer(captions, padding="max_length", max_length=config.max_length, truncation=True,
                           return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=config.max_length, return_tensors="pt").input_ids
 
-    unet, text_encoder = build_unet_and_text_encoder(config, tokenizer)
-    unet.to(device).train()
-    text_encoder.to(device).train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.unet_learning_rate, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    state_path, start, losses = work / "unet_state.safetensors", 0, []
-    unet_before = 0.0  # UNet seconds spent before a --resume
-    if resume and state_path.exists():
-        start, extra = _load_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, generator)
-        losses, unet_before = extra.get("losses", []), extra.get("unet_s", 0.0)
-    alphas_cumprod = DDIMScheduler(**ddim_config()).alphas_cumprod.to(device)
-    warmup = 200
-    t_unet = time.time()
-    bar = tqdm(range(start, config.unet_steps), initial=start, total=config.unet_steps, disable=not progress, desc="prior UNet")
-    with CheckpointOnInterrupt() as interrupt:
-        for step in bar:
-            lr = config.unet_learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / config.unet_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = torch.randint(len(means), (config.unet_batch_size,), generator=generator)
-            latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling
-            noise = torch.randn(latents.shape, generator=generator)
-            t = torch.randint(1000, (len(idx),), generator=generator)
-            ids = token_ids[idx].clone()
-            drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
-            ids[drop] = empty_ids[0]
-            latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
-            ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-            noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise  # Eq. 4
-            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-            loss = F.mse_loss(pred, noise)  # Eq. 5
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-            stopping = interrupt.stopping(step + 1, config.unet_steps)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps or stopping:
-                _save_state(state_path, {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1, generator,
-                            {"losses": losses, "unet_s": unet_before + time.time() - t_unet})
-            if stopping:
-                interrupt.stop(bar, step + 1, config.unet_steps, "the prior's UNet", "step", state_path)
-    timings["unet_s"] = round(unet_before + time.time() - t_unet, 1)
+    unet, text_encoder, losses, seconds = train_unet(config, out, tokenizer, vae, means, stds, token_ids, empty_ids,
+                                                     device, progress, resume, probes)
+    timings["unet_s"] = round(seconds, 1)
     write_json(work / "unet_losses.json", losses)
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder.cpu().eval(), tokenizer=tokenizer, unet=unet.cpu().eval(),
-        scheduler=DDIMScheduler(**ddim_config()), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        vae=vae.cpu().to(memory_format=torch.contiguous_format), text_encoder=text_encoder.cpu().eval(),
+        tokenizer=tokenizer, unet=unet.cpu().eval(), scheduler=DDIMScheduler(**ddim_config()), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
-    timings["device"] = device
-    timings["threads"] = torch.get_num_threads()
     write_json(work / "timings.json", timings)
     return out
-
-
-# -- model card ---------------------------------------------------------------------------------------------------------
-SINGLE_EMOJI_PROMPT = "a large {} in the center on a white background"
-
-
-@torch.no_grad()
-def text_following(model: str | os.PathLike, n_captions: int = 100, seed: int = 0, steps: int = 50,
-                   guidance_scale: float = 7.5, device: str = "cpu") -> dict:
-    """For n single-emoji captions, how often the feature network names the prompted emoji in the prior's sample."""
-    from ..guidance import GuidedDenoiser, encode_prompts
-    from ..prior import load_prior
-    from ..sampling import Schedule, sample_ddim
-    from ..seeding import STREAM_NOISE, randn_per_seed
-    from .features import EmojiFeatures
-
-    atlas = EmojiAtlas.bundled()
-    rng = np.random.default_rng(seed)
-    emphasis = fruit_indices(atlas) + face_indices(atlas)
-    # half from the datasets' emoji, half from the whole atlas
-    chosen = list(rng.choice(emphasis, n_captions // 2, replace=False)) + \
-        list(rng.choice(len(atlas), n_captions - n_captions // 2, replace=False))
-    prior = load_prior(model, device=device)
-    schedule = Schedule.from_scheduler_config(prior.scheduler_config, steps)
-    h = prior.resolution // prior.vae_scale_factor
-    uncond = encode_prompts(prior.tokenizer, prior.text_encoder, [""])
-    images = []
-    for start in range(0, len(chosen), 25):
-        batch = chosen[start:start + 25]
-        cond = encode_prompts(prior.tokenizer, prior.text_encoder, [SINGLE_EMOJI_PROMPT.format(atlas.names[k]) for k in batch])
-        noise = randn_per_seed(list(range(start, start + len(batch))), (prior.latent_channels, h, h), STREAM_NOISE).to(device)
-        latents = sample_ddim(GuidedDenoiser(prior.unet, cond, uncond, guidance_scale), noise, schedule.timesteps,
-                              schedule, progress=False)
-        images.append(prior.vae.decode(latents / prior.scaling_factor).sample.clamp(-1, 1).cpu())
-    images = torch.cat(images)
-    top = EmojiFeatures.bundled().predict(images, k=5)
-    labels = torch.tensor(chosen)[:, None]
-    top1 = (top[:, :1] == labels).any(1).float()
-    top5 = (top == labels).any(1).float()
-    half = n_captions // 2
-    return {
-        "n_captions": n_captions, "prompt": SINGLE_EMOJI_PROMPT, "steps": steps, "guidance_scale": guidance_scale,
-        "top1": float(top1.mean()), "top5": float(top5.mean()),
-        "top1_dataset_emoji": float(top1[:half].mean()), "top5_dataset_emoji": float(top5[:half].mean()),
-        "top1_any_emoji": float(top1[half:].mean()), "top5_any_emoji": float(top5[half:].mean()),
-    }, images, chosen
-
-
-def write_model_card(model: str | os.PathLike, device: str = "cpu") -> Path:
-    """MODEL_CARD.md beside the weights: config, data, hardware, wall time, loss curves, samples, text following."""
-    import platform
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..data import tensor_to_pil
-    from ..images import make_grid, save_png
-
-    model = Path(model)
-    work = model / "training"
-    config = json.loads((work / "pretrain_config.json").read_text())
-    timings = json.loads((work / "timings.json").read_text())
-    unet_losses = json.loads((work / "unet_losses.json").read_text())
-    vae_losses = json.loads((work / "vae_losses.json").read_text()) if (work / "vae_losses.json").exists() else []
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-    for ax, losses, title in ((axes[0], vae_losses, "VAE reconstruction"), (axes[1], unet_losses, "UNet ε-MSE")):
-        if losses:
-            k = max(1, len(losses) // 200)
-            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-            ax.plot(np.arange(len(smooth)) + k, smooth)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(work / "loss_curves.png", dpi=100)
-    plt.close(fig)
-
-    scores, images, chosen = text_following(model, device=device)
-    save_png(make_grid(tensor_to_pil(images[:48]), 8), work / "samples_single_emoji.png")
-    atlas = EmojiAtlas.bundled()
-    (work / "text_following.json").write_text(json.dumps(scores | {"emoji": [atlas.names[k] for k in chosen]}, indent=2))
-    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in model.iterdir()
-             if p.is_dir() and p.name != "training"}
-    total_s = timings.get("vae_s", 0) + timings.get("unet_s", 0) + timings.get("render_s", 0)
-    lines = [
-        "# dyod reference prior (emoji world)",
-        "",
-        "A miniature latent text-to-image diffusion model in Stable Diffusion's diffusers layout, pre-trained by",
-        "`dyod reference pretrain` on dyod's procedural captioned emoji scenes (Noto Color Emoji sprites).",
-        "It exists so that dyod can be run, tested and measured offline; it is not a general image model.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| images | {config['resolution']}×{config['resolution']} RGB; VAE ×4 → 16×16×4 latents |",
-        f"| corpus | {config['corpus_size']} scenes, seed {config['corpus_seed']}, {config['emphasis_weight']:.0%} of sprites from the bundled datasets' emoji |",
-        f"| tokenizer | CLIP BPE trained on the captions, vocab {config['vocab_size']}, max length {config['max_length']} |",
-        f"| text encoder | CLIPTextModel, width {config['text_width']}, {config['text_layers']} layers |",
-        f"| UNet | UNet2DConditionModel, channels {config['unet_channels']}, ε-prediction, {config['unet_steps']} steps × batch {config['unet_batch_size']}, caption dropout {config['caption_dropout']} |",
-        f"| VAE | AutoencoderKL, channels {config['vae_channels']}, {config['vae_steps']} steps × batch {config['vae_batch_size']} |",
-        "| scheduler | DDIM config (scaled-linear betas 0.00085–0.012, 1000 steps, leading spacing) |",
-        f"| hardware | {timings.get('device')} ({timings.get('threads')} threads), {platform.processor() or platform.machine()} |",
-        f"| wall time | {total_s / 60:.1f} min (render {timings.get('render_s')} s, VAE {timings.get('vae_s')} s, UNet {timings.get('unet_s')} s) |",
-        f"| weights | {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sizes.items() if v)} |",
-        "",
-        *([f"Note: {timings['vae_note']}.", ""] if timings.get("vae_note") else []),
-        "## Text following",
-        "",
-        f"For {scores['n_captions']} single-emoji captions (\"{SINGLE_EMOJI_PROMPT}\", half of them from the bundled",
-        f"datasets' fruits and faces, half from the whole atlas), DDIM {scores['steps']} steps, guidance {scores['guidance_scale']},",
-        "the feature network names the prompted emoji among 1,356 in the prior's sample:",
-        "",
-        "| captions | top-1 | top-5 |",
-        "|---|---|---|",
-        f"| all | {scores['top1']:.0%} | {scores['top5']:.0%} |",
-        f"| datasets' emoji | {scores['top1_dataset_emoji']:.0%} | {scores['top5_dataset_emoji']:.0%} |",
-        f"| any emoji | {scores['top1_any_emoji']:.0%} | {scores['top5_any_emoji']:.0%} |",
-        "",
-        "![loss curves](training/loss_curves.png)",
-        "",
-        "Samples for the first 48 captions (row-major, see `training/text_following.json` for the names):",
-        "",
-        "![samples](training/samples_single_emoji.png)",
-        "",
-    ]
-    card = model / "MODEL_CARD.md"
-    card.write_text("\n".join(lines))
-    return card
