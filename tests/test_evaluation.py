@@ -173,3 +173,66 @@ def test_kid_of_two_sets_used_whole_reports_no_spread_rather_than_a_spread_of_ze
     subsampled = kid(features(6), features(4, seed=2), num_subsets=20)  # the larger set subsampled: a real spread
     assert subsampled.std > 0 and re.fullmatch(r"KID×100 = -?\d+\.\d{3} ± \d+\.\d{3} \(n = 6 vs 4, 20 subsets of 4\)",
                                               str(subsampled))
+
+
+@pytest.fixture
+def torch_fidelity_inception(monkeypatch):
+    """torch-fidelity's FeatureExtractorInceptionV3 (what torchmetrics' FID and KID use), imported without running its
+    package's __init__, which imports torchvision for its other extractors (no torchvision build imports beside the
+    CPU torch dyod pins: the reason dyod keeps its own copy of the network, checked here against this one)."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        pytest.skip("torch-fidelity is not installed (scripts/setup.sh installs it for the tests)")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", package)
+    before = set(sys.modules)
+    module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    yield module
+    for name in set(sys.modules) - before:
+        sys.modules.pop(name, None)
+
+
+def test_inception_features_are_torch_fidelitys_on_the_same_weights(tmp_path, torch_fidelity_inception):
+    """The weights file's key layout is torch-fidelity's (so the one file serves both), and with the same (random)
+    weights dyod's 2048-d features are torch-fidelity's: at 299 × 299 both resizes are the identity, and the input is
+    scaled as torch-fidelity scales it, (x − 128) / 128."""
+    from safetensors.torch import save_file
+
+    from dyod.inception import FIDInceptionV3, InceptionFeatures
+
+    cls = torch_fidelity_inception.FeatureExtractorInceptionV3
+    torch.manual_seed(0)
+    original = cls.load_state_dict
+    cls.load_state_dict = lambda self, state, strict=True: None  # random weights: nothing to download or load
+    try:
+        torch_fidelity_inception.load_state_dict_from_url = lambda *a, **k: {}
+        reference = cls("inception-v3-compat", ["2048"]).eval()
+    finally:
+        cls.load_state_dict = original
+    with torch.no_grad():
+        for name, tensor in reference.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean") or name.endswith("bn.bias"):
+                tensor.normal_(0, 0.1)
+            elif name.endswith("bn.weight"):
+                tensor.uniform_(0.8, 1.2)
+    state = {k: v.clone().contiguous() for k, v in reference.state_dict().items() if "num_batches_tracked" not in k}
+    ours = FIDInceptionV3().state_dict()
+    assert set(state) - {"fc.weight", "fc.bias"} == set(k for k in ours if "num_batches_tracked" not in k) - \
+        {"fc.weight", "fc.bias"}
+    path = tmp_path / "weights-inception.safetensors"
+    save_file(state, str(path))
+    extractor = InceptionFeatures(path)
+    images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = reference(images)[0]
+        got = extractor.model((images.float() - 128) / 128)
+    assert expected.shape == got.shape == (2, 2048) and expected.abs().max() > 0
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())

@@ -20,6 +20,7 @@ __all__ = [
     "DyodPipeline",
     "load_prior",
     "Run",
+    "export_embedding",
 ]
 
 
@@ -44,6 +45,10 @@ def __getattr__(name):  # lazy: importing dyod does not import diffusers
         from .prior import load_prior
 
         return load_prior
+    if name == "export_embedding":
+        from .export import export_embedding
+
+        return export_embedding
     if name == "Run":
         from .run import Run
 

@@ -723,6 +723,13 @@ def cmd_info(args) -> None:
     print(describe_folder(args.run))
 
 
+def cmd_export(args) -> None:
+    from .export import export_embedding
+
+    out = export_embedding(args.run, args.out, args.format, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.format})")
+
+
 def cmd_eval(args) -> None:
     from .data import dataset_files
     from .evaluation import feature_extractor, folder_features, kid
@@ -901,6 +908,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "of images is to dyod")
     p.add_argument("run", metavar="RUN", help="run folder (or a folder dyod sample|transform|... wrote, or of images)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write the run's S* for diffusers or the web UIs (AUTOMATIC1111, ComfyUI, "
+                                      "InvokeAI)")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--format", choices=("diffusers", "a1111"), default="diffusers",
+                   help="a1111: emb_params, what the web UIs load, named after the file; diffusers: {token: vectors}, "
+                        "for load_textual_inversion (default: diffusers)")
+    p.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="KID × 100 of a folder of samples against a dataset folder")
     p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder of generated images")

@@ -1,11 +1,18 @@
 """Standard Inception features for KID on photographs: the TF-ported InceptionV3 ("2015-12-05") of pytorch-fid,
 torchmetrics and torch-fidelity, 2048-d pool features.
 
+Why a copy of the network here rather than torch-fidelity's (which torchmetrics' FID and KID use) or pytorch-fid's:
+both import torchvision (torch-fidelity in its package's ``__init__``, pytorch-fid to build the blocks), and no
+torchvision build imports beside the CPU torch dyod pins; torch-fidelity also reads its weights with
+``torch.load(weights_only=False)``, which runs pickled code. The copy is checked against torch-fidelity's forward pass
+on the same weights (tests/test_evaluation.py): the weights file's key layout is the same, and so are the features.
+
 dyod cannot download weights. Point ``--inception-weights`` at the file those tools use
 (``pt_inception-2015-12-05-6726825d.pth``, in ``~/.cache/torch/hub/checkpoints/`` once they have run) or at a
 ``.safetensors`` conversion of it. A ``.pth`` is read with ``torch.load(weights_only=True)``, which loads tensors
-only and refuses pickled code. Images are resized to 299 × 299 with bilinear interpolation (pytorch-fid's
-convention; torch-fidelity's TF-1.x resampling differs slightly) and scaled to [-1, 1]."""
+only and refuses pickled code. Images are resized to 299 × 299 with PyTorch's bilinear filter and scaled to [-1, 1]
+as pytorch-fid does (torch-fidelity resamples as TF 1.x did and scales by (x − 128) / 128: its numbers differ
+slightly)."""
 
 from __future__ import annotations
 
