@@ -1295,3 +1295,12 @@ def test_a_prompt_without_s_star_is_warned_of(cli_run, tmp_path, caplog):
         warning = (f"--prompt {prompt!r} holds neither {{}} nor the learned token <dyod>: the images are not "
                    "conditioned on the dataset prompt S*")
         assert (warning in caplog.text) == warned, caplog.text
+
+
+def test_the_cli_reference_in_docs_is_what_the_parser_says():
+    """docs/cli.md is generated from the parser (scripts/cli_reference.py), so help and docs cannot drift apart."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "scripts" / "cli_reference.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "## `dyod export`" in (root / "docs" / "cli.md").read_text()

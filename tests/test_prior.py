@@ -263,3 +263,30 @@ def test_loading_a_local_model_draws_no_transformers_bar_and_leaves_the_users_se
         assert "Loading weights" not in capfd.readouterr().err
         assert transformers_logging.is_progress_bar_enabled() is enabled
     (transformers_logging.enable_progress_bar if initial else transformers_logging.disable_progress_bar)()
+
+
+def test_the_model_cards_table_says_which_targets_are_met():
+    from dyod.world.prior_card import markdown_rows, property_rows
+
+    props = {
+        "autoencoder": {"n": 400, "floor": {"apple-orange": {"kid_x100": 12.0}, "faces": {"kid_x100": 3.0},
+                                            "fruit-stack": {"kid_x100": 16.0}},
+                        "heldout": {"in_set": {"mse": 0.004, "kid_x100": 2.0}, "out_of_set": {"mse": 0.006, "kid_x100": 9.0}}},
+        "text_following": {"n_captions": 200, "concept_set_size": 339, "top1": 0.35, "top5": 0.55},
+        "wall_time_min": 140.0, "hardware": "cpu (2 threads)",
+    }
+    rows = {r[0].split(",")[0].split(" (")[0]: r for r in property_rows(props, [])}
+    floor = next(r for k, r in rows.items() if k.startswith("autoencoder floor"))
+    assert floor[1] == "12.0 / 3.0 / 16.0" and not floor[3]  # one dataset above 15
+    mse = next(r for k, r in rows.items() if k.startswith("held-out scenes"))
+    assert "×1.50" in mse[1] and mse[3]
+    kid = rows["the same"]
+    assert not kid[3] and "×4.50" in kid[1]  # 9.0 is more than twice 2.0
+    text = next(r for k, r in rows.items() if k.startswith("text following"))
+    assert text[1] == "35% / 55%" and not text[3]  # top-5 short of 60 %
+    assert rows["pre-training wall time"][3]
+    summary = [{"dataset": "apple-orange", "beats_both": True}, {"dataset": "faces", "beats_both": False}]
+    last = property_rows(props, summary)[-1]
+    assert last[1] == "1 of 2 (apple-orange)" and not last[3]
+    table = markdown_rows(property_rows(props, summary))
+    assert table[0] == "| property | measured | target | met |" and len(table) == 2 + 6
