@@ -59,6 +59,7 @@ from .performance import (
 )
 from .prior import Prior, load_prior, model_reference
 from .run import Run, check_run_to_resume
+from .sampling import q_sample
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def diffusion_loss_target(latents, noise, alphas_cumprod_t, prediction_type: str
 def inversion_loss(prior: Prior, latents, noise, timesteps, input_ids, alphas_cumprod) -> torch.Tensor:
     """Eq. 7 for one batch: the diffusion loss with the text condition c(v)."""
     ab = alphas_cumprod.to(latents.device)[timesteps].float()  # a no-op when already on the device (PromptTrainer)
-    noisy = ab.sqrt().view(-1, 1, 1, 1) * latents + (1 - ab).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 4
+    noisy = q_sample(latents, noise, ab.view(-1, 1, 1, 1))  # Eq. 4
     hidden = prior.text_encoder(input_ids)[0]  # under autocast when training in mixed precision
     dtype = prior.unet.dtype
     # The frozen UNet runs in its own precision (half when training mixed): autocast would redo its casts at every

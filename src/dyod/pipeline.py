@@ -243,19 +243,35 @@ class DyodPipeline:
                 indices += indices[-1:] * (config.batch_size - kept)
             yield fn(indices)[:kept]
 
+    # -- the paper's two paths -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def distribution_initialization(self, z: torch.Tensor | None, noise: torch.Tensor, config: SampleConfig,
+                                    output_size: int | None = None) -> list[Image.Image]:
+        """Eq. 9-10 for one batch: the custom generator's x' = D(z), Lanczos up to the prior's resolution, perturbed to
+        t0 by q(x_t0 | x') with ε = ``noise``, deterministic DDIM from t0 conditioned on S*, Lanczos down. At t0 = 1
+        the start is pure noise and z is unused: the prior with S* alone."""
+        init = None
+        if config.t0 < 1.0:
+            x_prime = self.vae_images(z)  # x' = D(z), the custom generator's sample
+            x_prime = lanczos_resize_tensor(x_prime, self.prior.resolution).clamp(-1, 1)  # up, Lanczos
+            init = self.encode(x_prime)  # into the prior's latent space
+        latents = self.denoise_from(init, noise, config.t0, config)  # q(x_t0 | x'), then DDIM to x_0
+        return self.to_images(self.decode(latents), output_size)  # decode, down to the dataset's resolution
+
+    @torch.no_grad()
+    def image_initialization(self, images: list[Image.Image], noise: torch.Tensor, config: SampleConfig,
+                             output_size: int | None = None) -> list[Image.Image]:
+        """Eq. 11 for one batch: the user's images y (strokes, photos), Lanczos to the prior's resolution, perturbed to
+        t' = ``config.t0`` by q(y_t' | y) with ε = ``noise``, deterministic DDIM from t' conditioned on S*."""
+        y = pil_to_tensor([resize_lanczos(im, self.prior.resolution) for im in images])
+        latents = self.denoise_from(self.encode(y), noise, config.t0, config)  # q(y_t' | y), then DDIM to y_0
+        return self.to_images(self.decode(latents), output_size)
+
     def generate(self, z: torch.Tensor | None, noise: torch.Tensor, config: SampleConfig = SampleConfig(),
                  progress: bool = False, output_size: int | None = None) -> list[Image.Image]:
-        """Distribution initialization (Eq. 9-10) from explicit randomness (z, ε); z is ignored at t0 = 1."""
-        t0 = config.t0  # in (0, 1]: SampleConfig refuses any other as it is made
-
+        """Distribution initialization (Eq. 9-10) from explicit randomness (z, ε), in batches; z is ignored at t0 = 1."""
         def run(batch: list[int]) -> list[Image.Image]:
-            init = None
-            if t0 < 1.0:
-                x_prime = self.vae_images(z[batch])  # z -> x'
-                x_prime = lanczos_resize_tensor(x_prime, self.prior.resolution).clamp(-1, 1)  # up, Lanczos
-                init = self.encode(x_prime)
-            latents = self.denoise_from(init, noise[batch], t0, config)
-            return self.to_images(self.decode(latents), output_size)  # down to the dataset's resolution
+            return self.distribution_initialization(None if z is None else z[batch], noise[batch], config, output_size)
 
         return self._batched(len(noise), config, progress, run)
 
@@ -301,9 +317,7 @@ class DyodPipeline:
 
         def run(batch: list[int]) -> list[Image.Image]:  # pixels and noise a batch at a time: 3 MiB an input at 512 px
             inputs = [images[i].convert("L").convert("RGB") if grayscale else images[i] for i in batch]
-            x = pil_to_tensor([resize_lanczos(im, self.prior.resolution) for im in inputs])
-            latents = self.denoise_from(self.encode(x), self.noise([seed + i for i in batch]), config.t0, config)
-            return self.to_images(self.decode(latents), output_size)
+            return self.image_initialization(inputs, self.noise([seed + i for i in batch]), config, output_size)
 
         return self._iter_batched(len(images), config, progress, run)
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointOnInterrupt, load_training_state, save_training_state
 from ..config import PretrainConfig, to_dict, write_json
 from ..errors import DyodError
+from ..sampling import q_sample
 from ..testing import bytes_to_unicode
 from .atlas import EmojiAtlas
 from .concepts import (HELDOUT_SEED, atlas_corpus, concept_corpus, concept_set, heldout_corpora, render_scenes,
@@ -297,7 +298,7 @@ def unet_probe(unet, text_encoder, tokenizer, vae, scaling, probe_emoji, probe_b
         top1, top5 = top_k_hits(images, probe_emoji)
         latents, ids, noise, t = (v.to(device) for v in probe_batch)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        noisy = q_sample(latents, noise, ab)
         mse = {}
         for name, order in (("true", torch.arange(len(ids))), ("shuffled", torch.roll(torch.arange(len(ids)), 1))):
             pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids[order.to(device)])[0]).sample
@@ -376,7 +377,7 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
             ids[drop] = empty_ids[0]
             latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
             ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-            noisy = (ab.sqrt() * latents + (1 - ab).sqrt() * noise).contiguous(memory_format=torch.channels_last)  # Eq. 4
+            noisy = q_sample(latents, noise, ab).contiguous(memory_format=torch.channels_last)  # Eq. 4
             pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
             per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # Eq. 5
             loss = (min_snr_weights(alphas_cumprod, t, config.min_snr_gamma) * per_sample).mean()
