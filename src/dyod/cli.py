@@ -303,7 +303,8 @@ def _check_embedding_flags(args) -> str | None:
 
 
 def cmd_invert(args) -> None:
-    from .inversion import import_dataset_prompt, invert
+    from .inversion import invert
+    from .prompt_import import import_dataset_prompt
 
     token = _check_embedding_flags(args)
     config, data_config = _inversion_config(args), _data_config(args)  # bad settings: before any work

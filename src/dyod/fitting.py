@@ -47,7 +47,8 @@ def fit(
     images ``data_config.holdout_fraction`` keeps out of both stages and store the best as the run's default t0.
     ``resume`` continues whichever stage was stopped. With ``embedding`` (a textual inversion learned elsewhere, see
     ``import_dataset_prompt``; ``token`` renames it) S* is imported instead of learned. Returns the run folder."""
-    from .inversion import holds_import_of, import_dataset_prompt, invert
+    from .inversion import invert
+    from .prompt_import import holds_import_of, import_dataset_prompt
     from .run import Run, is_main_process
     from .vae_training import CHECKPOINT_FILE, train_vae
 

@@ -3,21 +3,18 @@
     v* = argmin_v  E_{x_0 ~ dataset, ε ~ N(0, I), t ~ U{0, N-1}} || target - f_phi(x_t, t, c(v)) ||²
 
 with c(v) a context text ("a photo of {}") holding the pseudo-word S*, f_phi the frozen UNet and target ε (or v
-for v-prediction models). Only the new embedding rows train. The frozen VAE encodes every image once: the
-posterior's mean and std are cached (in memory, or memory-mapped on disk when large) and latents are sampled from
-them at each step, which is what encoding every step would give, without the VAE in the loop."""
+for v-prediction models). Only the new embedding rows train, on latents the frozen VAE made once
+(``latent_cache``). S* learned elsewhere takes this stage's place through ``prompt_import``."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -33,8 +30,6 @@ from .data import (
     files_fingerprint,
     iter_images,
     nothing_readable,
-    pil_to_tensor,
-    resize_lanczos,
 )
 from .embeddings import (
     add_placeholder_tokens,
@@ -58,6 +53,8 @@ from .performance import (
     training_on_cpu,
 )
 from .prior import Prior, load_prior, model_reference
+from .latent_cache import LatentCache
+from .prompt_import import holds_import_of, import_dataset_prompt  # noqa: F401 (the library's names for them)
 from .run import Run, check_run_to_resume
 from .sampling import q_sample
 
@@ -74,81 +71,6 @@ def recorded_inversion_config(run: str | os.PathLike) -> dict | None:
     """The settings the dataset prompt of ``run`` was training with, from its checkpoint; None where it has none."""
     checkpoint = Path(run) / "inversion" / CHECKPOINT_FILE
     return checkpoint_meta(checkpoint).get("config") if checkpoint.exists() else None
-
-
-class LatentCache:
-    """Posterior mean and std of the frozen VAE for every image: [N, C, h, w] each, in RAM or memory-mapped."""
-
-    def __init__(self, mean, std):
-        self.mean, self.std = mean, std
-        self.data: dict = {}  # what ``build`` was told about the images (``describe``)
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = index.numpy()
-        if isinstance(self.mean, torch.Tensor):
-            return self.mean[index], self.std[index]
-        return torch.from_numpy(np.asarray(self.mean[idx])), torch.from_numpy(np.asarray(self.std[idx]))
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, images: Iterable, count: int, prior: Prior, folder: Path, max_ram_mb: int, batch_size: int = 8,
-              progress: bool = True, key: dict | None = None, describe: Callable[[], dict] | None = None):
-        """Encode ``images`` (any iterable of at most ``count`` PIL images, consumed ``batch_size`` at a time: a
-        dataset read as it goes is never held, where 30,000 images at 512 px would be 22 GiB) with the prior's VAE.
-
-        Above ``max_ram_mb`` the cache is memory-mapped ``.npy`` files in ``folder``, reused by a later call with the
-        same ``key`` (say, the files' fingerprint; the prior and the shape always count) without reading an image;
-        ``describe()``, called once the images are read, is stored with it and comes back as ``data`` either way."""
-        h = prior.resolution // prior.vae_scale_factor
-        shape = (count, prior.vae.config.latent_channels, h, h)
-        nbytes = 2 * 4 * math.prod(shape)
-        on_disk = nbytes > max_ram_mb * 2**20
-        meta = {"model": prior.model, "shape": list(shape), "key": key or {}}
-        if on_disk:
-            folder.mkdir(parents=True, exist_ok=True)
-            meta_path = folder / "latents.json"
-            paths = folder / "latents_mean.npy", folder / "latents_std.npy"
-            try:  # a damaged record (an interrupted write) means the cache is made again
-                stored = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-                stored = stored if isinstance(stored, dict) else {}
-            except (OSError, ValueError):
-                stored = {}
-            if {k: stored.get(k) for k in meta} == meta and all(p.exists() for p in paths):
-                logger.info("reusing the latent cache in %s", folder)
-                n = stored["num_images"]
-                cache = cls(np.load(paths[0], mmap_mode="r")[:n], np.load(paths[1], mmap_mode="r")[:n])
-                cache.data = stored.get("data", {})
-                return cache
-            meta_path.unlink(missing_ok=True)  # written again only when these files are complete
-            mean = np.lib.format.open_memmap(paths[0], mode="w+", dtype=np.float32, shape=shape)
-            std = np.lib.format.open_memmap(paths[1], mode="w+", dtype=np.float32, shape=shape)
-        else:
-            mean, std = torch.empty(shape), torch.empty(shape)
-        vae = prior.vae
-        device = vae.device
-        images = iter(images)
-        filled = 0
-        with tqdm(total=count, disable=not progress, desc="encoding dataset", leave=False) as bar:
-            while chunk := list(itertools.islice(images, batch_size)):
-                x = pil_to_tensor([resize_lanczos(im, prior.resolution) for im in chunk]).to(device=device, dtype=vae.dtype)
-                posterior = vae.encode(x).latent_dist
-                m, s = posterior.mean.float().cpu(), posterior.std.float().cpu()
-                end = filled + len(chunk)
-                mean[filled:end] = m.numpy() if on_disk else m
-                std[filled:end] = s.numpy() if on_disk else s
-                filled = end
-                bar.update(len(chunk))
-        data = describe() if describe else {}
-        if on_disk:
-            mean.flush(), std.flush()
-            meta_path.write_text(json.dumps({**meta, "num_images": filled, "data": data}))
-            logger.info("latent cache of %.0f MB written to %s", nbytes / 2**20, folder)
-        cache = cls(mean[:filled], std[:filled])
-        cache.data = data
-        return cache
 
 
 def diffusion_loss_target(latents, noise, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
@@ -510,87 +432,3 @@ def invert(
     # launch it would tear down the process group the next stage trains in (the command line does, at its end).
     accelerator.wait_for_everyone()
     return run.embeddings_path
-
-
-def import_dataset_prompt(
-    data_dir: str | os.PathLike,
-    model: str | os.PathLike,
-    out: str | os.PathLike,
-    embedding: str | os.PathLike,
-    data_config: DataConfig = DataConfig(),
-    token: str | None = None,
-    overwrite: bool = False,
-    device: str | None = None,
-) -> Path:
-    """S* from a textual inversion learned elsewhere for ``model`` on the images in ``data_dir`` (diffusers'
-    ``learned_embeds.safetensors``, or the AUTOMATIC1111 web UI's ``.safetensors``), instead of learning it: the run
-    is then as ``invert`` leaves it, ready for the custom VAE and sampling. ``token`` renames the file's pseudo-word
-    (the web UI's names none). Returns the run's ``learned_embeds.safetensors``."""
-    from .embeddings import load_into, read_textual_inversion
-    from .run import file_sha256
-
-    embedding = Path(embedding)
-    token, vectors = read_textual_inversion(embedding, token)  # an unreadable file is named before anything is made
-    try:
-        InversionConfig(placeholder_token=token, num_vectors=len(vectors))  # the token's own checks (spaces, {})
-    except ValueError as e:
-        raise DyodError(f"{embedding}: {e}") from None
-    files = dataset_files(data_dir, data_config.holdout_fraction)
-    # Under a multi-process launch (`dyod fit --embedding` with the custom VAE's processes) every process checks what
-    # the main process alone writes, so that each fails or goes on alike; as in invert, the run folder is the main's.
-    accelerator = new_accelerator(mixed_precision="no", cpu=training_on_cpu(device))
-    main = accelerator.is_main_process
-    with accelerator.main_process_first():
-        made_here = None if (Path(out) / RUN_FILE).exists() else Path(out).exists()
-        run = Run.open_or_create(out)
-    checkpoint = run.inversion_path / CHECKPOINT_FILE
-    if not overwrite and (checkpoint.exists() or run.embeddings_path.exists()):
-        raise DyodError(f"{run.path} already holds a dataset prompt; pass --overwrite to replace it with {embedding}")
-    accelerator.wait_for_everyone()  # every process has seen the run as it was before the main one changes it
-    try:
-        prior = load_prior(model)
-        # the width and the token checked the way sampling will load them: an embedding made for another text
-        # encoder, or a token that is a word of the model's vocabulary, is refused here, naming the file
-        try:
-            load_into(prior.tokenizer, prior.text_encoder, token, vectors)
-        except DyodError as e:
-            raise DyodError(f"{embedding}: {e}") from None
-    except DyodError:
-        if main and made_here is not None:  # a run this command began and nothing else: gone, as if never begun
-            run.remove_if_bare(folder_existed=made_here)
-        raise
-    # the dataset is read as invert reads it (each image decoded once, the unreadable ones recorded with the reason):
-    # the run's record of its data sets the samples' resolution and what `dyod eval` scores against
-    data = ImageFolder(Path(data_dir), images=[], paths=[], skipped=[], sizes=[])
-    for _ in iter_images(data, files, data_config.grayscale, data_config.max_images):
-        pass
-    if not len(data):
-        raise nothing_readable(Path(data_dir), files, data.skipped)
-    if main:
-        run.bind_model(model_reference(model), prior.describe())
-        run.update(data={k: v for k, v in data.stats().items() if k != "skipped"}, data_config=to_dict(data_config))
-        write_json(run.path / "data.json", data.stats())
-        if overwrite:
-            checkpoint.unlink(missing_ok=True)  # a training's checkpoint would --resume into another S*
-        save_learned_embeds(run.embeddings_path, token, vectors)
-        run.update(placeholder_token=token, num_vectors=len(vectors))
-        run.set_stage("inversion", {
-            "imported_from": str(embedding.resolve()),
-            "sha256": file_sha256(embedding),
-            "num_vectors": len(vectors),
-        })
-        logger.info("dataset prompt: %s (%d vector(s)) imported from %s", token, len(vectors), embedding)
-    accelerator.wait_for_everyone()  # the next stage (fit's custom VAE) reads what the main process wrote
-    return run.embeddings_path
-
-
-def holds_import_of(out: str | os.PathLike, embedding: str | os.PathLike) -> bool:
-    """Whether the run in ``out`` holds S* imported (``import_dataset_prompt``) from this very file, the same bytes."""
-    from .run import file_sha256
-
-    if not (Path(out) / RUN_FILE).exists() or not Path(embedding).is_file():
-        return False
-    run = Run.open(out)
-    stage = run.info.get("stages", {}).get("inversion", {})
-    return (run.embeddings_path.exists() and stage.get("imported_from") is not None
-            and stage.get("sha256") == file_sha256(Path(embedding)))
