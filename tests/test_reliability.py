@@ -397,3 +397,73 @@ def test_ctrl_c_on_the_command_line_says_how_to_go_on(tmp_path, tiny_model, shap
     assert (f"interrupted; completed checkpoints and outputs are kept: the same command with --resume continues "
             f"(`dyod info {out}` shows where each stage stopped)") in capsys.readouterr().err
     assert _checkpoint_step(out / "inversion" / "checkpoint.safetensors") == 2
+
+
+def test_non_finite_values_never_become_images(tmp_path, fitted_run, capsys, monkeypatch):
+    """A run whose S* or custom VAE holds NaN is refused naming the file (before, exit 0 and all-black PNGs); a guidance
+    scale far outside any use is refused as the flag is read (1e30 made black PNGs; -inf was taken for a flag); and
+    whatever else makes the model's output non-finite stops the command without writing a black image."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dyod.cli import main
+    from dyod.embeddings import load_learned_embeds
+
+    sample = ["--t0", "0.5", "-n", "2", "--num-inference-steps", "4", "--device", "cpu"]
+    nan_prompt = tmp_path / "nan-prompt"
+    shutil.copytree(fitted_run, nan_prompt)
+    token, vectors = load_learned_embeds(fitted_run / "learned_embeds.safetensors")
+    save_file({token: vectors * float("nan")}, str(nan_prompt / "learned_embeds.safetensors"))
+    assert main(["sample", str(nan_prompt), *sample, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"{nan_prompt / 'learned_embeds.safetensors'} holds non-finite values" in err and "--overwrite" in err
+    assert not list((tmp_path / "a").glob("*.png")) if (tmp_path / "a").exists() else True
+
+    nan_vae = tmp_path / "nan-vae"
+    shutil.copytree(fitted_run, nan_vae)
+    weights = load_file(str(nan_vae / "vae" / "model.safetensors"))
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[first] = weights[first] * float("inf")
+    save_file(weights, str(nan_vae / "vae" / "model.safetensors"))
+    assert main(["sample", str(nan_vae), *sample, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"{nan_vae / 'vae' / 'model.safetensors'} holds non-finite values" in err and "train-vae" in err
+
+    for value, message in (("1e30", "--guidance-scale must be <= 1000.0"), ("-inf", "takes a finite number")):
+        assert main(["sample", str(fitted_run), *sample, "--guidance-scale", value, "--out", str(tmp_path / "c")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+    monkeypatch.setattr(dyod.DyodPipeline, "decode", lambda self, latents: torch.full((len(latents), 3, 32, 32),
+                                                                                      float("nan")))
+    assert main(["sample", str(fitted_run), *sample, "--out", str(tmp_path / "d")]) == 2
+    assert "non-finite values" in capsys.readouterr().err
+    assert not list((tmp_path / "d").glob("*.png"))
+
+
+def test_damaged_run_records_are_named_not_tracebacks(tmp_path, fitted_run, capsys):
+    """run.json with a field of the wrong type made `dyod info` end in a TypeError traceback; a run folder whose
+    run.json was deleted was described as a folder of images, with `dyod fit` on it suggested."""
+    import shutil
+
+    from dyod.cli import main
+
+    edited = tmp_path / "edited"
+    shutil.copytree(fitted_run, edited)
+    record = json.loads((edited / "run.json").read_text())
+    (edited / "run.json").write_text(json.dumps({**record, "model": 5}))
+    for command in (["info", str(edited)], ["sample", str(edited), "-n", "1", "--out", str(tmp_path / "o")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{edited / 'run.json'} records model as 5 (int)" in err and "restore it from a copy" in err
+    (edited / "run.json").write_text(json.dumps({**record, "stages": {"inversion": [1, 2]}}))
+    assert main(["info", str(edited)]) == 2 and "records stages.inversion as [1, 2]" in capsys.readouterr().err
+
+    lost = tmp_path / "lost"
+    shutil.copytree(fitted_run, lost)
+    (lost / "run.json").unlink()
+    assert main(["info", str(lost)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run's files (learned_embeds.safetensors, vae/model.safetensors" in err
+    assert "not its run.json" in err and "holds images" not in err

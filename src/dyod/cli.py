@@ -983,11 +983,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
-    """Let ``--range -3,3`` work: argparse would read "-3,3" as an option."""
+    """Let ``--range -3,3`` work, and ``--guidance-scale -inf`` reach the check of its value: argparse reads "-3,3"
+    and "-inf" as options ("expected one argument")."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] in ("--range",) and arg.startswith("-") and arg[1:2].isdigit():
-            out[-1] = f"{out[-1]}={arg}"
+        previous = out[-1] if out else ""
+        negative_word = arg.lower() in ("-inf", "-infinity", "-nan")
+        if previous.startswith("--") and "=" not in previous and arg.startswith("-") and (
+                (previous == "--range" and arg[1:2].isdigit()) or negative_word):
+            out[-1] = f"{previous}={arg}"
         else:
             out.append(arg)
     return out

@@ -18,6 +18,11 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # of the frozen prior when sampli
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cuda-graphs")
 
 
+# Classifier-free guidance beyond this is refused: useful scales are 1-20 (images saturate by about 30), and at 1000
+# the guided noise estimate is 1000 times the conditioned-unconditioned difference, DDIM's x̂_0 reaches about 1e4, past
+# what half precision can square in the UNet's normalizations; far beyond, fp32 overflows too and images turn NaN.
+MAX_GUIDANCE_SCALE = 1000.0
+
 # --gradient-checkpointing from keeping the most to the least; auto tries them in this order
 CHECKPOINTING_LADDER = ("none", "feed-forward", "1", "2", "all")
 
@@ -181,7 +186,9 @@ class SampleConfig:
 
     t0: float = field(0.7, "start of the reverse process as a fraction of T, in (0, 1]; 1.0 = pure noise")
     num_inference_steps: int = field(50, "T: steps of the DDIM schedule", min=1)
-    guidance_scale: float = field(7.5, "classifier-free guidance scale with the learned prompt")
+    guidance_scale: float = field(7.5, "classifier-free guidance scale with the learned prompt, in [-1000, 1000] (useful "
+                                       "scales are 1-20; far beyond, the guided noise estimate overflows and images "
+                                       "turn to NaN)", min=-MAX_GUIDANCE_SCALE, max=MAX_GUIDANCE_SCALE)
     prompt: str = field("a photo of {}", "prompt; {} is replaced by S*")
     negative_prompt: str = field("", "unconditional prompt for guidance")
     batch_size: int = field(8, "images per UNet batch", min=1)
@@ -222,7 +229,7 @@ class PretrainConfig:
     unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
     unet_attention_from: int = field(1, "first UNet level with cross-attention (0: all; attention at the finest level "
                                         "costs most)", min=0)
-    unet_steps: int = field(7000, "UNet and text encoder training steps", min=1)
+    unet_steps: int = field(6000, "UNet and text encoder training steps", min=1)
     unet_batch_size: int = field(64, "images per UNet step", min=1)
     unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
                                             "cosine decay)", min=0.0)

@@ -142,6 +142,10 @@ def load_learned_embeds(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
     token, vectors = next(iter(state.items()))
     if vectors.ndim == 1:
         vectors = vectors[None]
+    if not torch.isfinite(vectors).all():  # it would turn every image it conditions to NaN: black PNGs
+        raise DyodError(f"{path} holds non-finite values (NaN or inf): the dataset prompt cannot condition the model; "
+                        "learn it again (`dyod invert DATA --model MODEL --out RUN --overwrite`) or import a sound "
+                        "one with --embedding")
     return token, vectors
 
 

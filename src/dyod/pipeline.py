@@ -224,6 +224,10 @@ class DyodPipeline:
     def to_images(self, images: torch.Tensor, size: int | None = None) -> list[Image.Image]:
         """Decoded pixels in [-1, 1] -> Lanczos to the output size where the images are (in float) -> 8-bit PIL
         (for a grayscale run, to grayscale kept as RGB, as ``load_image`` reads its dataset)."""
+        if not torch.isfinite(images).all():  # never a black PNG for a NaN: say so, and keep the batches made before
+            raise DyodError("the model's output holds non-finite values (NaN or inf), which would be written as black "
+                            "images; nothing of this batch was written. Usual causes: a guidance scale far outside "
+                            "the usual 1-20 (--guidance-scale), or fp16 overflow (try --precision fp32)")
         pils = tensor_to_pil(lanczos_resize_tensor(images, size or self.output_resolution))
         return [im.convert("L").convert("RGB") for im in pils] if self.grayscale else pils
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -59,11 +60,34 @@ def _folder_kind(path: Path) -> str | None:
         return None
     if (path / OUTPUT_RECORD).is_file():
         return "outputs"
+    if any((path / part).exists() for part in RUN_PARTS):
+        return "run without record"
     if (path / "model_index.json").is_file():
         return "model"
     if any(f.suffix.lower() in IMAGE_SUFFIXES for f in islice(path.rglob("*"), 10_000)):
         return "images"
     return None
+
+
+# What a run folder holds besides run.json: a folder with one of them and no run.json lost its record
+RUN_PARTS = (EMBEDDINGS_FILE, "vae/model.safetensors", "inversion/checkpoint.safetensors", "vae/checkpoint.safetensors")
+
+# The type of each field of run.json that commands read: a record edited by hand or damaged is named, not a TypeError
+RUN_FIELD_TYPES = {"model": str, "placeholder_token": str, "num_vectors": int, "stages": dict, "data": dict,
+                   "data_config": dict, "prior": dict, "chosen_t0": (dict, type(None))}
+
+
+def check_run_record(path: Path, info: dict) -> dict:
+    """run.json's fields of the types dyod writes, or a DyodError naming the file, the field and what to do."""
+    wrong = [(k, v) for k, v in info.items() if k in RUN_FIELD_TYPES and not isinstance(v, RUN_FIELD_TYPES[k])]
+    wrong += [(f"stages.{k}", v) for k, v in (info.get("stages") or {}).items()
+              if isinstance(info.get("stages"), dict) and not isinstance(v, dict)]
+    if wrong:
+        key, value = wrong[0]
+        raise DyodError(f"{path} records {key} as {json.dumps(value)[:60]} ({type(value).__name__}), not what dyod "
+                        "writes there: the file was edited or damaged; restore it from a copy, or fit the run again "
+                        "into a new --out")
+    return info
 
 
 def _not_a_run(path: Path) -> str:
@@ -76,6 +100,11 @@ def _not_a_run(path: Path) -> str:
         return (f"{path} is a file, not a run folder" + (f"; it is in the run {inside}: give that folder" if inside
                                                           else "; give the folder `dyod fit --out` made"))
     kind = _folder_kind(path)
+    if kind == "run without record":
+        held = ", ".join(part for part in RUN_PARTS if (path / part).exists())
+        return (f"{path} holds a run's files ({held}) but not its {RUN_FILE}, the record of its model, data and "
+                f"stages, which every command reads; restore {RUN_FILE} from a copy, or fit the run again: "
+                f"`dyod fit DATA_DIR --model MODEL --out {shell_quoted(path)} --overwrite` (or a new --out)")
     if kind == "outputs":
         made = _output_record(path)
         return (f"{path} holds the outputs of `dyod {made.get('command', '?')}` (its {OUTPUT_RECORD}), not a run; the "
@@ -115,7 +144,7 @@ class Run:
         path = Path(path)
         if not (path / RUN_FILE).exists():
             raise DyodError(_not_a_run(path))
-        return cls(path, read_json(path / RUN_FILE))
+        return cls(path, check_run_record(path / RUN_FILE, read_json(path / RUN_FILE)))
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike) -> "Run":

@@ -158,8 +158,14 @@ def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> V
     model = VanillaVAE(**model_config_of(folder))
     from .checkpoint import read_safetensors
 
-    model.load_state_dict(read_safetensors(Path(folder) / "model.safetensors", "custom VAE's weights",
-                                           "train it again with `dyod train-vae --overwrite`"))
+    weights = Path(folder) / "model.safetensors"
+    state = read_safetensors(weights, "custom VAE's weights", "train it again with `dyod train-vae --overwrite`")
+    damaged = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if damaged:  # its samples would be NaN, and so every image made from them
+        raise DyodError(f"{weights} holds non-finite values (NaN or inf, in {damaged[0]}"
+                        f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}): train the custom VAE "
+                        "again with `dyod train-vae DATA --out RUN --overwrite`")
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
