@@ -467,3 +467,54 @@ def test_damaged_run_records_are_named_not_tracebacks(tmp_path, fitted_run, caps
     err = capsys.readouterr().err
     assert "holds a run's files (learned_embeds.safetensors, vae/model.safetensors" in err
     assert "not its run.json" in err and "holds images" not in err
+
+
+def test_divergence_names_only_checkpoints_that_exist_and_the_advice_works(tmp_path, tiny_model, shapes, fitted_run,
+                                                                          monkeypatch, capsys):
+    """A loss that turned NaN before the first checkpoint said "the last checkpoint ... is intact ... --resume", with no
+    checkpoint to resume; after `train-vae --overwrite` failed, --resume went back to the earlier VAE's checkpoint."""
+    import shutil
+
+    from dyod import inversion, vae_training
+    from dyod.cli import main
+
+    real_loss, calls = inversion.inversion_loss, []
+
+    def nan_from_step_three(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    invert = ["invert", str(shapes), "--model", str(tiny_model), "--out", str(tmp_path / "run"), "--steps", "6",
+              "--batch-size", "2", "--sample-every", "0", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        m.setattr(inversion, "inversion_loss", nan_from_step_three)
+        assert main([*invert, "--checkpoint-every", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "before any checkpoint was written" in err and "--resume" not in err and "intact" not in err
+    assert main([*invert, "--checkpoint-every", "100"]) == 0  # what it advises: the same command again
+    capsys.readouterr()
+
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(inversion, "inversion_loss", nan_from_step_three)
+        assert main([*invert, "--checkpoint-every", "1", "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "run2" / "inversion" / "checkpoint.safetensors"
+    assert f"the last checkpoint in {checkpoint} is intact" in err and "with --resume" in err
+    assert main([*invert, "--checkpoint-every", "1", "--out", str(tmp_path / "run2"), "--resume"]) == 0
+
+    run = tmp_path / "vae-run"
+    shutil.copytree(fitted_run, run)
+    assert (run / "vae" / "checkpoint.safetensors").exists()
+    real_vae_loss = vae_training.vae_loss
+    train = ["train-vae", str(shapes), "--out", str(run), "--vae-epochs", "2", "--vae-batch-size", "4",
+             "--vae-latent-dim", "8", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        m.setattr(vae_training, "vae_loss", lambda *a: tuple(v * float("nan") for v in real_vae_loss(*a)))
+        assert main([*train, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "before any checkpoint was written" in err and "with --overwrite (the folder holds the earlier VAE)" in err
+    assert not (run / "vae" / "checkpoint.safetensors").exists()  # the earlier VAE's: --resume cannot go back to it
+    assert (run / "vae" / "model.safetensors").exists()  # the earlier VAE itself stays usable
+    assert main([*train, "--overwrite"]) == 0

@@ -114,6 +114,14 @@ def check_resumed_config(recorded: dict | None, config, shape: tuple[str, ...], 
             "is not what an uninterrupted run would give", where, "; ".join(changes(results)))
 
 
+def divergence_advice(problem: str, checkpoint: Path, remedy: str, again: str = "the same command") -> str:
+    """What to say when training diverges: the checkpoint to --resume from only where one exists (a training that
+    starts over removes the earlier one first, so one that exists is this training's), else to start again."""
+    if checkpoint.exists():
+        return f"{problem}; the last checkpoint in {checkpoint} is intact. {remedy}, then {again} with --resume"
+    return f"{problem}, before any checkpoint was written, so nothing is lost. {remedy}, then {again} again"
+
+
 class CheckpointOnInterrupt:
     """Ctrl-C during a training loop: the step in progress finishes (an optimizer step cut in two would leave its
     moments half-updated), the loop writes a checkpoint there and stops, so that --resume loses nothing done; a second

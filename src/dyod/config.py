@@ -23,6 +23,10 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 # what half precision can square in the UNet's normalizations; far beyond, fp32 overflows too and images turn NaN.
 MAX_GUIDANCE_SCALE = 1000.0
 
+# Adam moves each weight by about the learning rate a step: past 10 nothing is learned, and near 1e38 the rate itself
+# overflows float32 inside the optimizer (a RuntimeError, not a message)
+MAX_LEARNING_RATE = 10.0
+
 # --gradient-checkpointing from keeping the most to the least; auto tries them in this order
 CHECKPOINTING_LADDER = ("none", "feed-forward", "1", "2", "all")
 
@@ -100,7 +104,7 @@ class InversionConfig:
     steps: int = field(3000, "optimization steps", min=1)
     batch_size: int = field(4, "images per step (per device)", min=1)
     gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step", min=1)
-    learning_rate: float = field(5e-3, "AdamW learning rate for the new embedding rows", min=0.0)
+    learning_rate: float = field(5e-3, "AdamW learning rate for the new embedding rows", min=0.0, max=MAX_LEARNING_RATE)
     weight_decay: float = field(0.0, "AdamW weight decay on the new rows", min=0.0)
     mixed_precision: str = field(
         "auto", "auto | no | fp16 | bf16, through Accelerate (auto: bf16 on Ampere and newer GPUs, fp16 on older ones, no "
@@ -165,7 +169,7 @@ class VAEConfig:
     kld_weight: float = field(0.00025, "weight of the KL term (PyTorch-VAE's vanilla VAE config uses 0.00025)", min=0.0)
     epochs: int = field(100, "passes over the dataset", min=1)
     batch_size: int = field(64, "images per step (per process)", min=1)
-    learning_rate: float = field(5e-3, "Adam learning rate", min=0.0)
+    learning_rate: float = field(5e-3, "Adam learning rate", min=0.0, max=MAX_LEARNING_RATE)
     lr_gamma: float = field(0.95, "exponential learning-rate decay per epoch", min=0.0)
     sample_every: int = field(10, "write a sample grid every N epochs", min=1)
     checkpoint_every: int = field(10, "write a resumable checkpoint every N epochs (0: only at the end)", min=0)
@@ -224,7 +228,7 @@ class PretrainConfig:
     vae_steps: int = field(3600, "autoencoder training steps, each on freshly rendered scenes of every emoji", min=1)
     vae_batch_size: int = field(16, "images per autoencoder step", min=1)
     vae_learning_rate: float = field(1e-3, "peak AdamW learning rate of the autoencoder (warm-up, then cosine decay)",
-                                     min=0.0)
+                                     min=0.0, max=MAX_LEARNING_RATE)
     vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
     unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
     unet_attention_from: int = field(1, "first UNet level with cross-attention (0: all; attention at the finest level "
@@ -232,7 +236,7 @@ class PretrainConfig:
     unet_steps: int = field(6000, "UNet and text encoder training steps", min=1)
     unet_batch_size: int = field(64, "images per UNet step", min=1)
     unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
-                                            "cosine decay)", min=0.0)
+                                            "cosine decay)", min=0.0, max=MAX_LEARNING_RATE)
     min_snr_gamma: float = field(5.0, "Min-SNR-γ loss weighting of the UNet (Hang et al. 2023); 0: plain ε-MSE",
                                  min=0.0)
     ema_decay: float = field(0.999, "decay of the exponential moving average of the UNet and text encoder weights "

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_config, checkpoint_meta,
-                         load_training_state, save_training_state, truncate_log)
+                         divergence_advice, load_training_state, save_training_state, truncate_log)
 from .config import CHECKPOINTING_LADDER, DataConfig, InversionConfig, SampleConfig, to_dict, write_json
 from .data import (
     RUN_FILE,
@@ -390,16 +390,12 @@ def invert(
             pending.clear()
             bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
             if bad is not None:
-                raise DyodError(
-                    f"the loss became {values[bad]} at step {first + bad}; the last checkpoint in {checkpoint} is "
-                    "intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then --resume"
-                )
+                raise DyodError(divergence_advice(f"the loss became {values[bad]} at step {first + bad}", checkpoint,
+                                                  "Try --mixed-precision bf16 or no, or a lower --learning-rate"))
             if not torch.isfinite(trainer.embedding.learned).all():
-                raise DyodError(
-                    f"the learned embedding became non-finite between steps {first} and {done}; the last checkpoint "
-                    f"in {checkpoint} is intact. Try --mixed-precision bf16 or no, or a lower --learning-rate, then "
-                    "--resume"
-                )
+                raise DyodError(divergence_advice(
+                    f"the learned embedding became non-finite between steps {first} and {done}", checkpoint,
+                    "Try --mixed-precision bf16 or no, or a lower --learning-rate"))
             losses.extend(values)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if main:

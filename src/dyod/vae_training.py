@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FILE, CheckpointOnInterrupt, check_resumed_config, checkpoint_meta,
-                         load_training_state, save_training_state, truncate_log)
+                         divergence_advice, load_training_state, save_training_state, truncate_log)
 from .config import DataConfig, VAEConfig, from_dict, read_json, to_dict, write_json
 from .data import (
     ImageFolder,
@@ -143,6 +143,8 @@ def train_vae(
             truncate_log(log_path, start_epoch, "epoch")  # epochs logged after the checkpoint will be redone
     elif main:
         log_path.unlink(missing_ok=True)
+        if overwrite:  # the earlier VAE's checkpoint: a failure of this training must not send --resume back to it
+            checkpoint.unlink(missing_ok=True)
     started = time.time()
     bar = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
                disable=not progress or not main, desc="custom VAE")
@@ -170,8 +172,10 @@ def train_vae(
                 totals = accelerator.reduce(totals, "mean")  # the epoch's losses over every process's images
             loss, rec, kld = (totals.cpu() / steps).tolist()
             if not math.isfinite(loss):
-                raise DyodError(f"the VAE loss became {loss} at epoch {epoch + 1}; the last checkpoint in {checkpoint} "
-                                "is intact. Try a lower --vae-learning-rate, then --resume")
+                again = "the same command" + ("" if checkpoint.exists() or not (folder / "model.safetensors").exists()
+                                               else " with --overwrite (the folder holds the earlier VAE)")
+                raise DyodError(divergence_advice(f"the VAE loss became {loss} at epoch {epoch + 1}", checkpoint,
+                                                  "Try a lower --vae-learning-rate", again))
             bar.set_postfix(loss=f"{loss:.4f}", recon=f"{rec:.4f}")
             if not main:
                 continue
