@@ -518,3 +518,38 @@ def test_divergence_names_only_checkpoints_that_exist_and_the_advice_works(tmp_p
     assert not (run / "vae" / "checkpoint.safetensors").exists()  # the earlier VAE's: --resume cannot go back to it
     assert (run / "vae" / "model.safetensors").exists()  # the earlier VAE itself stays usable
     assert main([*train, "--overwrite"]) == 0
+
+
+def test_one_writer_at_a_time_and_a_killed_holders_lock_is_taken_over(tmp_path, fitted_run, capsys, monkeypatch):
+    """Two `dyod sample --out X` at once both wrote, and the record listed only the last one's images; two `fit
+    --resume` on one run both trained. The second is now refused at once, naming the holder; a lock whose process was
+    killed is taken by the next command."""
+    from dyod.cli import main
+    from dyod.locking import folder_lock
+
+    monkeypatch.setenv("DYOD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "samples"
+    sample = ["sample", str(fitted_run), "--t0", "0.5", "-n", "2", "--num-inference-steps", "4", "--device", "cpu",
+              "--out", str(out)]
+    with folder_lock(out, "output folder", command="dyod sample (the first)"):
+        assert main(sample) == 2
+        err = capsys.readouterr().err
+        assert f"output folder {out} is in use by another dyod process (pid {os.getpid()}" in err
+        assert "`dyod sample (the first)`" in err and not out.exists()
+        with folder_lock(fitted_run, "run folder"):  # the run is only read by sampling: not held
+            pass
+    assert main(sample) == 0 and len(list(out.glob("seed-*.png"))) == 2
+    capsys.readouterr()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dyod.locking import folder_lock\n"
+                               f"with folder_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "DYOD_CACHE": str(tmp_path / "cache")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main([*sample, "--overwrite"]) == 2
+        assert f"(pid {holder.pid} on" in capsys.readouterr().err
+        holder.kill()
+        holder.wait()
+        assert main([*sample, "--overwrite"]) == 0  # the killed process's lock went with it
+    finally:
+        holder.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -1052,6 +1053,20 @@ def _check_device(device: str | None) -> None:
                             "--device out to run on the GPU if there is one, else the CPU")
 
 
+TRAINING_COMMANDS = ("fit", "invert", "train-vae")
+
+
+def _folders_written(args) -> list[tuple[str, str]]:
+    """The folders a command writes, each held by one process at a time (``folder_lock``)."""
+    folders = []
+    out = getattr(args, "out", None)
+    if out:
+        folders.append((out, "run folder" if args.command in TRAINING_COMMANDS else "output folder"))
+    if args.command == "tune":  # records the chosen t0 in the run
+        folders.append((args.run, "run folder"))
+    return folders
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -1062,13 +1077,18 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         _check_device(getattr(args, "device", None))
+        from .locking import folder_lock
         from .run import is_main_process
 
         if not is_main_process() and args.command not in SHARED_COMMANDS:
             # the same work in every process would be repeated and would race for the same files
             logger.info("`dyod %s` runs in the main process alone", args.command)
             return 0
-        args.func(args)
+        with contextlib.ExitStack() as held:
+            if is_main_process():  # the processes of one launch share its folders
+                for folder, what in _folders_written(args):
+                    held.enter_context(folder_lock(folder, what))
+            args.func(args)
     except DyodError as e:
         print(f"dyod {args.command}: error: {e}", file=sys.stderr)
         return 2
