@@ -553,3 +553,41 @@ def test_one_writer_at_a_time_and_a_killed_holders_lock_is_taken_over(tmp_path, 
         assert main([*sample, "--overwrite"]) == 0  # the killed process's lock went with it
     finally:
         holder.kill()
+
+
+def test_a_damaged_checkpoint_of_a_finished_stage_does_not_block_the_next(tmp_path, tiny_model, shapes, capsys):
+    """The dataset prompt finished, its checkpoint then damaged: `fit --resume` of the stopped custom VAE refused on
+    that checkpoint (and the --overwrite it advised would redo both stages), and `dyod info` garbled the line."""
+    from dyod.cli import main
+
+    run = tmp_path / "run"
+    fit = ["fit", str(shapes), "--model", str(tiny_model), "--out", str(run), "--steps", "3", "--batch-size", "2",
+           "--sample-every", "0", "--vae-epochs", "4", "--vae-batch-size", "4", "--vae-latent-dim", "8",
+           "--vae-checkpoint-every", "2", "--device", "cpu"]
+    import dyod.vae_training as vae_training
+
+    real, epochs = vae_training.vae_loss, []
+
+    def interrupt_in_epoch_three(*args):
+        epochs.append(1)
+        if len(epochs) == 2 * 3:  # 12 images, batch 4: three updates an epoch; the first update of epoch three
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        vae_training.vae_loss = interrupt_in_epoch_three
+        assert main(fit) == 130
+    finally:
+        vae_training.vae_loss = real
+        signal.signal(signal.SIGINT, previous)
+    checkpoint = run / "inversion" / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # cut short
+    prompt = (run / "learned_embeds.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "dataset prompt:" in out and "damaged" not in out.split("dataset prompt:")[1].split("\n")[0]
+    assert main(["fit", str(shapes), "--model", str(tiny_model), "--out", str(run), "--resume", "--device", "cpu"]) == 0
+    assert (run / "learned_embeds.safetensors").read_bytes() == prompt  # the finished stage was kept as it was
+    assert json.loads((run / "run.json").read_text())["stages"]["vae"]["config"]["epochs"] == 4

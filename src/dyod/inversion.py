@@ -68,9 +68,18 @@ PREVIEW_STEPS = 25  # DDIM steps of the sample grids written while S* trains
 
 
 def recorded_inversion_config(run: str | os.PathLike) -> dict | None:
-    """The settings the dataset prompt of ``run`` was training with, from its checkpoint; None where it has none."""
+    """The settings the dataset prompt of ``run`` was training with, from its checkpoint; None where it has none. A
+    damaged checkpoint of a finished stage is not needed: the settings then come from the run's record of it."""
     checkpoint = Path(run) / "inversion" / CHECKPOINT_FILE
-    return checkpoint_meta(checkpoint).get("config") if checkpoint.exists() else None
+    if not checkpoint.exists():
+        return None
+    try:
+        return checkpoint_meta(checkpoint).get("config")
+    except DyodError:
+        finished = Run.open(run).info.get("stages", {}).get("inversion", {}) if (Path(run) / RUN_FILE).exists() else {}
+        if finished.get("config") and (Path(run) / "learned_embeds.safetensors").exists():
+            return finished["config"]
+        raise
 
 
 def diffusion_loss_target(latents, noise, alphas_cumprod_t, prediction_type: str) -> torch.Tensor:
@@ -305,6 +314,13 @@ def invert(
         raise DyodError(
             f"{run.path} already holds a dataset prompt; pass --resume to continue it or --overwrite to start over"
         )
+    finished = run.info.get("stages", {}).get("inversion", {})
+    if resume and run.embeddings_path.exists() and (finished.get("steps") or 0) >= config.steps:
+        # the stage's output is written: its checkpoint is not needed (a damaged one must not block `fit --resume`
+        # of the stage after it)
+        logger.info("--resume: the dataset prompt in %s already finished (%d of %d steps)", run.path,
+                    finished["steps"], config.steps)
+        return run.embeddings_path
     if resume and not checkpoint.exists():
         raise DyodError(f"--resume: {checkpoint} does not exist, so there is nothing to resume")
     if resume:  # before the model loads

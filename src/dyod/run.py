@@ -392,8 +392,10 @@ def describe_run(path: str | os.PathLike) -> str:
             return None
         try:
             meta = checkpoint_meta(checkpoint)
-        except DyodError as e:
-            return f"its checkpoint is damaged: {e}"
+        except DyodError:
+            if unfinished_only:  # the stage's output is written: the damaged checkpoint is not needed
+                return None
+            return f"its checkpoint {checkpoint} is damaged; train the stage again with --overwrite"
         total = (meta.get("config") or {}).get("steps" if unit == "step" else "epochs")
         if unfinished_only and (total is None or meta.get("step", 0) >= total):
             return None
