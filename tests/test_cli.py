@@ -665,7 +665,7 @@ def test_a_file_where_an_output_folder_goes_is_named(cli_run, tmp_path, shapes, 
     assert main(["datasets", "make", "faces", str(afile), "-n", "2"]) == 2
     assert f"dataset folder {afile} is a file, not a folder; choose another folder" in capsys.readouterr().err
     assert afile.read_text() == "keep me"
-    assert main(["eval", str(shapes), "--ref", str(shapes), "--num-subsets", "2", "--json", str(afile / "kid.json")]) == 1
+    assert main(["eval", str(shapes), "--ref", str(shapes), "--num-subsets", "2", "--json", str(afile / "kid.json")]) == 2
     out, err = capsys.readouterr()
     assert "KID×100 = " in out  # the result came before the failure, and stays
     assert f"dyod eval: error: [Errno 17] File exists: '{afile}'" in err and "Traceback" not in err

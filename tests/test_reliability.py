@@ -591,3 +591,53 @@ def test_a_damaged_checkpoint_of_a_finished_stage_does_not_block_the_next(tmp_pa
     assert main(["fit", str(shapes), "--model", str(tiny_model), "--out", str(run), "--resume", "--device", "cpu"]) == 0
     assert (run / "learned_embeds.safetensors").read_bytes() == prompt  # the finished stage was kept as it was
     assert json.loads((run / "run.json").read_text())["stages"]["vae"]["config"]["epochs"] == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only: skipped where mounting is not allowed), unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_named_and_the_records_agree_with_the_files(small_disk, tiny_model, shapes, fitted_run, capsys):
+    """Before: `fit` on a full disk ended in a SafetensorError traceback (exit 1), a VAE finished as the disk filled had
+    no record in run.json, and `sample` said "[Errno 28]" without the path and left an empty seed-....png.tmp."""
+    from dyod.cli import main
+    from dyod.run import Run
+
+    run = small_disk / "run"
+    fit = ["fit", str(shapes), "--model", str(tiny_model), "--out", str(run), "--steps", "20", "--checkpoint-every",
+           "10", "--sample-every", "0", "--batch-size", "2", "--vae-epochs", "4", "--vae-checkpoint-every", "2",
+           "--vae-batch-size", "4", "--device", "cpu"]
+    code = main(fit)
+    err = capsys.readouterr().err
+    if code == 0:  # it fitted on 3 MiB: fill the disk and try the last step again
+        pytest.skip("the run fitted within the small disk")
+    assert code == 2 and "Traceback" not in err and "disk is full" in err and str(small_disk) in err
+    assert "free some space" in err
+    info = Run.open(run).info if (run / "run.json").exists() else {"stages": {}}
+    assert ("vae" in info["stages"]) == (run / "vae" / "model.safetensors").exists()
+    assert ("inversion" in info["stages"]) == (run / "learned_embeds.safetensors").exists()
+    assert not list(small_disk.rglob("*.tmp"))
+
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # fill what is left
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    out = small_disk / "samples"
+    assert main(["sample", str(fitted_run), "--t0", "0.5", "-n", "2", "--num-inference-steps", "4", "--device", "cpu",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and str(out) in err and "Traceback" not in err
+    assert not list(small_disk.rglob("*.tmp"))

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import to_dict
-from .errors import DyodError, first_line
+from .errors import DyodError, first_line, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ def save_training_state(path: Path, tensors: dict[str, torch.Tensor], optimizer:
             out[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     out["generator"] = generator.get_state()
     metadata = {"step": str(step), **{k: json.dumps(v) for k, v in (meta or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(out, str(tmp), metadata=metadata), "checkpoint")
 
 
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator,

@@ -1093,10 +1093,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dyod {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that cannot be written or read (a file where a folder goes, a full disk, ...)
+        import errno
+
         logger.debug("dyod %s failed", args.command, exc_info=True)
-        print(f"dyod {args.command}: error: {e}\n  (what was finished before it is kept; -v shows where it happened)",
-              file=sys.stderr)
-        return 1
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
+        advice = ("free some space (or give another folder) and run the command again (--resume continues a "
+                  "training); " if e.errno == errno.ENOSPC else "")
+        print(f"dyod {args.command}: error: {e}{where}\n  ({advice}what was finished before it is kept; -v shows where "
+              "it happened)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted; completed checkpoints and outputs are kept{_how_to_go_on(args)}", file=sys.stderr)
         return 130

@@ -277,11 +277,12 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
+    from .errors import write_atomically
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text), "record")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import DyodError
+from .errors import DyodError, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,8 @@ def uninstall_placeholder(text_encoder) -> None:
 
 def save_learned_embeds(path: str | os.PathLike, token: str, vectors: torch.Tensor) -> None:
     """diffusers' format: ``{token: tensor[num_vectors, dim]}``, loadable by ``load_textual_inversion``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({token: vectors.detach().float().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {token: vectors.detach().float().cpu().contiguous()}
+    write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp)), "dataset prompt")
 
 
 def _read_embedding_file(path: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .embeddings import load_learned_embeds, save_learned_embeds
-from .errors import DyodError
+from .errors import DyodError, write_atomically
 from .run import Run, check_output_folder
 
 FORMATS = ("diffusers", "a1111")
@@ -54,7 +54,6 @@ def export_embedding(run: str | os.PathLike, out: str | os.PathLike, format: str
                 "sd_checkpoint_name": str(run.info.get("model", "")), "format": "dyod dataset prompt (S*)"}
     if inversion.get("steps") is not None:
         metadata["step"] = str(inversion["steps"])
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({"emb_params": vectors.float().contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    tensors = {"emb_params": vectors.float().contiguous()}
+    write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "embedding")
     return out

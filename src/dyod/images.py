@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import write_atomically
+
 
 def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2, background=(255, 255, 255)) -> Image.Image:
     """Tile equally sized images row by row (ncols defaults to a near-square grid)."""
@@ -34,9 +36,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] |
         info = PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "image")
     return path
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import VAEConfig, from_dict, read_json, to_dict
-from .errors import DyodError
+from .errors import DyodError, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -143,15 +143,12 @@ def save_vae(model: VanillaVAE, folder: str | os.PathLike, train_config: VAEConf
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
+    write_atomically(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)), "custom VAE's weights")
     config = {"model": model.config(), **(extra or {})}
     if train_config is not None:
         config["training"] = to_dict(train_config)
-    tmp = folder / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, folder / "config.json")
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomically(folder / "config.json", lambda tmp: tmp.write_text(text), "custom VAE's config")
 
 
 def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> VanillaVAE:

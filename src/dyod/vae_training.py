@@ -199,8 +199,6 @@ def train_vae(
         save_vae(model, folder, config, extra={"data_resolution": data.resolution, "num_images": n})
         activity = latent_activity(model, pixels)  # which dimensions `dyod traverse --active` shows
         write_json(run.latent_activity_path, activity)
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,  # --resume with more
-                         {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})  # --vae-epochs goes on
         run.set_stage(
             "vae",
             {
@@ -217,6 +215,12 @@ def train_vae(
                 "config": to_dict(config),
             },
         )
+        try:  # after the run's record of the finished VAE: a disk that fills here leaves record and files agreeing
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, generator, config.epochs,  # --resume with more
+                             {**data_facts, "loss": loss, "recon": rec, "config": to_dict(config)})  # --vae-epochs
+        except DyodError:
+            checkpoint.unlink(missing_ok=True)  # an earlier epoch's: it would tell --resume the VAE is unfinished
+            raise
     accelerator.wait_for_everyone()  # what the main process wrote is there for every process's next step
     return folder
 
