@@ -14,6 +14,11 @@ def test_demo_smoke_writes_report(tmp_path):
     assert "KID × 100" in text and "VAE alone" in text
     for name in ("samples_t0_0.50.png", "samples_t0_1.00.png", "samples_vae_alone.png", "dataset.png"):
         assert (tmp_path / "demo" / name).exists()
+    from PIL import Image
+
+    with Image.open(tmp_path / "demo" / "overview.png") as overview:  # four labelled rows of 4 images of 64 px
+        assert overview.height == 4 * (64 + 2 * 2) and overview.width == 150 + 4 * 64 + 5 * 2
+    assert "![](overview.png)" in text
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
     assert [r["sampler"] for r in rows] == ["VAE alone", "DYOD t0 = 0.5", "prior + S* alone (t0 = 1)"]
     assert all(isinstance(r["kid_x100"], float) for r in rows)

@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 from .config import InversionConfig, SampleConfig, VAEConfig, to_dict, write_json
-from .images import make_grid, save_png
+from .images import labeled_rows, make_grid, save_png
 
 logger = logging.getLogger(__name__)
 
 TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # z_u in prior standard deviations, as Fig. 7's rows
 STROKES = 8  # painted inputs for image initialization, a row of the grid
+OVERVIEW_IMAGES = 8  # a row of overview.png: the dataset, the VAE alone, DYOD at the best t0, the prior + S* alone
+ALONE = "prior + S* alone (t0 = 1)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     pipe = DyodPipeline.for_sampling(run)
     seeds = list(range(config.seed, config.seed + config.num_samples))
 
-    rows = []
+    rows, first = [], {}  # first: each row's first images, for the overview figure
     t = time.time()
     vae_images = pipe.vae_samples(seeds)
     score = kid(features(vae_images), data_features, num_subsets=50)
@@ -91,7 +93,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         seconds = time.time() - t
         name = f"samples_t0_{t0:.2f}.png"
         save_png(make_grid(images[:32], 8), out / name)
-        label = f"DYOD t0 = {t0:.1f}" if t0 < 1 else "prior + S* alone (t0 = 1)"
+        label = f"DYOD t0 = {t0:.1f}" if t0 < 1 else ALONE
+        first[label] = images[:OVERVIEW_IMAGES]
         rows.append((label, pipe.last_unet_calls, f"×{config.num_inference_steps / pipe.last_unet_calls:.2f}",
                      seconds, kid(features(images), data_features, num_subsets=50), name))
     save_png(make_grid(data_images[:32], 8), out / "dataset.png")
@@ -112,6 +115,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     # Latent manipulation at the best t0: between the VAE latents of two seeds with ε held fixed (Fig. 6), and the
     # dimensions the dataset uses most, each traversed with the rest of z and ε fixed, a row each (Fig. 7).
     best_t0, best = min(((t0, row) for t0, row in zip(config.t0s, rows[1:]) if t0 < 1), key=lambda r: r[1][4].mean)
+    alone = [("prior + S* alone", first[ALONE])] if ALONE in first else []
+    k = min(OVERVIEW_IMAGES, len(vae_images))
+    save_png(labeled_rows([("dataset", data_images[:k]), ("custom VAE alone", vae_images[:k]),
+                           (best[0], first[best[0]]), *alone]), out / "overview.png")
     t = time.time()
     manipulation = SampleConfig(t0=best_t0, num_inference_steps=config.num_inference_steps,
                                 guidance_scale=config.guidance_scale, batch_size=50)
@@ -158,6 +165,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         f"Best DYOD row: **{best[0]}**, KID × 100 = {best[4].mean_x100:.2f}. {verdict(best[4], vae_alone, alone, floor)}",
         "",
         "![KID against t0](kid_vs_t0.png)",
+        "",
+        "At a glance (seeds as in the table; the best DYOD row): ![](overview.png)",
         "",
         "Dataset: ![](dataset.png)",
         "",

@@ -25,6 +25,22 @@ def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2,
     return grid
 
 
+def labeled_rows(rows: list[tuple[str, list[Image.Image]]], label_width: int = 150, pad: int = 2) -> Image.Image:
+    """A row of equally sized images per label, the label written at the left: figures that say what each row is."""
+    from PIL import ImageDraw
+
+    strips = [make_grid(images, len(images), pad) for _, images in rows]
+    width, height = label_width + max(s.width for s in strips), sum(s.height for s in strips)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for (label, _), strip in zip(rows, strips):
+        canvas.paste(strip, (label_width, y))
+        draw.text((4, y + strip.height // 2 - 6), label, fill=(0, 0, 0))
+        y += strip.height
+    return canvas
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
     """Save a PNG atomically (temporary file, then rename), with ``text`` as tEXt chunks (what made the image)."""
     from PIL.PngImagePlugin import PngInfo
