@@ -290,3 +290,26 @@ def test_the_model_cards_table_says_which_targets_are_met():
     assert last[1] == "1 of 2 (apple-orange)" and not last[3]
     table = markdown_rows(property_rows(props, summary))
     assert table[0] == "| property | measured | target | met |" and len(table) == 2 + 6
+
+
+def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
+    """Stage 5 trains the autoencoder's decoder alone (with the PatchGAN term): the encoder, hence every latent the UNet
+    learned from, and the UNet itself are those of the same pre-training without it, bit for bit."""
+    from safetensors.torch import load_file
+
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY), progress=False, device="cpu")
+    refined = pretrain(tmp_path / "refined", PretrainConfig(**{**TINY, "decoder_steps": 3, "probe_every": 2}),
+                       progress=False, device="cpu")
+    a = load_file(str(plain / "vae" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(refined / "vae" / "diffusion_pytorch_model.safetensors"))
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
+    assert any(not torch.equal(a[k], b[k]) for k in decoder)
+    u, v = (load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors")) for p in (plain, refined))
+    assert all(torch.equal(u[k], v[k]) for k in u)
+    probes = json.loads((refined / "training" / "probes.json").read_text())
+    assert [p["step"] for p in probes if p["stage"] == "decoder"] == [2, 3]
+    assert "decoder_s" in json.loads((refined / "training" / "timings.json").read_text())

@@ -10,6 +10,8 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
   3. unet/ + text_encoder/   trained together on the cached latents of the concept corpus: ε-prediction, Min-SNR-γ
                    weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
+  5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE + PatchGAN), the encoder frozen, so the
+                   latent space the UNet learned stays
 
 The concept set is every ``concept_stride``-th emoji of the atlas in code-point order: Unicode allocates each group
 (faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs, so the stride takes an even
@@ -225,6 +227,108 @@ def train_autoencoder(config: PretrainConfig, folder: Path, device, progress: bo
         latents = torch.cat([vae.encode(to_unit(sample[i:i + 128]).to(device)).latent_dist.mean
                              for i in range(0, len(sample), 128)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae = vae.to(memory_format=torch.contiguous_format)
+    vae.save_pretrained(folder)
+    return vae.cpu(), losses, before + time.time() - started
+
+
+# -- 2b. decoder refinement --------------------------------------------------------------------------------------------
+class PatchDiscriminator(torch.nn.Module):
+    """Latent Diffusion's (taming-transformers') NLayerDiscriminator with 3 layers: real/fake logits per patch."""
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(
+            nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, 2 * channels, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * channels), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * channels, 4 * channels, 4, 1, 1, bias=False), nn.BatchNorm2d(4 * channels), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * channels, 1, 4, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def adaptive_adversarial_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Latent Diffusion's balance: ||∇ rec|| / ||∇ gan|| at the decoder's last layer, so neither term drowns the other."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
+    """The autoencoder's decoder alone trained on (L1 + MSE + an adaptively weighted hinge PatchGAN term) on fresh
+    scenes of every emoji, its encoder frozen: the latents, hence the UNet, stay as they are. Returns (vae, seconds)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder).to(device, memory_format=torch.channels_last)
+    vae.requires_grad_(False)
+    trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trained:
+        p.requires_grad_(True)
+    disc = PatchDiscriminator().to(device)
+    opt_g = torch.optim.Adam(trained, lr=config.decoder_learning_rate, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config.decoder_learning_rate, betas=(0.5, 0.9))
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    stream = atlas_corpus(config, seed=config.corpus_seed + 2)
+    heldout = heldout_sets(config) if config.probe_every else None
+    state_path, start, losses, before = folder.parent / "training" / "decoder_state.safetensors", 0, [], 0.0
+    if resume and state_path.exists():
+        start, tensors, meta = load_training_state(state_path, opt_g, generator)
+        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+        state_d = opt_d.state_dict()
+        for key in [k for k in tensors if k.startswith("optim_d.")]:
+            _, i, name = key.split(".", 2)
+            state_d["state"].setdefault(int(i), {})[name] = tensors[key]
+        opt_d.load_state_dict(state_d)
+        losses, before = meta.get("losses", []), meta.get("decoder_s", 0.0)
+    started = time.time()
+    vae.decoder.train(), disc.train()
+    last_layer = vae.decoder.conv_out.weight
+    bar = tqdm(range(start, config.decoder_steps), initial=start, total=config.decoder_steps, disable=not progress,
+               desc="prior decoder")
+    with CheckpointOnInterrupt() as interrupt:
+        for step in bar:
+            batch = range(step * config.vae_batch_size, (step + 1) * config.vae_batch_size)
+            x = to_unit(render_scenes(stream, batch)[0]).to(device).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                posterior = vae.encode(x).latent_dist
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+            recon = vae.decode(z).sample
+            rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+            loss = rec
+            if config.adversarial_weight:
+                gan = -disc(recon).mean()  # hinge generator loss
+                loss = rec + config.adversarial_weight * adaptive_adversarial_weight(rec, gan, last_layer) * gan
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            if config.adversarial_weight:
+                d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+            losses.append(rec.item())
+            if step % 20 == 0:
+                bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
+            done = step + 1
+            if heldout is not None and (done % config.probe_every == 0 or done == config.decoder_steps):
+                vae.decoder.eval()
+                probes.add("decoder", done, before + time.time() - started, **autoencoder_probe(vae, heldout, device))
+                vae.decoder.train()
+            stopping = interrupt.stopping(done, config.decoder_steps)
+            if done % config.checkpoint_every == 0 or done == config.decoder_steps or stopping:
+                tensors = {**{f"vae.{k}": v for k, v in vae.state_dict().items()},
+                           **{f"disc.{k}": v for k, v in disc.state_dict().items()},
+                           **{f"optim_d.{i}.{k}": torch.as_tensor(v) for i, st in opt_d.state_dict()["state"].items()
+                              for k, v in st.items()}}
+                save_training_state(state_path, tensors, opt_g, generator, done,
+                                    {"losses": losses, "decoder_s": before + time.time() - started})
+            if stopping:
+                interrupt.stop(bar, done, config.decoder_steps, "the prior's decoder refinement", "step", state_path)
+    vae.eval()
     vae = vae.to(memory_format=torch.contiguous_format)
     vae.save_pretrained(folder)
     return vae.cpu(), losses, before + time.time() - started
@@ -463,4 +567,9 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
     )
     pipe.save_pretrained(out)
     write_json(work / "timings.json", timings)
+    if config.decoder_steps:  # after the UNet: the encoder is frozen, so the latents the UNet learned stay
+        _, decoder_losses, seconds = refine_decoder(config, out / "vae", device, progress, resume, probes)
+        timings["decoder_s"] = round(seconds, 1)
+        write_json(work / "decoder_losses.json", decoder_losses)
+        write_json(work / "timings.json", timings)
     return out
