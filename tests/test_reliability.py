@@ -352,7 +352,9 @@ def test_damaged_json_records_are_named_not_tracebacks(fitted_run, tiny_model, s
     assert main(["sample", str(run), "-n", "1", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
     assert f"the custom VAE's weights {weights} {damaged}" in capsys.readouterr().err
     weights.write_bytes(good_weights)
-    for stage, folder in ((["invert", "--model", str(tiny_model)], "inversion"), (["train-vae"], "vae")):
+    # a finished prompt does not need its checkpoint (test_a_damaged_checkpoint_of_a_finished_stage_...); training it
+    # further does
+    for stage, folder in ((["invert", "--model", str(tiny_model), "--steps", "10"], "inversion"), (["train-vae"], "vae")):
         checkpoint = run / folder / "checkpoint.safetensors"
         checkpoint.write_bytes(checkpoint.read_bytes()[:300])
         assert main([stage[0], str(shapes), *stage[1:], "--out", str(run), "--resume", "--device", "cpu"]) == 2
@@ -431,8 +433,9 @@ def test_non_finite_values_never_become_images(tmp_path, fitted_run, capsys, mon
     assert f"{nan_vae / 'vae' / 'model.safetensors'} holds non-finite values" in err and "train-vae" in err
 
     for value, message in (("1e30", "--guidance-scale must be <= 1000.0"), ("-inf", "takes a finite number")):
-        assert main(["sample", str(fitted_run), *sample, "--guidance-scale", value, "--out", str(tmp_path / "c")]) == 2
-        assert message in capsys.readouterr().err
+        with pytest.raises(SystemExit) as refused:  # as the flag is read
+            main(["sample", str(fitted_run), *sample, "--guidance-scale", value, "--out", str(tmp_path / "c")])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
     monkeypatch.setattr(dyod.DyodPipeline, "decode", lambda self, latents: torch.full((len(latents), 3, 32, 32),
@@ -587,7 +590,7 @@ def test_a_damaged_checkpoint_of_a_finished_stage_does_not_block_the_next(tmp_pa
     capsys.readouterr()
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "dataset prompt:" in out and "damaged" not in out.split("dataset prompt:")[1].split("\n")[0]
+    assert "dataset prompt S*:" in out and "damaged" not in out.split("dataset prompt S*:")[1].split("\n")[0]
     assert main(["fit", str(shapes), "--model", str(tiny_model), "--out", str(run), "--resume", "--device", "cpu"]) == 0
     assert (run / "learned_embeds.safetensors").read_bytes() == prompt  # the finished stage was kept as it was
     assert json.loads((run / "run.json").read_text())["stages"]["vae"]["config"]["epochs"] == 4
