@@ -1,4 +1,5 @@
-"""S* for the web UIs: `dyod export`, checked against the way AUTOMATIC1111 and ComfyUI read an embedding file."""
+"""S* for the web UIs: `dyod export`, checked against the way AUTOMATIC1111, ComfyUI and InvokeAI read an embedding
+file."""
 
 import json
 
@@ -44,6 +45,16 @@ def comfyui_reads(path, embed_key: str = "clip_l") -> torch.Tensor:
     return next(iter(embed.values()))
 
 
+def invokeai_reads(path) -> tuple[int, torch.Tensor]:
+    """How InvokeAI reads it: its probe takes the token width as ``state_dict["emb_params"].shape[-1]`` (the
+    textual-inversion config's ``elif "emb_params" in state_dict``), and ``TextualInversionModelRaw.from_checkpoint``,
+    after 'string_to_param', takes ``elif "emb_params" in state_dict: result.embedding = state_dict["emb_params"]``
+    (its "v3" format)."""
+    state_dict = load_file(str(path), device="cpu")
+    assert "string_to_param" not in state_dict and "string_to_token" not in state_dict and "emb_params" in state_dict
+    return state_dict["emb_params"].shape[-1], state_dict["emb_params"]
+
+
 def test_export_for_the_web_uis_reads_back_as_the_same_s_star(tmp_path, fitted_run, tiny_model, shapes):
     _, learned = load_learned_embeds(fitted_run / "learned_embeds.safetensors")
     out = tmp_path / "shapes-prompt.safetensors"
@@ -51,6 +62,8 @@ def test_export_for_the_web_uis_reads_back_as_the_same_s_star(tmp_path, fitted_r
     name, vec = a1111_reads(out)
     assert name == "shapes-prompt" and torch.equal(vec, learned)
     assert torch.equal(comfyui_reads(out), learned)
+    width, embedding = invokeai_reads(out)
+    assert width == learned.shape[-1] and torch.equal(embedding, learned)
     with safe_open(str(out), "pt") as f:  # what the UIs show about it: a name, the steps, the model
         meta = f.metadata()
     info = json.loads((fitted_run / "run.json").read_text())
