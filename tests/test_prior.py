@@ -28,7 +28,7 @@ def test_bundled_prior_loads_like_any_model_and_generates_deterministically():
     ids = pipe.tokenizer("a red apple and a tangerine on a white background").input_ids
     assert pipe.tokenizer.unk_token_id not in ids[1:-1]  # the datasets' words are in the trained vocabulary
     card = (bundled_prior_path() / "MODEL_CARD.md").read_text()
-    assert "Text following" in card and "top-1" in card
+    assert "## Measured properties" in card and "top-1 / top-5" in card and "autoencoder floor" in card
 
 
 def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
