@@ -12,9 +12,10 @@ if [ ! -f "$stamp" ]; then
   # torch first, pinned: an unpinned range would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
-  # the tests check dyod's Inception network against torch-fidelity's; its package metadata asks for torchvision,
-  # which no build pairs with this torch, and the module the tests use needs none: installed without dependencies
-  .venv/bin/python -m pip install -q -c constraints.txt --no-deps torch-fidelity
+  # the tests check dyod's Inception network against torch-fidelity's. Its package imports torchvision, which no build
+  # pairs with this torch, and the module the tests use needs none: installed without dependencies, and apart from
+  # site-packages, where torchmetrics would find it and fail importing torchvision
+  .venv/bin/python -m pip install -q -c constraints.txt --no-deps --target .venv/vendor/torch-fidelity torch-fidelity
   rm -f .venv/.dyod-setup-*
   touch "$stamp"
 fi

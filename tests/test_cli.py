@@ -961,8 +961,8 @@ def test_the_readme_commands_parse():
 
 
 def test_every_flag_the_readme_names_exists():
-    """A flag renamed or removed in the code but still in the README fails here: every --flag the README names is an
-    option of a dyod command or of a benchmark script (`--vae-*` names a family)."""
+    """A flag renamed or removed in the code but still in the README or a guide in docs/ fails here: every --flag they
+    name is an option of a dyod command or of a benchmark script (`--vae-*` names a family)."""
     import argparse
     import re
 
@@ -983,8 +983,12 @@ def test_every_flag_the_readme_names_exists():
     root = Path(__file__).parents[1]
     for script in (root / "benchmarks").glob("*.py"):
         known.update(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text()))
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])", (root / "README.md").read_text()))
-    assert len(named) > 50 and named <= known, sorted(named - known)
+    known.update(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", (root / "scripts" / "cli_reference.py").read_text()))
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])", doc.read_text()))
+        assert named <= known, (doc.name, sorted(named - known))
+    guides = "".join(doc.read_text() for doc in (root / "docs").glob("*.md"))
+    assert len(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])", guides))) > 50
 
 
 def test_the_training_commands_name_the_bundled_prior_in_their_help():

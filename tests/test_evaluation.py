@@ -181,13 +181,16 @@ def torch_fidelity_inception(monkeypatch):
     package's __init__, which imports torchvision for its other extractors (no torchvision build imports beside the
     CPU torch dyod pins: the reason dyod keeps its own copy of the network, checked here against this one)."""
     import importlib
-    import importlib.util
     import sys
     import types
+    from pathlib import Path
 
-    spec = importlib.util.find_spec("torch_fidelity")
+    import importlib.machinery
+
+    vendor = Path(sys.prefix) / "vendor" / "torch-fidelity"  # where scripts/setup.sh puts it, apart from site-packages
+    spec = importlib.machinery.PathFinder.find_spec("torch_fidelity", [str(vendor)])
     if spec is None:
-        pytest.skip("torch-fidelity is not installed (scripts/setup.sh installs it for the tests)")
+        pytest.skip(f"torch-fidelity is not installed in {vendor} (scripts/setup.sh installs it for the tests)")
     package = types.ModuleType("torch_fidelity")
     package.__path__ = list(spec.submodule_search_locations)
     monkeypatch.setitem(sys.modules, "torch_fidelity", package)

@@ -42,9 +42,35 @@ def test_fit_with_an_imported_s_star_chooses_t0_and_warns_that_s_star_may_have_s
     assert any("perhaps on them too" in r.message and r.levelname == "WARNING" for r in caplog.records)
 
 
-def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatch):
-    """The README's Python API block, run as written with the tiny model, the test images and small step counts in
-    place of the example's (each replaced text must still be in the README)."""
+REPLACED = {'"my_images"': None, '"/models/stable-diffusion-v1-5"': None, "steps=3000": "steps=2", "epochs=100": "epochs=1",
+            "choose_t0=True": "choose_t0=True, choose_t0_samples=2", "pipe.sample(16": "pipe.sample(2"}
+
+
+def test_the_readmes_python_example_runs(tmp_path, shapes, tiny_model, monkeypatch):
+    """The README's ten-line Python example, run as written with the tiny model, the test images and small step counts
+    in place of the example's (each replaced text must still be in the README)."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    for old, new in {**REPLACED, '"my_images"': repr(str(shapes)), '"/models/stable-diffusion-v1-5"': repr(str(tiny_model))
+                     }.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace = {"my_sketches": [Image.open(p) for p in sorted(shapes.glob("*.png"))[:2]]}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert len(namespace["images"]) == 2 and len(namespace["edits"]) == 2 and len(namespace["frames"]) == 8
+    assert len(namespace["rows"]) == 6
+    assert json.loads((tmp_path / "runs" / "shoes" / "run.json").read_text())["chosen_t0"]["n"] == 2
+
+
+def test_the_python_api_guide_runs(tmp_path, shapes, tiny_model, monkeypatch):
+    """docs/python-api.md's block, run as written with the tiny model, the test images and small step counts in place
+    of the example's (each replaced text must still be in the guide)."""
     import re
     from pathlib import Path
 
@@ -52,8 +78,8 @@ def test_the_readme_python_example_runs(tmp_path, shapes, tiny_model, monkeypatc
     from diffusers import UNet2DConditionModel
     from PIL import Image
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    readme = (Path(__file__).parents[1] / "docs" / "python-api.md").read_text()
+    code = re.search(r"# Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
     for old, new in {'"my_images"': repr(str(shapes)), '"/models/stable-diffusion-v1-5"': repr(str(tiny_model)),
                      "steps=3000": "steps=2", "epochs=100": "epochs=1",
                      "choose_t0=True": "choose_t0=True, choose_t0_samples=2", 'compile="reduce-overhead"': 'compile="none"',
