@@ -4,7 +4,7 @@ torchmetrics and torch-fidelity, 2048-d pool features.
 Why a copy of the network here rather than torch-fidelity's (which torchmetrics' FID and KID use) or pytorch-fid's:
 both import torchvision (torch-fidelity in its package's ``__init__``, pytorch-fid to build the blocks), and no
 torchvision build imports beside the CPU torch dyod pins; torch-fidelity also reads its weights with
-``torch.load(weights_only=False)``, which runs pickled code. The copy is checked against torch-fidelity's forward pass
+a torch.load that allows pickled objects, which can run code. The copy is checked against torch-fidelity's forward pass
 on the same weights (tests/test_evaluation.py): the weights file's key layout is the same, and so are the features.
 
 dyod cannot download weights. Point ``--inception-weights`` at the file those tools use
