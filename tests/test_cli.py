@@ -295,8 +295,11 @@ def test_interpolate_between_and_traverse_from_images_latents(cli_run, shapes, t
         im.tobytes() for im in expected]
     expected = pipe.traverse(5, [1, 3], [-2.0, 0.0, 2.0], config, progress=False, z=ends[0])
     record = json.loads((tmp_path / "from" / "dyod_output.json").read_text())
-    assert [Image.open(tmp_path / "from" / name).tobytes() for name in record["images"]] == [
-        im.tobytes() for im in expected]
+    written = np.stack([np.asarray(Image.open(tmp_path / "from" / name), dtype=np.int16) for name in record["images"]])
+    # the same images up to a level of rounding: the command and the library batch the rows differently, and with two
+    # threads a CPU's reductions may round the last bit differently at another batch shape (seen: at most 1 level)
+    assert written.shape == (6, *np.asarray(expected[0]).shape)
+    assert np.abs(written - np.stack([np.asarray(im, dtype=np.int16) for im in expected])).max() <= 1
     assert record["image"] == str(a) and record["seed"] == 5
     made = json.loads(Image.open(tmp_path / "between" / "frame-002.png").text["dyod"])
     assert made["end_images"] == [str(a), str(b)] and made["lambda"] == 1.0 and made["noise_seed"] == 4
