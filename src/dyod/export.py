@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from .embeddings import load_learned_embeds, save_learned_embeds
@@ -32,10 +31,7 @@ def export_embedding(run: str | os.PathLike, out: str | os.PathLike, format: str
     if not run.embeddings_path.exists():
         raise DyodError(f"run {run.path} has no dataset prompt S* ({run.embeddings_path.name}); learn it first with "
                         f"`dyod invert DATA --model MODEL --out {run.path}` (or `dyod fit`)")
-    token, vectors = load_learned_embeds(run.embeddings_path)
-    if not torch.isfinite(vectors).all():
-        raise DyodError(f"{run.embeddings_path} holds non-finite values (NaN or inf): train the prompt again "
-                        "(`dyod invert ... --overwrite`) before exporting it")
+    token, vectors = load_learned_embeds(run.embeddings_path)  # refuses non-finite values, naming the file
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         raise DyodError(f"--out {out}: give a file name ending in .safetensors (the web UIs and diffusers read "
