@@ -36,7 +36,7 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
 
     config = PretrainConfig(corpus_size=64, vae_steps=2, vae_batch_size=4, unet_steps=3, unet_batch_size=4,
                             vocab_size=600, text_width=32, text_layers=1, vae_channels=(32, 32, 32),
-                            unet_channels=(32, 32, 32), checkpoint_every=2)
+                            unet_channels=(32, 32, 32), checkpoint_every=2, decoder_steps=2)
     out = pretrain(tmp_path / "prior", config, progress=False, device="cpu")
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
@@ -55,7 +55,8 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
 
 
 TINY = dict(corpus_size=64, vae_steps=4, vae_batch_size=4, unet_steps=5, unet_batch_size=4, vocab_size=600,
-            text_width=32, text_layers=1, vae_channels=(32, 32, 32), unet_channels=(32, 32, 32), probe_every=0)
+            text_width=32, text_layers=1, vae_channels=(32, 32, 32), unet_channels=(32, 32, 32), probe_every=0,
+            decoder_steps=0)
 
 
 def _interrupt_on_call(monkeypatch, module, name, call):
@@ -300,7 +301,8 @@ def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
     from dyod.world.prior_training import PretrainConfig, pretrain
 
     plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY), progress=False, device="cpu")
-    refined = pretrain(tmp_path / "refined", PretrainConfig(**{**TINY, "decoder_steps": 3, "probe_every": 2}),
+    refined = pretrain(tmp_path / "refined", PretrainConfig(**{**TINY, "decoder_steps": 3, "probe_every": 2,
+                                                                 "adversarial_weight": 0.5}),
                        progress=False, device="cpu")
     a = load_file(str(plain / "vae" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(refined / "vae" / "diffusion_pytorch_model.safetensors"))
@@ -313,3 +315,23 @@ def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
     probes = json.loads((refined / "training" / "probes.json").read_text())
     assert [p["step"] for p in probes if p["stage"] == "decoder"] == [2, 3]
     assert "decoder_s" in json.loads((refined / "training" / "timings.json").read_text())
+
+
+def test_a_resume_with_decoder_steps_refines_a_finished_prior_without_its_unet_training_state(tmp_path, monkeypatch):
+    """The bundled prior is committed without its training states: `--resume --decoder-steps N` on a copy of it goes
+    straight to stage 5 (no corpus encoding, no UNet step) and refines exactly as the same run in one go."""
+    from safetensors.torch import load_file
+
+    from dyod.world import prior_training
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    refine = {**TINY, "decoder_steps": 3}
+    in_one_go = pretrain(tmp_path / "one-go", PretrainConfig(**refine), progress=False, device="cpu")
+    finished = pretrain(tmp_path / "finished", PretrainConfig(**TINY), progress=False, device="cpu")
+    (finished / "training" / "unet_state.safetensors").unlink()
+    monkeypatch.setattr(prior_training, "encode_corpus", lambda *a, **k: pytest.fail("the corpus was encoded again"))
+    monkeypatch.setattr(prior_training, "train_unet", lambda *a, **k: pytest.fail("the UNet stage ran again"))
+    pretrain(finished, PretrainConfig(**refine), resume=True, progress=False, device="cpu")
+    for part in ("vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(str(in_one_go / part)), load_file(str(finished / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part

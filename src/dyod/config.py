@@ -230,13 +230,14 @@ class PretrainConfig:
     vae_learning_rate: float = field(1e-3, "peak AdamW learning rate of the autoencoder (warm-up, then cosine decay)",
                                      min=0.0, max=MAX_LEARNING_RATE)
     vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
-    decoder_steps: int = field(0, "decoder refinement steps after the UNet: the autoencoder's decoder alone trained "
-                                  "on, with a PatchGAN term for sharpness; the encoder, hence the latent space and the "
-                                  "UNet, unchanged; 0: none", min=0)
-    decoder_learning_rate: float = field(1e-4, "Adam learning rate of the decoder refinement and its discriminator",
+    decoder_steps: int = field(3000, "decoder refinement steps after the UNet: the autoencoder's decoder alone trained "
+                                     "on (the encoder, hence the latent space and the UNet, unchanged); 0: none",
+                               min=0)
+    decoder_learning_rate: float = field(3e-4, "Adam learning rate of the decoder refinement (and its discriminator)",
                                          min=0.0, max=MAX_LEARNING_RATE)
-    adversarial_weight: float = field(0.5, "weight of the PatchGAN term in the decoder refinement, times Latent "
-                                           "Diffusion's adaptive weight; 0: L1 + MSE alone", min=0.0)
+    adversarial_weight: float = field(0.0, "weight of a PatchGAN term in the decoder refinement, times Latent "
+                                           "Diffusion's adaptive weight; 0: L1 + MSE alone (docs/reference-prior.md: "
+                                           "how the term did here)", min=0.0)
     unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
     unet_attention_from: int = field(1, "first UNet level with cross-attention (0: all; attention at the finest level "
                                         "costs most)", min=0)

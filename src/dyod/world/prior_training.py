@@ -272,7 +272,9 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
     trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in trained:
         p.requires_grad_(True)
-    disc = PatchDiscriminator().to(device)
+    with torch.random.fork_rng(devices=[]):  # its initial weights the same whether or not stages 1-4 ran before
+        torch.manual_seed(config.seed + 2)
+        disc = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(trained, lr=config.decoder_learning_rate, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.decoder_learning_rate, betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(config.seed + 2)
@@ -517,24 +519,21 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
     return unet.to(memory_format=torch.contiguous_format), text_encoder, losses, elapsed
 
 
-def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), resume: bool = False,
-             progress: bool = True, device: str | None = None) -> Path:
-    """Train the reference prior into ``out`` (a diffusers folder), stage by stage; return ``out``."""
+def unet_stage_finished(out: Path, config: PretrainConfig) -> bool:
+    """Stages 1-4 are written (the pipeline saved after the UNet's last step), so a --resume need not re-encode the
+    corpus nor load the UNet's training state (which is not committed with the bundled prior)."""
+    losses = out / "training" / "unet_losses.json"
+    return ((out / "model_index.json").exists() and (out / "unet" / "config.json").exists() and losses.exists()
+            and len(json.loads(losses.read_text())) >= config.unet_steps)
+
+
+def train_tokenizer_autoencoder_and_unet(out: Path, config: PretrainConfig, resume: bool, progress: bool, device,
+                                         timings: dict, probes: Probes) -> None:
+    """Stages 1-4, each skipped where --resume finds it done; the pipeline is saved at the end."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    out = Path(out)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise DyodError(f"{out} is not empty; pass --resume to continue a pre-training there, or choose another --out")
     work = out / "training"
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "pretrain_config.json", to_dict(config))
-    timings: dict = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
-    timings.update(device=device, threads=torch.get_num_threads())
-    probes = Probes(work / "probes.json")
-    torch.manual_seed(config.seed)
-
     started = time.time()
     images, captions = render_corpus(config, progress)
     timings["render_s"] = round(time.time() - started, 1)
@@ -572,6 +571,27 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), 
     )
     pipe.save_pretrained(out)
     write_json(work / "timings.json", timings)
+
+
+def pretrain(out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), resume: bool = False,
+             progress: bool = True, device: str | None = None) -> Path:
+    """Train the reference prior into ``out`` (a diffusers folder), stage by stage; return ``out``."""
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise DyodError(f"{out} is not empty; pass --resume to continue a pre-training there, or choose another --out")
+    work = out / "training"
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "pretrain_config.json", to_dict(config))
+    timings: dict = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+    timings.update(device=device, threads=torch.get_num_threads())
+    probes = Probes(work / "probes.json")
+    torch.manual_seed(config.seed)
+
+    if unet_stage_finished(out, config):  # a --resume for stage 5: the corpus, its latents and the UNet are done
+        logger.info("%s holds a finished UNet (%d steps): going on to the decoder refinement", out, config.unet_steps)
+    else:
+        train_tokenizer_autoencoder_and_unet(out, config, resume, progress, device, timings, probes)
     if config.decoder_steps:  # after the UNet: the encoder is frozen, so the latents the UNet learned stay
         _, decoder_losses, seconds = refine_decoder(config, out / "vae", device, progress, resume, probes)
         timings["decoder_s"] = round(seconds, 1)
