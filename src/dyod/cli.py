@@ -28,6 +28,14 @@ from .config import (
     write_json,
 )
 from .errors import DyodError
+from .outputs import (
+    GRID_MAX,
+    PNG_KEY,
+    finish_outputs,
+    sample_record,
+    save_outputs,
+    write_batches,
+)
 
 logger = logging.getLogger("dyod")
 
@@ -219,72 +227,6 @@ def _quiet_libraries() -> None:
                 sys.modules[name].utils.logging.set_verbosity_error()
             except Exception:  # noqa: BLE001 - logging tweaks only
                 pass
-
-
-GRID_MAX = 64  # grid.png shows the first 64 results: a grid of 50,000 samples would be gigapixels
-
-
-def _save_outputs(batches, names, out: Path, ncols: int | None, record: dict, listed: list[str] | None = None,
-                  made: list[dict] | None = None, grid_max: int = GRID_MAX) -> None:
-    """Write each batch of images as it comes (a long run stopped midway keeps what it made), then grid.png of the
-    first ``grid_max`` results, ``ncols`` a row, and the record that lists them (``listed``: all the folder's results, in order, when a
-    resumed run adds ``names`` to those it found). ``made``: what made each image (see ``_write_batches``)."""
-    written = _write_batches(batches, names, out, record, made)
-    _finish_outputs(out, ncols, record, names[:written] if listed is None else listed, grid_max)
-
-
-PNG_KEY = "dyod"  # the tEXt chunk of each result: JSON of what made it (run, model, settings, seed, ...)
-
-
-def _write_batches(batches, names, out: Path, record: dict | None = None, made: list[dict] | None = None) -> int:
-    """Save the images as they come; each PNG carries what made it (the record's command, run, model and settings,
-    and ``made[i]``: its seed, input or latent value), so an image copied away from its folder can be made again."""
-    from .images import save_images
-
-    common = {"dyod_version": __version__, **{k: record[k] for k in ("command", "run", "model", "config") if k in record}
-              } if record is not None else None
-    written = 0
-    for images in batches:
-        texts = None
-        if common is not None:
-            texts = [{PNG_KEY: json.dumps({**common, **(made[written + i] if made else {})})}
-                     for i in range(len(images))]
-        save_images(images, out, names[written:written + len(images)], texts)
-        written += len(images)
-    return written
-
-
-def _finish_outputs(out: Path, ncols: int | None, record: dict, listed: list[str], grid_max: int = GRID_MAX) -> None:
-    """grid.png of the first ``grid_max`` of the folder's results (read back from disk) and the record listing
-    them."""
-    from PIL import Image
-
-    from .data import OUTPUT_RECORD
-    from .images import make_grid, save_png
-
-    save_png(make_grid([Image.open(out / name) for name in listed[:grid_max]], ncols), out / "grid.png")
-    write_json(out / OUTPUT_RECORD, {**record, "images": listed})  # what `dyod eval OUT` counts (not the grid)
-    logger.info("wrote %d image%s and grid.png to %s", len(listed), "" if len(listed) == 1 else "s", out)
-
-
-def _sample_record(args, run: Path, config: SampleConfig, pipe, **extra) -> dict:
-    from .run import Run
-    from .sampling import Schedule, num_denoising_steps
-
-    schedule = Schedule.from_scheduler_config(pipe.prior.scheduler_config, config.num_inference_steps)
-    n = num_denoising_steps(config.t0, config.num_inference_steps)
-    return {
-        "command": args.command,
-        "run": str(run),
-        "run_path": str(run.resolve()),
-        "model": pipe.prior.model,
-        "run_files": Run.open(run).results_fingerprint(),  # SHA-256 of the S* and the custom VAE sampled with
-        "config": to_dict(config),
-        "start_timestep": "pure noise (x_T)" if config.t0 == 1.0 else int(schedule.start(config.t0)[0]),
-        "denoising_steps": n,
-        "unet_calls_per_batch": n,
-        **extra,
-    }
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
@@ -496,7 +438,7 @@ def cmd_sample(args) -> None:
         processes.wait_for_everyone()  # every process has looked at --out before the main one writes there
         todo = todo[processes.process_index::processes.num_processes]
     pipe = _pipeline(args, None if processes is None or args.device else str(processes.device))
-    record = _sample_record(args, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed,
+    record = sample_record(args.command, Path(args.run), config, pipe, seeds=seeds, noise_seed=args.noise_seed,
                             processes=1 if processes is None else processes.num_processes)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -504,11 +446,11 @@ def cmd_sample(args) -> None:
     todo_seeds = [s for s, _ in todo]
     batches = pipe.iter_seeds(todo_seeds, config, noise_seed=args.noise_seed, progress=main) if todo else []
     made = [{"seed": s, "noise_seed": e} for s, e in zip(todo_seeds, sample_noise_seeds(todo_seeds, args.noise_seed))]
-    _write_batches(batches, [name for _, name in todo], out, record, made)
+    write_batches(batches, [name for _, name in todo], out, record, made)
     if processes is not None:
         processes.wait_for_everyone()  # every process's images are written
     if main:
-        _finish_outputs(out, None, record, names)
+        finish_outputs(out, None, record, names)
 
 
 def _require_what_sampling_needs(run: str, config: SampleConfig, from_vae: bool = True) -> None:
@@ -567,8 +509,8 @@ def cmd_transform(args) -> None:
     pipe = _pipeline(args)
     results = pipe.iter_transform(images, config, seed=args.seed)  # read in grayscale, at the model's size
     names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
-    _save_outputs(results, names, out, None,  # written a batch at a time
-                  _sample_record(args, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
+    save_outputs(results, names, out, None,  # written a batch at a time
+                  sample_record(args.command, Path(args.run), config, pipe, inputs=[str(p) for p in paths], skipped=skipped,
                                  seed=args.seed, grayscale=args.grayscale),
                   made=[{"input": str(p), "noise_seed": args.seed + i, "grayscale": args.grayscale}
                         for i, p in enumerate(paths)])
@@ -594,8 +536,8 @@ def cmd_interpolate(args) -> None:
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed,
                               ends=ends)
     noise_seeds = interpolation_noise_seeds(seed_a, args.steps, args.fix_noise, args.noise_seed)
-    _save_outputs([images], [f"frame-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
-                  _sample_record(args, Path(args.run), config, pipe, **ends_made, steps=args.steps,
+    save_outputs([images], [f"frame-{i:03d}.png" for i in range(len(images))], out, min(len(images), GRID_MAX),
+                  sample_record(args.command, Path(args.run), config, pipe, **ends_made, steps=args.steps,
                                  fix_noise=args.fix_noise),
                   made=[{**ends_made, "lambda": i / (args.steps - 1), "noise_seed": noise_seeds[i]}
                         for i in range(len(images))])
@@ -630,8 +572,8 @@ def cmd_traverse(args) -> None:
     z = pipe.latents_of(inputs) if args.image is not None else None
     images = pipe.traverse(args.seed, dims, values, config, z=z)
     # a row per dimension, as many whole rows as the grid holds
-    _save_outputs([images], [f"dim-{d:03d}-value-{i:03d}.png" for d in dims for i in range(len(values))], out,
-                  len(values), _sample_record(args, Path(args.run), config, pipe, seed=args.seed, dims=dims,
+    save_outputs([images], [f"dim-{d:03d}-value-{i:03d}.png" for d in dims for i in range(len(values))], out,
+                  len(values), sample_record(args.command, Path(args.run), config, pipe, seed=args.seed, dims=dims,
                                               values=values, image=args.image, **activity),
                   made=[{"seed": args.seed, "image": args.image, "dim": d, "value": v} for d in dims for v in values],
                   grid_max=GRID_MAX // len(values) * len(values) or len(values))
@@ -725,6 +667,13 @@ def cmd_info(args) -> None:
     print(describe_folder(args.run))
 
 
+def cmd_ui(args) -> None:
+    from .ui import require_gradio, serve
+
+    require_gradio()  # before any run is opened: the way to get it, at once
+    serve(args.runs, host=args.host, port=args.port, device=args.device, model=args.model)
+
+
 def cmd_export(args) -> None:
     from .export import export_embedding
 
@@ -735,7 +684,6 @@ def cmd_export(args) -> None:
 def cmd_eval(args) -> None:
     from .data import dataset_files
     from .evaluation import feature_extractor, folder_features, kid
-
     from .run import outputs_dataset
 
     if args.ref is None and args.ref_flag is None and (dataset := outputs_dataset(args.samples_dir)):
@@ -911,6 +859,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder (or a folder dyod sample|transform|... wrote, or of images)")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("ui", help="a local web page: sketch → your dataset's domain, sampling at any t0, the latent "
+                                  "space (needs the ui extra: pip install 'dyod[ui]')")
+    p.add_argument("runs", metavar="RUN", nargs="*", default=["."],
+                   help="run folders, or folders that hold runs (default: the current folder)")
+    p.add_argument("--host", metavar="TEXT", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", metavar="INT", type=_ranged(int, "--port", 1, 65535), default=7860,
+                   help="port (default: 7860)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--model", default=None,
+                   help="the prior, where it is no longer where the runs were fitted (default: the runs' own)")
+    p.set_defaults(func=cmd_ui)
+
     p = sub.add_parser("export", help="write the run's S* for diffusers or the web UIs (AUTOMATIC1111, ComfyUI, "
                                       "InvokeAI)")
     p.add_argument("run", metavar="RUN", help="run folder")
@@ -971,7 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(q, PretrainConfig)
     q.set_defaults(func=cmd_pretrain)
 
-    from .demo import DemoConfig  # a dataclass; the demo's work imports its libraries when it runs
+    from .demo import (
+        DemoConfig,  # a dataclass; the demo's work imports its libraries when it runs
+    )
 
     p = sub.add_parser("demo", help="the method end to end on bundled defaults, with a report")
     p.add_argument("--out", default="demo-out", help="demo folder (default: demo-out)")

@@ -405,7 +405,9 @@ def header_resolution(files: list[Path], max_images: int = 0) -> int | None:
 def center_crop_square(im: Image.Image) -> Image.Image:
     side = min(im.size)
     left, top = (im.width - side) // 2, (im.height - side) // 2
-    return im.crop((left, top, left + side, top + side))
+    with warnings.catch_warnings():  # Pillow 12 checks a crop's size as it checks an opened file's (see _open_image)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return im.crop((left, top, left + side, top + side))
 
 
 def resize_lanczos(im: Image.Image, size: int) -> Image.Image:
