@@ -200,13 +200,12 @@ class RecomputedFeedForward(FeedForward):
     backward pass and recomputes the rest there, with the same gradient bit for bit.
 
     Not a free change like the layers above, so it is a level of ``--gradient-checkpointing`` (``feed-forward``):
-    the GEGLU projection is 8 channels per channel of the input, 39 % of what an SD-1.5 step keeps with the lean
-    layers, and recomputing it costs 13 % of the forward FLOPs, +6 % of a training step's arithmetic
-    (``benchmarks/training_memory.py --breakdown``), where checkpointing the finest level entirely costs +18 %.
-    Eager, Stable Diffusion's form (GEGLU with biases, no active dropout, a contiguous 3-D input, no autocast) runs as
-    one autograd function, tens of microseconds of Python; any other form, and any compiled one, through
-    ``torch.utils.checkpoint`` (non-reentrant), whose bookkeeping costs the host about 0.4 ms per call when eager
-    (``benchmarks/host_overhead.py``) and which ``torch.compile`` honours."""
+    the GEGLU projection is 8 channels per channel of the input, a large share of what a step keeps, for a small share
+    of its arithmetic (``benchmarks/training_memory.py --breakdown`` measures both; docs/PERFORMANCE.md). Eager, Stable
+    Diffusion's form (GEGLU with biases, no active dropout, a contiguous 3-D input, no autocast) runs as one autograd
+    function, little Python; any other form, and any compiled one, through ``torch.utils.checkpoint``
+    (non-reentrant), whose bookkeeping costs the host more per call when eager (``benchmarks/host_overhead.py``) and
+    which ``torch.compile`` honours."""
 
     def _geglu_form(self, x: torch.Tensor) -> bool:
         if len(self.net) not in (3, 4):  # GEGLU, dropout, output projection, and the optional final dropout

@@ -1,7 +1,7 @@
 """The frozen VAE's posterior for every image of a dataset, computed once: what the dataset prompt trains on.
 
-The dataset is never held (30,000 images at 512 px would be 22 GiB): each image is encoded as it is read and only the
-posterior's mean and std are kept, in RAM or memory-mapped on disk when large, and latents are sampled from them at
+The dataset is never held (a large one at 512 px would not fit in memory): each image is encoded as it is read and
+only the posterior's mean and std are kept, in RAM or memory-mapped on disk when large, and latents are sampled from them at
 each step, which is what encoding every step would give, without the VAE in the loop."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class LatentCache:
     def build(cls, images: Iterable, count: int, prior: Prior, folder: Path, max_ram_mb: int, batch_size: int = 8,
               progress: bool = True, key: dict | None = None, describe: Callable[[], dict] | None = None):
         """Encode ``images`` (any iterable of at most ``count`` PIL images, consumed ``batch_size`` at a time: a
-        dataset read as it goes is never held, where 30,000 images at 512 px would be 22 GiB) with the prior's VAE.
+        dataset read as it goes is never held) with the prior's VAE.
 
         Above ``max_ram_mb`` the cache is memory-mapped ``.npy`` files in ``folder``, reused by a later call with the
         same ``key`` (say, the files' fingerprint; the prior and the shape always count) without reading an image;

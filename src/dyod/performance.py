@@ -141,10 +141,8 @@ def use_channels_last(channels_last: bool | None, compile_mode: str | None) -> b
     """``None`` (the default): channels-last only for a model inductor compiles. Eager (and ``cuda-graphs``, which
     replays the eager kernels), PyTorch's CUDA group norm works on contiguous (NCHW) tensors only
     (pytorch/pytorch#111824), so in the GroupNorm -> SiLU -> conv blocks of a diffusion UNet every norm converts a
-    channels-last input and every convolution converts back: copies in each block. On the
-    SD-1.5 H100 run the channels-last training step kept 0.77 GiB per image where the contiguous peer kept 0.74 (and
-    the same step measures 0.73 on the CPU), and eager sampling took 2.32 s a batch where img2img took 2.13. Compiled,
-    inductor chooses the layouts and fuses the conversions."""
+    channels-last input and every convolution converts back: copies in each block, which cost memory and time eagerly
+    (docs/PERFORMANCE.md). Compiled, inductor chooses the layouts and fuses the conversions."""
     if channels_last is not None:
         return channels_last
     return check_compile_mode(compile_mode) not in (None, CUDA_GRAPHS)  # cuda-graphs replays the eager kernels
@@ -192,10 +190,10 @@ def enable_checkpointing(unet, levels: int | None, feed_forwards: bool = False) 
     with ``feed_forwards`` the GEGLU projections of the transformer blocks elsewhere
     (``dyod.frozen_layers.RecomputedFeedForward``). Each call replaces the previous setting.
 
-    The finest levels hold most of the activation memory for a share of the FLOPs (SD 1.5 at 512 px, measured by
-    ``benchmarks/training_memory.py``: level 1 holds a third of it for 38 % of the forward FLOPs, levels 1-2 56 % for
-    68 %), so checkpointing them buys most of the memory for part of the recomputation; the feed-forward projections
-    hold 39 % of it for 13 %. Returns the number of checkpointed blocks."""
+    The finest levels hold most of the activation memory for a share of the FLOPs, so checkpointing them buys most of
+    the memory for part of the recomputation; the feed-forward projections hold much of it for little arithmetic
+    (``benchmarks/training_memory.py --breakdown`` measures both; docs/PERFORMANCE.md). Returns the number of
+    checkpointed blocks."""
     from .frozen_layers import recompute_feed_forwards  # imports diffusers
 
     chosen_blocks = []
@@ -225,8 +223,8 @@ def store_linears_in(module: torch.nn.Module, dtype: torch.dtype) -> int:
     """Keep the frozen ``nn.Linear`` weights of ``module`` in ``dtype``, the autocast precision they run in anyway.
 
     Autocast casts a linear layer's weight and bias to its dtype at every call; storing them in it gives the same
-    numbers without the fp32 weights (0.16 GiB less for SD 1.5's CLIP text encoder), without the casts, and without
-    the cast copies a training step keeps for its backward pass (another 0.16 GiB). Norms and embeddings (autocast
+    numbers without the fp32 weights, without the casts, and without the cast copies a training step keeps for its
+    backward pass. Norms and embeddings (autocast
     runs them in fp32) keep their precision. Returns the number of layers changed."""
     count = 0
     for layer in module.modules():

@@ -138,9 +138,9 @@ def _hub_unreachable_reason(repo_id: str) -> str:
 
 def hub_options(repo_id: str) -> dict:
     """``from_pretrained`` options for a hub id: none when the Hub answers; ``local_files_only`` when it is switched
-    off or cannot be reached. Asking once spares what huggingface_hub does otherwise without a network: five retries
-    of every file (28 s each) before it falls back to its cache, nearly 3 minutes for a cached model and 28 s before
-    a model that is not cached is refused as "does not appear to have a file named config.json"."""
+    off or cannot be reached. Asking once spares what huggingface_hub does otherwise without a network: retries of
+    every file, each waiting for a time-out, before it falls back to its cache, and a model that is not cached refused
+    only after them as "does not appear to have a file named config.json"."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
