@@ -53,6 +53,18 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
+# the quick tier (`bash scripts/test.sh -m quick`): every test that builds no model (the math, seeding, configs, run
+# folders, data reading, errors), less those marked slow (pre-training, the benchmark scripts, feature networks)
+MODEL_FIXTURES = {"tiny_model", "tiny_v_model", "shapes", "fitted_run", "cli_run", "pipe", "holdout_run", "trained",
+                  "served", "bundled_run", "atlas"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not MODEL_FIXTURES & set(item.fixturenames) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     logging.getLogger("dyod").setLevel(logging.INFO)

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -17,6 +18,7 @@ def load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     module = load_script("sd15_speed")
     text = module.main(["--tiny", "--json", str(tmp_path / "rows.json")])
@@ -75,6 +77,7 @@ def test_sd15_speed_tiny_prints_the_full_table(tmp_path):
     assert all(0 <= e < 1e-5 for e in training.values())
 
 
+@pytest.mark.slow
 def test_sd15_speed_budget_skips_the_optional_rows_alone(tmp_path):
     """Past --budget-s the optional variants are listed as skipped; the peers and eager dyod, which every table needs,
     are still measured (on a GPU the budget keeps the whole table within one call of the device machine)."""
@@ -89,6 +92,7 @@ def test_sd15_speed_budget_skips_the_optional_rows_alone(tmp_path):
     assert "skipped: out of time" in text
 
 
+@pytest.mark.slow
 def test_training_memory_measures_what_checkpointing_saves(tmp_path):
     """benchmarks/training_memory.py at tiny widths and a real 64 x 64 latent: the per-image memory of a step is
     measured (each step in its own process), and recomputing every block's activations shows up as far less of it."""
@@ -117,6 +121,7 @@ def test_training_memory_breakdown_shows_what_the_frozen_layers_no_longer_keep()
     assert rows["NativeLayerNorm.input"][0] == rows["NativeLayerNorm.input"][2]  # the rest as it was
 
 
+@pytest.mark.slow
 def test_results_page_script_runs_small(tmp_path):
     """benchmarks/results.py end to end at toy settings: the summary, Table 1, the diagnosis, and the hand-written
     findings carried into the page."""
@@ -136,6 +141,7 @@ def test_results_page_script_runs_small(tmp_path):
     assert all(d["kid_x100"] == d["kid_x100"] for d in summary[0]["diagnosis"])  # no NaN
 
 
+@pytest.mark.slow
 def test_host_overhead_script_times_every_method():
     """benchmarks/host_overhead.py at one round of one step: every method's step runs at SD 1.5's topology and gets a
     row with its ratio to the peer (the times themselves are the script's to report, not the test's to judge)."""
@@ -150,6 +156,7 @@ def test_host_overhead_script_times_every_method():
     assert "down_block_types" not in unet and len(unet["block_out_channels"]) == 4
 
 
+@pytest.mark.slow
 def test_compile_time_script_compiles_each_way_in_its_own_process():
     """benchmarks/compile_time.py on a toy UNet: three processes, each compiling once; the second one finds the first
     one's inductor cache (it compiles in a fraction of the time, here by far more than timing noise) and every

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from dyod.demo import DemoConfig, run_demo
 
 
+@pytest.mark.slow
 def test_demo_smoke_writes_report(tmp_path):
     config = DemoConfig(num_images=12, inversion_steps=2, inversion_batch_size=2, vae_epochs=1, num_samples=4,
                         t0s=(0.5, 1.0), num_inference_steps=4)

@@ -45,6 +45,7 @@ def test_subset_size_adapts_to_small_sets():
         kid(features(1), features(10))
 
 
+@pytest.mark.slow
 def test_inception_features_from_a_local_state_dict_and_clear_errors(tmp_path):
     from dyod.inception import FIDInceptionV3, InceptionFeatures
     from dyod.evaluation import feature_extractor
@@ -119,6 +120,7 @@ def test_eval_command_reports_kid_and_caches_features(tmp_path, capsys, monkeypa
     assert f"two reference folders given: REF {ref} and --ref {other}; give one" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cached_features_belong_to_the_weights_that_made_them(tmp_path, monkeypatch):
     """Features cached with one Inception file are not another's (a wrong file first, then the right one), nor the
     emoji network's before `dyod world train-features` replaced it."""
@@ -141,6 +143,7 @@ def test_cached_features_belong_to_the_weights_that_made_them(tmp_path, monkeypa
     assert info["cached"] and torch.equal(again, first)
 
 
+@pytest.mark.slow
 def test_feature_extractors_take_images_of_mixed_sizes(tmp_path):
     """A folder of photos rarely has one size: each extractor resizes the images of each size together, keeps their
     order, and gives a folder of one size the numbers of stacking it whole."""
@@ -201,6 +204,7 @@ def torch_fidelity_inception(monkeypatch):
         sys.modules.pop(name, None)
 
 
+@pytest.mark.slow
 def test_inception_features_are_torch_fidelitys_on_the_same_weights(tmp_path, torch_fidelity_inception):
     """The weights file's key layout is torch-fidelity's (so the one file serves both), and with the same (random)
     weights dyod's 2048-d features are torch-fidelity's: at 299 × 299 both resizes are the identity, and the input is

@@ -31,6 +31,7 @@ def test_bundled_prior_loads_like_any_model_and_generates_deterministically():
     assert "## Measured properties" in card and "top-1 / top-5" in card and "autoencoder floor" in card
 
 
+@pytest.mark.slow
 def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
     from dyod.world.prior_training import PretrainConfig, pretrain
 
@@ -75,6 +76,7 @@ def _interrupt_on_call(monkeypatch, module, name, call):
     monkeypatch.setattr(module, name, interrupting)
 
 
+@pytest.mark.slow
 def test_pretraining_stopped_in_each_stage_and_resumed_gives_the_uninterrupted_prior(tmp_path, monkeypatch,
                                                                                    ctrl_c_raises):
     """Ctrl-C in the autoencoder's stage, then in the UNet's: the step in progress finishes and its state is written
@@ -112,6 +114,7 @@ def test_pretraining_stopped_in_each_stage_and_resumed_gives_the_uninterrupted_p
     assert len(json.loads((resumed / "training" / "vae_losses.json").read_text())) == 4
 
 
+@pytest.mark.slow
 def test_the_saved_weights_are_the_exponential_average_of_the_trained_ones(tmp_path):
     """With EMA the UNet saved is not the last step's: pre-training without it (decay 0) differs, and the decay's
     warm-up is diffusers' EMAModel's."""
@@ -293,6 +296,7 @@ def test_the_model_cards_table_says_which_targets_are_met():
     assert table[0] == "| property | measured | target | met |" and len(table) == 2 + 6
 
 
+@pytest.mark.slow
 def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
     """Stage 5 trains the autoencoder's decoder alone (with the PatchGAN term): the encoder, hence every latent the UNet
     learned from, and the UNet itself are those of the same pre-training without it, bit for bit."""
@@ -317,6 +321,7 @@ def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
     assert "decoder_s" in json.loads((refined / "training" / "timings.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_resume_with_decoder_steps_refines_a_finished_prior_without_its_unet_training_state(tmp_path, monkeypatch):
     """The bundled prior is committed without its training states: `--resume --decoder-steps N` on a copy of it goes
     straight to stage 5 (no corpus encoding, no UNet step) and refines exactly as the same run in one go."""
