@@ -204,6 +204,33 @@ def test_each_tab_through_gradio_client(served, tmp_path):
     with pytest.raises(AppError, match="give two images to interpolate between"):
         client.predict(str(run), 0.5, 0, 1, 4, handle_file(str(path)), None, api_name="/interpolate")
     assert len(client.predict(str(run), 0.5, 3, 0, api_name="/sample")[1]) == 3  # still serving after the errors
+    info, t0, cost = client.predict(str(run), api_name="/chose_run")  # the Runs tab, and the run's t0 preselected
+    assert info.startswith(f"run {run}") and t0 == 0.7 and cost.startswith("35 UNet calls")
+
+
+def test_a_second_click_waits_for_the_first_job(served, monkeypatch):
+    """One job at a time: two jobs sent together run one after the other, never side by side."""
+    import threading
+
+    from gradio_client import Client
+
+    url, run = served
+    spans, lock = [], threading.Lock()
+    real = Studio.describe
+
+    def slow_describe(self, name):
+        start = time.monotonic()
+        time.sleep(1.0)
+        with lock:
+            spans.append((start, time.monotonic()))
+        return real(self, name)
+
+    monkeypatch.setattr(Studio, "describe", slow_describe)
+    client = Client(url, verbose=False)
+    jobs = [client.submit(str(run), api_name="/chose_run") for _ in range(2)]
+    assert all(job.result(timeout=60)[0].startswith(f"run {run}") for job in jobs)
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1  # the second started after the first had finished
 
 
 # -- the page in a real browser ---------------------------------------------------------------------------------------

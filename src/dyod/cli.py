@@ -30,8 +30,10 @@ from .config import (
 from .errors import DyodError
 from .outputs import (
     GRID_MAX,
-    PNG_KEY,
+    check_resumable,
+    clear_previous_results,
     finish_outputs,
+    prepare_output,
     sample_record,
     save_outputs,
     write_batches,
@@ -124,42 +126,8 @@ def _parse_csv(text: str, kind, flag: str, count: int | None = None) -> list:
     return values
 
 
-def _prepare_output(folder: Path, overwrite: bool) -> Path:
-    _check_output(folder, overwrite)
-    if overwrite:
-        _clear_previous_results(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _clear_previous_results(folder: Path) -> None:
-    """--overwrite replaces what an earlier sample/transform/interpolate/traverse wrote in ``folder``: its result PNGs
-    (each carries dyod's tEXt record), grid.png and its record. Left there, the results of a larger -n, or of an
-    interrupted run, would stand beside the new ones, and a later --resume would keep them as if made with the new
-    settings. Other files stay."""
-    from PIL import Image
-
-    from .data import OUTPUT_RECORD
-
-    if not (folder / OUTPUT_RECORD).exists():
-        return
-    removed = 0
-    for path in folder.glob("*.png"):
-        try:
-            with Image.open(path) as image:
-                ours = PNG_KEY in getattr(image, "text", {})
-        except OSError:
-            continue
-        if ours:
-            path.unlink()
-            removed += 1
-    for name in ("grid.png", OUTPUT_RECORD):
-        (folder / name).unlink(missing_ok=True)
-    logger.info("--overwrite: removed %d earlier results from %s", removed, folder)
-
-
-def _check_output(folder: Path, overwrite: bool) -> None:
-    from .run import check_output_folder
+def check_output_folder(folder: Path, overwrite: bool) -> None:
+    from .run import check_output_folder  # run.py imports the data stack: not before a command needs it
 
     check_output_folder(folder, overwrite)
 
@@ -335,7 +303,7 @@ def cmd_sweep(args) -> None:
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
     out = Path(args.out)
-    _check_output(out, args.overwrite)  # made as the sweep writes: a sweep refused for its reference leaves none
+    check_output_folder(out, args.overwrite)  # made as the sweep writes: a sweep refused for its reference leaves none
     sweep(args.run, t0s, n=args.n, seed=args.seed, config=config, features=args.features,
           inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=lambda: _pipeline(args))
     print((out / "sweep.md").read_text())
@@ -347,7 +315,7 @@ def cmd_tune(args) -> None:
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
     out = Path(args.out or Path(args.run) / "t0_sweep")
-    _check_output(out, args.overwrite)  # made as the sweep writes
+    check_output_folder(out, args.overwrite)  # made as the sweep writes
     t0, rows = choose_t0(args.run, t0s, n=args.n, seed=args.seed, config=config, out=out,
                          pipe=lambda: _pipeline(args), ref_dir=args.ref)
     print((out / "sweep.md").read_text())
@@ -361,7 +329,7 @@ def cmd_sweep_transform(args) -> None:
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before any work
     images, _, skipped = load_input_images(args.inputs, size=_model_resolution(args.run))
     out = Path(args.out)
-    _check_output(out, args.overwrite)  # made as the sweep writes: a sweep refused for its run leaves none
+    check_output_folder(out, args.overwrite)  # made as the sweep writes: a sweep refused for its run leaves none
     sweep_transform(args.run, images, t0s, seed=args.seed, config=config,
                     baseline_prompt=args.baseline_prompt, out=out, pipe=lambda: _pipeline(args))
     print((out / "sweep_transform.md").read_text())
@@ -428,12 +396,12 @@ def cmd_sample(args) -> None:
         logger.info("--resume: %d of %d samples are in %s; sampling the other %d", len(seeds) - len(todo), len(seeds),
                     out, len(todo))
     else:
-        _check_output(out, args.overwrite)
+        check_output_folder(out, args.overwrite)
         todo = list(zip(seeds, names))
     processes = _processes(args)
     main = processes is None or processes.is_main_process
     if main and args.overwrite and not args.resume:
-        _clear_previous_results(out)
+        clear_previous_results(out)
     if processes is not None:
         processes.wait_for_everyone()  # every process has looked at --out before the main one writes there
         todo = todo[processes.process_index::processes.num_processes]
@@ -467,36 +435,7 @@ def _require_what_sampling_needs(run: str, config: SampleConfig, from_vae: bool 
 
 
 def _check_resumable(out: Path, args, config: SampleConfig) -> None:
-    """--resume continues only what the same run, settings and noise seed made, so that every image is of one run."""
-    from .data import OUTPUT_RECORD
-
-    record_path = out / OUTPUT_RECORD
-    if not record_path.exists():
-        if out.exists() and any(out.iterdir()):
-            raise DyodError(f"--resume: {out} holds no {OUTPUT_RECORD}, so it is not a `dyod sample` folder; "
-                            "choose another --out")
-        return
-    from .run import Run
-
-    record = read_json(record_path)
-    recorded = record.get("run_files")  # records from before it was kept: not checked
-    changed = Run.open(args.run).changed_results(recorded) if recorded is not None else []
-    made = {"command": record.get("command"), "run": record.get("run"), "config": record.get("config"),
-            "noise_seed": record.get("noise_seed"), "seed": (record.get("seeds") or [None])[0]}
-    asked = {"command": "sample", "run": str(Path(args.run)), "config": to_dict(config), "noise_seed": args.noise_seed,
-             "seed": args.seed}
-    # the same run however it is named (relative from another folder, absolute), or moved with the same S* and VAE
-    same_run = (Path(record.get("run_path") or made["run"] or "").resolve() == Path(args.run).resolve()
-                or (recorded is not None and all(recorded.values()) and not changed))
-    differ = [k for k in made if made[k] != asked[k] and not (k == "run" and same_run)]
-    if differ:
-        raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
-                        f"({', '.join(f'{k}={made[k]!r}' for k in differ)}); run with those, or choose another --out")
-    if changed:
-        raise DyodError(f"--resume: the samples in {out} were made with the run's {' and '.join(changed)} as it was "
-                        "before it was "
-                        "trained again; the new samples would not match them. Choose another --out, or --overwrite "
-                        "to start this folder again")
+    check_resumable(out, Path(args.run), config, seed=args.seed, noise_seed=args.noise_seed)
 
 
 def cmd_transform(args) -> None:
@@ -505,7 +444,7 @@ def cmd_transform(args) -> None:
     config = config_from_args(args, SampleConfig)
     _require_what_sampling_needs(args.run, config, from_vae=False)  # transforms start from the inputs
     images, paths, skipped = load_input_images(args.inputs, grayscale=args.grayscale, size=_model_resolution(args.run))
-    out = _prepare_output(Path(args.out), args.overwrite)
+    out = prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     results = pipe.iter_transform(images, config, seed=args.seed)  # read in grayscale, at the model's size
     names = [f"{i:04d}-{p.stem}.png" for i, p in enumerate(paths)]
@@ -530,7 +469,7 @@ def cmd_interpolate(args) -> None:
         ends_made = {"seeds": [seed_a, seed_b]}
     config = config_from_args(args, SampleConfig)
     _require_what_sampling_needs(args.run, config)
-    out = _prepare_output(Path(args.out), args.overwrite)
+    out = prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     ends = tuple(pipe.latents_of(inputs)) if args.images is not None else None
     images = pipe.interpolate(seed_a, seed_b, args.steps, config, fix_noise=args.fix_noise, noise_seed=args.noise_seed,
@@ -567,7 +506,7 @@ def cmd_traverse(args) -> None:
     _require_what_sampling_needs(args.run, config, from_vae=False)  # the VAE is checked above
     dims, activity = _traversed_dimensions(args, run, latent_dim)
     inputs = _latent_images([args.image], "--image") if args.image is not None else None
-    out = _prepare_output(Path(args.out), args.overwrite)
+    out = prepare_output(Path(args.out), args.overwrite)
     pipe = _pipeline(args)
     z = pipe.latents_of(inputs) if args.image is not None else None
     images = pipe.traverse(args.seed, dims, values, config, z=z)

@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from . import __version__
-from .config import SampleConfig, to_dict, write_json
+from .config import SampleConfig, read_json, to_dict, write_json
+from .errors import DyodError
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +80,72 @@ def save_outputs(batches, names, out: Path, ncols: int | None, record: dict, lis
     it found)."""
     written = write_batches(batches, names, out, record, made)
     finish_outputs(out, ncols, record, names[:written] if listed is None else listed, grid_max)
+
+
+def prepare_output(folder: Path, overwrite: bool) -> Path:
+    """An output folder to write into: refused if it holds something and ``overwrite`` is not given; with it, the
+    earlier results cleared (``clear_previous_results``)."""
+    from .run import check_output_folder
+
+    check_output_folder(folder, overwrite)
+    if overwrite:
+        clear_previous_results(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def clear_previous_results(folder: Path) -> None:
+    """--overwrite replaces what an earlier sample/transform/interpolate/traverse wrote in ``folder``: its result PNGs
+    (each carries dyod's tEXt record), grid.png and its record. Left there, the results of a larger -n, or of an
+    interrupted run, would stand beside the new ones, and a later --resume would keep them as if made with the new
+    settings. Other files stay."""
+    from PIL import Image
+
+    from .data import OUTPUT_RECORD
+
+    if not (folder / OUTPUT_RECORD).exists():
+        return
+    removed = 0
+    for path in folder.glob("*.png"):
+        try:
+            with Image.open(path) as image:
+                ours = PNG_KEY in getattr(image, "text", {})
+        except OSError:
+            continue
+        if ours:
+            path.unlink()
+            removed += 1
+    for name in ("grid.png", OUTPUT_RECORD):
+        (folder / name).unlink(missing_ok=True)
+    logger.info("--overwrite: removed %d earlier results from %s", removed, folder)
+
+
+def check_resumable(out: Path, run: Path, config: SampleConfig, seed: int, noise_seed: int | None) -> None:
+    """--resume continues only what the same run, settings and noise seed made, so that every image is of one run."""
+    from .data import OUTPUT_RECORD
+    from .run import Run
+
+    record_path = out / OUTPUT_RECORD
+    if not record_path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise DyodError(f"--resume: {out} holds no {OUTPUT_RECORD}, so it is not a `dyod sample` folder; "
+                            "choose another --out")
+        return
+    record = read_json(record_path)
+    recorded = record.get("run_files")  # records from before it was kept: not checked
+    changed = Run.open(run).changed_results(recorded) if recorded is not None else []
+    made = {"command": record.get("command"), "run": record.get("run"), "config": record.get("config"),
+            "noise_seed": record.get("noise_seed"), "seed": (record.get("seeds") or [None])[0]}
+    asked = {"command": "sample", "run": str(Path(run)), "config": to_dict(config), "noise_seed": noise_seed,
+             "seed": seed}
+    # the same run however it is named (relative from another folder, absolute), or moved with the same S* and VAE
+    same_run = (Path(record.get("run_path") or made["run"] or "").resolve() == Path(run).resolve()
+                or (recorded is not None and all(recorded.values()) and not changed))
+    differ = [k for k in made if made[k] != asked[k] and not (k == "run" and same_run)]
+    if differ:
+        raise DyodError(f"--resume: the samples in {out} were made with another {', '.join(differ)} "
+                        f"({', '.join(f'{k}={made[k]!r}' for k in differ)}); run with those, or choose another --out")
+    if changed:
+        raise DyodError(f"--resume: the samples in {out} were made with the run's {' and '.join(changed)} as it was "
+                        "before it was trained again; the new samples would not match them. Choose another --out, or "
+                        "--overwrite to start this folder again")

@@ -157,7 +157,7 @@ def build_app(studio: Studio):
             t0 = studio.default_t0(run)
             return studio.describe(run), t0, unet_calls(t0)
 
-        run.change(guarded(chose_run), run, [info, sample_t0, sample_cost])
+        run.change(guarded(chose_run), run, [info, sample_t0, sample_cost], api_name="chose_run")
     return app
 
 
