@@ -277,7 +277,7 @@ def test_photos_in_another_colour_profile_are_read_as_srgb(tmp_path, caplog):
     assert np.abs(jpeg - expected).mean() < 3  # the same through JPEG's compression
     assert np.array_equal(np.asarray(load_image(tmp_path / "untagged.png")), pixels)
     assert np.array_equal(np.asarray(load_image(tmp_path / "srgb.png")), pixels)
-    with caplog.at_level("WARNING", logger="dyod.data"):
+    with caplog.at_level("WARNING", logger="dyod.colour"):
         damaged = load_image(tmp_path / "damaged.png")
     assert np.array_equal(np.asarray(damaged), pixels)
     assert "damaged.png: its colour profile cannot be used" in caplog.text

@@ -332,7 +332,8 @@ def test_the_page_turns_a_drawn_stroke_into_images_in_a_real_browser(bundled_run
                     page.locator("#interp-out img").nth(7).wait_for(timeout=120_000)
                     page.locator("#trav-go").click()
                     page.locator("#trav-out img").nth(2).wait_for(timeout=120_000)
-                page.wait_for_timeout(300)
+                page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # lazy images below the fold load
+                page.wait_for_timeout(500)
                 page.evaluate("window.scrollTo(0, 0)")
                 page.screenshot(path=str(shots / f"ui-{tab.lower()}.png"), full_page=tab == "Explore")
             assert str(bundled_run) in page.locator("#run-info").inner_text()

@@ -1,5 +1,5 @@
-"""A folder of images as a dataset: recursive search, EXIF orientation, colour profiles, RGB or grayscale, Lanczos
-resizing.
+"""A folder of images as a dataset: recursive search, EXIF orientation, RGB or grayscale, held-out splits, skipped
+files with their reasons. Colour profiles are ``dyod.colour``'s, resizing and tensors ``dyod.resizing``'s.
 
 A file that cannot be read is skipped and recorded with its reason; it never stops a run."""
 
@@ -9,7 +9,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import io
 import json
 import logging
 import os
@@ -21,7 +20,19 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from .errors import DyodError, first_line
+from .colour import deep_gray_to_8_bits, to_srgb
+from .errors import DyodError
+from .resizing import (  # noqa: F401 - re-exported: where the pixels of a dataset come from
+    center_crop_square,
+    lanczos_resize_tensor,
+    lanczos_weights,
+    pil_to_resized_tensor,
+    pil_to_tensor,
+    pil_to_uint8,
+    resize_lanczos,
+    tensor_to_pil,
+    to_unit_range,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,76 +208,17 @@ def load_image(path: str | os.PathLike, grayscale: bool = False) -> Image.Image:
         im.seek(0)  # first frame of an animation
         im.load()
         im = ImageOps.exif_transpose(im)
-    im = _to_srgb(im, path)
+    im = to_srgb(im, path)
     if im.width < 1 or im.height < 1:
         raise ValueError("image has no pixels")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        im = Image.fromarray(_deep_gray_to_8_bits(np.asarray(im, dtype=np.float64), im.mode), "L")
+        im = Image.fromarray(deep_gray_to_8_bits(np.asarray(im, dtype=np.float64), im.mode), "L")
     if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
     im = im.convert("L" if grayscale else "RGB")
     return im.convert("RGB")
-
-
-def _to_srgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
-    """The pixels in sRGB, the colours the model was trained on and what viewers assume of an untagged image. A photo
-    tagged with another colour profile (Display P3 from phones, Adobe RGB from cameras, a print profile on a CMYK
-    file, a gray gamma on a scan) means other colours by the same numbers: read as they are, they came out washed out
-    or shifted. Converted with the embedded profile (LittleCMS through Pillow, its default perceptual intent); an image
-    tagged sRGB and an untagged one are left as they are. A profile that cannot be used is warned of and ignored."""
-    icc = im.info.get("icc_profile")
-    if not icc:
-        return im
-    from PIL import ImageCms
-
-    original, alpha = im, None
-    if im.mode in ("P", "PA"):  # a palette's colours are numbers in the profile's space as well
-        im = im.convert("RGBA")
-    elif im.mode == "LA":  # LittleCMS converts gray without alpha: the alpha is set back after
-        im, alpha = im.getchannel("L"), im.getchannel("A")
-    if im.mode not in ("RGB", "RGBA", "CMYK", "L"):
-        return original
-    try:
-        transform = _to_srgb_transform(icc, im.mode)
-        if transform is None:
-            return original
-        converted = ImageCms.applyTransform(im, transform)
-    except Exception as e:  # noqa: BLE001 - a profile that cannot be used never costs the image
-        logger.warning("%s: its colour profile cannot be used (%s); its pixels are read as sRGB", path,
-                       first_line(e) or type(e).__name__)
-        return original
-    if alpha is not None:
-        converted.putalpha(alpha)
-    return converted
-
-
-@functools.lru_cache(maxsize=8)  # a dataset's photos mostly share one or two profiles
-def _to_srgb_transform(icc: bytes, mode: str):
-    """The LittleCMS transform from the profile ``icc`` to sRGB, or None when the profile is sRGB already."""
-    from PIL import ImageCms
-
-    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    if "srgb" in (ImageCms.getProfileDescription(profile) or "").lower():
-        return None
-    out_mode = "RGBA" if mode == "RGBA" else "RGB"
-    return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), mode, out_mode)
-
-
-def _deep_gray_to_8_bits(arr: np.ndarray, mode: str) -> np.ndarray:
-    """16-bit, 32-bit and float grayscale to 8 bits by the format's own range, as PNG viewers show them, not by each
-    image's own minimum and maximum (which would stretch every image of a dataset to full contrast, and made a
-    uniform one black): 16-bit data / 65535 (PIL opens 16-bit PNGs as I;16 or as 32-bit I), floats in [0, 1] × 1.
-    Values outside those ranges (true 32-bit or unscaled float data) have no standard range: each image's own."""
-    lo, hi = float(arr.min()), float(arr.max())
-    if mode.startswith("I") and 0 <= lo and hi <= 65535:
-        unit = arr / 65535.0
-    elif mode == "F" and 0 <= lo and hi <= 1:
-        unit = arr
-    else:
-        unit = (arr - lo) / (hi - lo) if hi > lo else np.full_like(arr, 0.5)
-    return (unit * 255.0).round().astype(np.uint8)
 
 
 def is_heldout(path: Path, root: Path, fraction: float) -> bool:
@@ -400,96 +352,3 @@ def header_resolution(files: list[Path], max_images: int = 0) -> int | None:
         except Exception:  # noqa: BLE001 - unreadable files are skipped, and reported, when the images are read
             pass
     return dataset_resolution(sizes) if sizes else None
-
-
-def center_crop_square(im: Image.Image) -> Image.Image:
-    side = min(im.size)
-    left, top = (im.width - side) // 2, (im.height - side) // 2
-    with warnings.catch_warnings():  # Pillow 12 checks a crop's size as it checks an opened file's (see _open_image)
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return im.crop((left, top, left + side, top + side))
-
-
-def resize_lanczos(im: Image.Image, size: int) -> Image.Image:
-    """Centre-crop to a square and resize with Lanczos (the paper's choice, in both directions)."""
-    im = center_crop_square(im)
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.LANCZOS)
-    return im
-
-
-def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL RGB images -> float tensor [B, 3, H, W] in [-1, 1]."""
-    return to_unit_range(pil_to_uint8(images))
-
-
-def pil_to_uint8(images: list[Image.Image]) -> torch.Tensor:
-    """PIL RGB images -> uint8 tensor [B, 3, H, W]: a dataset held a quarter of its size in float32."""
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
-
-
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1], as ``pil_to_tensor`` gives them."""
-    return pixels.float() / 127.5 - 1.0
-
-
-def pil_to_resized_tensor(images: list[Image.Image], resize) -> torch.Tensor:
-    """PIL images of any sizes -> one tensor [B, 3, h, w] in [-1, 1], in their order: the images of each size are
-    stacked and passed to ``resize`` (a [b, 3, H, W] tensor -> [b, 3, h, w]) together. A folder of one size is one
-    group, so it gets the very numbers of stacking it whole."""
-    if not images:
-        raise ValueError("pil_to_resized_tensor: no images")
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(im.size, []).append(i)
-    if len(groups) == 1:  # as it comes, memory layout included (a network's kernels may depend on it)
-        return resize(pil_to_tensor(images))
-    out: torch.Tensor | None = None
-    for indices in groups.values():
-        resized = resize(pil_to_tensor([images[i] for i in indices]))
-        if out is None:
-            out = resized.new_empty((len(images), *resized.shape[1:]))
-        out[indices] = resized
-    return out
-
-
-def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """Float tensor [B, C, H, W] in [-1, 1] -> PIL RGB images."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in x]
-
-
-@functools.lru_cache(maxsize=32)
-def lanczos_weights(in_size: int, out_size: int) -> torch.Tensor:
-    """[out_size, in_size] float64 resampling matrix of PIL's Lanczos filter (``precompute_coeffs`` in PIL's
-    Resample.c): a = 3 taps widened by the scale when shrinking (anti-aliasing), each row normalized to sum 1."""
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support = 3.0 * filter_scale
-    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        x = (torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) / filter_scale
-        w = torch.where((x >= -3) & (x < 3), torch.sinc(x) * torch.sinc(x / 3), torch.zeros_like(x))
-        weights[i, lo:hi] = w / w.sum() if w.sum() != 0 else w
-    return weights
-
-
-def lanczos_resize_tensor(x: torch.Tensor, size: int, accumulate: torch.dtype | None = None) -> torch.Tensor:
-    """Lanczos resize of a [B, C, H, W] float tensor on its own device, as PIL resizes a float ("F") image:
-    the horizontal pass, rounded to float32, then the vertical pass, each a product with ``lanczos_weights``.
-    ``accumulate``: the passes' precision, float64 as PIL's, except on Apple's mps, which has no float64: float32
-    there (within 1e-5 of PIL's)."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    dtype = x.dtype
-    accumulate = accumulate or (torch.float32 if x.device.type == "mps" else torch.float64)
-    # built once per size pair (a Python loop over rows)
-    wx = lanczos_weights(x.shape[-1], size).to(x.device, accumulate)
-    wy = lanczos_weights(x.shape[-2], size).to(x.device, accumulate)
-    rows = (x.to(accumulate) @ wx.T).float()  # [B, C, H, size]
-    return (wy @ rows.to(accumulate)).float().to(dtype)  # [B, C, size, size]
