@@ -248,7 +248,7 @@ def test_traverse_several_dimensions_a_row_each_and_the_most_active_ones(cli_run
     record = json.loads((tmp_path / "active" / "dyod_output.json").read_text())
     assert record["dims"] == [4, 0, 2, 5] and record["posterior_mean_variance"] == [3.0, 0.5, 0.02, 0.004]
     assert "the 4 most used latent dimensions: 4, 0, 2, 5" in caplog.text
-    assert "--active 4: only 3 of the custom VAE's 6 latent dimensions are active" in caplog.text
+    assert "4 dimensions asked: only 3 of the custom VAE's 6 latent dimensions are active" in caplog.text
     assert len(record["images"]) == 12
     capsys.readouterr()
     assert main(["info", str(tmp_path / "active")]) == 0

@@ -529,22 +529,12 @@ def _traversed_dimensions(args, run, latent_dim: int) -> tuple[list[int], dict]:
             raise DyodError(f"--dim must be in [0, {latent_dim - 1}]: the run's custom VAE has {latent_dim} latent "
                             f"dimensions; got {', '.join(map(str, wrong))}")
         return dims, {}
-    from .vae import most_active_dimensions
-    from .vae_training import run_latent_activity
+    from .vae_training import most_used_dimensions
 
     if args.active > latent_dim:
         raise DyodError(f"--active {args.active}: the run's custom VAE has {latent_dim} latent dimensions")
-    activity = run_latent_activity(run)
-    dims = most_active_dimensions(activity, args.active)
-    variance = activity["posterior_mean_variance"]
-    active = activity["active_dimensions"]
-    logger.info("the %d most used latent dimensions: %s (variance of the posterior mean over %d images: %s); %d of %d "
-                "are active (above %g)", len(dims), ", ".join(map(str, dims)), activity["num_images"],
-                ", ".join(f"{variance[d]:.3g}" for d in dims), active, latent_dim, activity["active_threshold"])
-    if args.active > active:
-        logger.warning("--active %d: only %d of the custom VAE's %d latent dimensions are active; traversing the "
-                       "others changes little", args.active, active, latent_dim)
-    return dims, {"posterior_mean_variance": [variance[d] for d in dims]}
+    dims, variances = most_used_dimensions(run, args.active)
+    return dims, {"posterior_mean_variance": variances}
 
 
 def cmd_demo(args) -> None:

@@ -155,14 +155,14 @@ class Studio:
                  spread: float = 3.0) -> list[tuple[int, list[Image.Image]]]:
         """Fig. 7: the ``active`` most used latent dimensions of the custom VAE, each set to ``steps`` values in
         [-spread, spread] with the rest of z and ε fixed; a (dimension, strip) pair each."""
-        from .vae import model_config_of, most_active_dimensions
-        from .vae_training import run_latent_activity
+        from .vae import model_config_of
+        from .vae_training import most_used_dimensions
 
         config = self._config(run, t0)
         opened = self._run(run)
         latent_dim = model_config_of(opened.vae_path)["latent_dim"]
         active, steps = min(self._count(active, "the number of dimensions"), latent_dim), max(2, int(steps))
-        dims = most_active_dimensions(run_latent_activity(opened), active)
+        dims, _ = most_used_dimensions(opened, active)
         values = [-spread + 2 * spread * i / (steps - 1) for i in range(steps)]
         images = self.pipeline(run).traverse(int(seed), dims, values, config, progress=True)
         return [(d, images[i * steps:(i + 1) * steps]) for i, d in enumerate(dims)]

@@ -263,6 +263,24 @@ def run_latent_activity(run: Run, device: str | torch.device = "cpu") -> dict:
     return activity
 
 
+def most_used_dimensions(run: Run, k: int) -> tuple[list[int], list[float]]:
+    """The ``k`` latent dimensions of the run's custom VAE with the largest posterior-mean variance on its images (the
+    ones a traversal shows most), and their variances; what `dyod traverse --active` and the UI's traversal choose."""
+    from .vae import most_active_dimensions
+
+    activity = run_latent_activity(run)
+    dims = most_active_dimensions(activity, k)
+    variance = activity["posterior_mean_variance"]
+    active = activity["active_dimensions"]
+    logger.info("the %d most used latent dimensions: %s (variance of the posterior mean over %d images: %s); %d of %d "
+                "are active (above %g)", len(dims), ", ".join(map(str, dims)), activity["num_images"],
+                ", ".join(f"{variance[d]:.3g}" for d in dims), active, len(variance), activity["active_threshold"])
+    if k > active:
+        logger.warning("%d dimensions asked: only %d of the custom VAE's %d latent dimensions are active; traversing "
+                       "the others changes little", k, active, len(variance))
+    return dims, [variance[d] for d in dims]
+
+
 def _save_checkpoint(path: Path, model: VanillaVAE, optimizer, scheduler, generator: torch.Generator, epoch: int,
                      meta: dict) -> None:
     """The VAE's weights and BatchNorm statistics, Adam's moments, the learning-rate schedule, the shuffling generator
