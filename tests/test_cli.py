@@ -694,7 +694,7 @@ def test_tune_a_run_without_held_out_images_against_a_folder_given(cli_run, shap
     (before: only a refit with a held-out fraction could), records the folder, and `sample` uses the t0."""
     import shutil
 
-    from dyod.run import describe_run
+    from dyod.run_info import describe_run
 
     run = tmp_path / "run"
     shutil.copytree(cli_run, run)
@@ -1130,7 +1130,8 @@ def test_version(capsys):
 def test_info_says_what_a_run_holds_and_what_comes_next(cli_run, shapes, tiny_model, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from dyod.run import Run, describe_run
+    from dyod.run import Run
+    from dyod.run_info import describe_run
 
     assert main(["info", str(cli_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -1268,7 +1269,8 @@ def test_the_commands_dyod_suggests_quote_paths_with_spaces(cli_run, shapes, tmp
     """`next: dyod sample my run -n 16` copied into a shell is two arguments; quoted, it is the run."""
     import shutil
 
-    from dyod.run import Run, describe_run
+    from dyod.run import Run
+    from dyod.run_info import describe_run
 
     run, data = tmp_path / "my run", tmp_path / "my data"
     shutil.copytree(cli_run, run)

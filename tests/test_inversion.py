@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import dyod
+import dyod.run_info
 from dyod.data import load_image_folder, pil_to_tensor, resize_lanczos
 from dyod.embeddings import load_into, load_learned_embeds, placeholder_tokens
 from dyod.errors import DyodError
@@ -469,7 +470,7 @@ def test_a_textual_inversion_learned_elsewhere_becomes_the_runs_dataset_prompt(t
         imported = dyod.DyodPipeline.from_run(out, device="cpu").sample(2, config, seed=3)
         assert len(imported) == len(learned) == 2
         assert all((a.tobytes() == b.tobytes()) for a, b in zip(imported, learned)), name
-        assert f"imported from {source.resolve()}" in dyod.run.describe_run(out)
+        assert f"imported from {source.resolve()}" in dyod.run_info.describe_run(out)
 
 
 def test_an_embedding_that_cannot_serve_is_refused_naming_the_file_and_leaving_the_run_as_it_was(

@@ -25,7 +25,7 @@ def holdout_run(tmp_path_factory, tiny_model, shapes):
 
 def test_holdout_split_is_stable_and_disjoint(shapes, holdout_run):
     from dyod.data import load_image_folder
-    from dyod.run import describe_run
+    from dyod.run_info import describe_run
 
     assert describe_run(holdout_run).splitlines()[2].endswith(
         ", 0.3 of the folder held out (--holdout-fraction; `dyod tune` chooses t0 on it)")

@@ -591,7 +591,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .run import describe_folder
+    from .run_info import describe_folder
 
     print(describe_folder(args.run))
 

@@ -81,7 +81,7 @@ class Studio:
 
     def describe(self, run: str) -> str:
         """What `dyod info RUN` prints."""
-        from .run import describe_run
+        from .run_info import describe_run
 
         self._run(run)
         return describe_run(run)
