@@ -126,7 +126,7 @@ def _parse_csv(text: str, kind, flag: str, count: int | None = None) -> list:
     return values
 
 
-def check_output_folder(folder: Path, overwrite: bool) -> None:
+def _check_output(folder: Path, overwrite: bool) -> None:
     from .run import check_output_folder  # run.py imports the data stack: not before a command needs it
 
     check_output_folder(folder, overwrite)
@@ -303,7 +303,7 @@ def cmd_sweep(args) -> None:
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
     out = Path(args.out)
-    check_output_folder(out, args.overwrite)  # made as the sweep writes: a sweep refused for its reference leaves none
+    _check_output(out, args.overwrite)  # made as the sweep writes: a sweep refused for its reference leaves none
     sweep(args.run, t0s, n=args.n, seed=args.seed, config=config, features=args.features,
           inception_weights=args.inception_weights, ref_dir=args.ref, out=out, pipe=lambda: _pipeline(args))
     print((out / "sweep.md").read_text())
@@ -315,7 +315,7 @@ def cmd_tune(args) -> None:
 
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before --out is made
     out = Path(args.out or Path(args.run) / "t0_sweep")
-    check_output_folder(out, args.overwrite)  # made as the sweep writes
+    _check_output(out, args.overwrite)  # made as the sweep writes
     t0, rows = choose_t0(args.run, t0s, n=args.n, seed=args.seed, config=config, out=out,
                          pipe=lambda: _pipeline(args), ref_dir=args.ref)
     print((out / "sweep.md").read_text())
@@ -329,7 +329,7 @@ def cmd_sweep_transform(args) -> None:
     config, t0s = config_from_args(args, SampleConfig), _t0_list(args.t0s)  # bad flags: before any work
     images, _, skipped = load_input_images(args.inputs, size=_model_resolution(args.run))
     out = Path(args.out)
-    check_output_folder(out, args.overwrite)  # made as the sweep writes: a sweep refused for its run leaves none
+    _check_output(out, args.overwrite)  # made as the sweep writes: a sweep refused for its run leaves none
     sweep_transform(args.run, images, t0s, seed=args.seed, config=config,
                     baseline_prompt=args.baseline_prompt, out=out, pipe=lambda: _pipeline(args))
     print((out / "sweep_transform.md").read_text())
@@ -391,12 +391,12 @@ def cmd_sample(args) -> None:
     names = [f"seed-{s:06d}.png" for s in seeds]
     out = Path(args.out)
     if args.resume:
-        _check_resumable(out, args, config)
+        check_resumable(out, Path(args.run), config, seed=args.seed, noise_seed=args.noise_seed)
         todo = [(s, name) for s, name in zip(seeds, names) if not (out / name).exists()]
         logger.info("--resume: %d of %d samples are in %s; sampling the other %d", len(seeds) - len(todo), len(seeds),
                     out, len(todo))
     else:
-        check_output_folder(out, args.overwrite)
+        _check_output(out, args.overwrite)
         todo = list(zip(seeds, names))
     processes = _processes(args)
     main = processes is None or processes.is_main_process
@@ -432,10 +432,6 @@ def _require_what_sampling_needs(run: str, config: SampleConfig, from_vae: bool 
     if token and "{}" not in config.prompt and token not in config.prompt:
         logger.warning("--prompt %r holds neither {} nor the learned token %s: the images are not conditioned on the "
                        "dataset prompt S* (\"a photo of {}\" is)", config.prompt, token)
-
-
-def _check_resumable(out: Path, args, config: SampleConfig) -> None:
-    check_resumable(out, Path(args.run), config, seed=args.seed, noise_seed=args.noise_seed)
 
 
 def cmd_transform(args) -> None:

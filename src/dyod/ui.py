@@ -9,7 +9,7 @@ import os
 from PIL import Image
 
 from .errors import DyodError
-from .studio import MAX_IMAGES, Studio, unet_calls
+from .studio import MAX_IMAGES, Studio, on_white, unet_calls
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ def blank_canvas() -> dict:
 def drawn(editor) -> Image.Image | None:
     """What the sketch pad holds, on white; None for a sheet still blank (nothing drawn, nothing uploaded)."""
     from PIL import ImageChops
-
-    from .studio import on_white
 
     image = editor.get("composite") if isinstance(editor, dict) else editor
     if image is None:
