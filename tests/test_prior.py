@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from dyod.errors import DyodError
 from dyod.prior import bundled_prior_path, load_prior
@@ -306,14 +306,26 @@ def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
 
     plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY), progress=False, device="cpu")
     refined = pretrain(tmp_path / "refined", PretrainConfig(**{**TINY, "decoder_steps": 3, "probe_every": 2,
-                                                                 "adversarial_weight": 0.5}),
+                                                                 "adversarial_weight": 0.5,
+                                                                 "decoder_extra_layers": 1}),
                        progress=False, device="cpu")
     a = load_file(str(plain / "vae" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(refined / "vae" / "diffusion_pytorch_model.safetensors"))
     encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
     decoder = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
     assert encoder and all(torch.equal(a[k], b[k]) for k in encoder)
-    assert any(not torch.equal(a[k], b[k]) for k in decoder)
+    assert any(not torch.equal(a[k].half(), b[k]) for k in decoder)
+    # the decoder grew by one identity-initialised resnet a level, stored in float16; the
+    # encoder's grown resnets stay identities, so every latent is the plain prior's, bit for bit
+    assert {b[k].dtype for k in b if k.startswith(("decoder.", "post_quant_conv."))} == {torch.float16}
+    assert {b[k].dtype for k in b if k.startswith(("encoder.", "quant_conv."))} == {torch.float32}
+    grown = [k for k in b if k.startswith("encoder.") and k not in a]
+    assert grown and all(not b[k].any() for k in grown if ".conv2." in k)
+    vae_plain, vae_refined = (AutoencoderKL.from_pretrained(p / "vae").eval() for p in (plain, refined))
+    assert (vae_plain.config.layers_per_block, vae_refined.config.layers_per_block) == (1, 2)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae_plain.encode(x).latent_dist.mean, vae_refined.encode(x).latent_dist.mean)
     u, v = (load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors")) for p in (plain, refined))
     assert all(torch.equal(u[k], v[k]) for k in u)
     probes = json.loads((refined / "training" / "probes.json").read_text())
@@ -340,3 +352,48 @@ def test_a_resume_with_decoder_steps_refines_a_finished_prior_without_its_unet_t
     for part in ("vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
         a, b = load_file(str(in_one_go / part)), load_file(str(finished / part))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_deepening_the_autoencoder_keeps_its_function_bit_for_bit():
+    """AutoencoderKL ties the decoder's depth to the encoder's; the grown resnets start as identities, so the deeper
+    autoencoder encodes and decodes exactly as before, and the decoder's new layers then learn (their gradient is not
+    zero)."""
+    from dyod.world.prior_training import deepen_autoencoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    deeper = deepen_autoencoder(vae, 2, seed=1).eval()
+    assert [len(b.resnets) for b in deeper.encoder.down_blocks] == [3, 3]
+    assert [len(b.resnets) for b in deeper.decoder.up_blocks] == [4, 4]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist
+        z2 = deeper.encode(x).latent_dist
+        assert torch.equal(z.mean, z2.mean) and torch.equal(z.logvar, z2.logvar)
+        assert torch.equal(vae.decode(z.mean).sample, deeper.decode(z.mean).sample)
+    deeper.decode(z.mean).sample.square().mean().backward()
+    assert deeper.decoder.up_blocks[0].resnets[3].conv2.weight.grad.abs().sum() > 0
+    assert deepen_autoencoder(vae, 0) is vae
+
+
+@pytest.mark.slow
+def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    config = {**TINY, "decoder_steps": 2, "decoder_extra_layers": 0}
+    out = pretrain(tmp_path / "prior", PretrainConfig(**config), progress=False, device="cpu")
+    state = out / "training" / "decoder_state.safetensors"
+    assert state.exists()
+    with pytest.raises(DyodError, match="another depth than --decoder-extra-layers 1.*delete that file"):
+        pretrain(out, PretrainConfig(**{**config, "decoder_steps": 3, "decoder_extra_layers": 1}), resume=True,
+                 progress=False, device="cpu")
+
+
+def test_decoder_sizes_must_be_two_sides_in_the_canvas():
+    from dyod.world.prior_training import PretrainConfig
+
+    assert PretrainConfig(decoder_sizes=()).decoder_sizes == ()
+    for bad in ((12,), (30, 20), (0, 10), (12, 80)):
+        with pytest.raises(ValueError, match="--decoder-sizes must be two sides LOW HIGH"):
+            PretrainConfig(decoder_sizes=bad)

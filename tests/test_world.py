@@ -174,3 +174,19 @@ def features_card_path():
     from importlib import resources
 
     return resources.files("dyod.world") / "assets" / "emoji_features.json"
+
+
+def test_a_size_range_draws_every_side_in_it_and_leaves_the_named_sizes_alone(atlas):
+    """The decoder refinement's scenes: sprite sides uniform in the range (captions name the nearest named size);
+    without it, scene i of a seed is what it always was."""
+    from dyod.world.scenes import SIZES
+
+    ranged = SceneGenerator(seed=3, atlas=atlas, size_range=(12, 56))
+    sides = [p.size for i in range(300) for p in ranged.scene(i).placements]
+    assert min(sides) == 12 and max(sides) == 56 and len(set(sides)) > 30
+    scene = next(ranged.scene(i) for i in range(300) if ranged.scene(i).placements[0].size == 44)
+    assert " large " in f" {scene.caption} "
+    named = SceneGenerator(seed=3, atlas=atlas)
+    assert {p.size for i in range(300) for p in named.scene(i).placements} == set(SIZES.values())
+    with pytest.raises(ValueError, match="size_range"):
+        SceneGenerator(seed=3, atlas=atlas, size_range=(40, 20))

@@ -233,8 +233,16 @@ class PretrainConfig:
     decoder_steps: int = field(3000, "decoder refinement steps after the UNet: the autoencoder's decoder alone trained "
                                      "on (the encoder, hence the latent space and the UNet, unchanged); 0: none",
                                min=0)
-    decoder_learning_rate: float = field(3e-4, "Adam learning rate of the decoder refinement (and its discriminator)",
+    decoder_learning_rate: float = field(3e-4, "peak Adam learning rate of the decoder refinement and its discriminator "
+                                               "(warm-up, then cosine decay)",
                                          min=0.0, max=MAX_LEARNING_RATE)
+    decoder_extra_layers: int = field(0, "resnets added to every decoder level before the refinement, each starting as "
+                                         "the identity (AutoencoderKL ties the depths, so the encoder gets identity "
+                                         "ones that keep its latents bit for bit); for a longer refinement (a GPU)",
+                                      min=0)
+    decoder_sizes: tuple[int, ...] = field((12, 56), "sprite sides at 64 px, lowest and highest, drawn uniformly in the "
+                                                     "decoder refinement's scenes so that it draws emoji at every "
+                                                     "scale (from Python, an empty tuple: the corpus' three named sizes)")
     adversarial_weight: float = field(0.0, "weight of a PatchGAN term in the decoder refinement, times Latent "
                                            "Diffusion's adaptive weight; 0: L1 + MSE alone (docs/reference-prior.md: "
                                            "how the term did here)", min=0.0)
@@ -262,6 +270,9 @@ class PretrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0 or (name == "ema_decay" and self.ema_decay == 1.0):
                 bound = "[0, 1)" if name == "ema_decay" else "[0, 1]"
                 raise ValueError(f"--{name.replace('_', '-')} must be in {bound}, got {getattr(self, name)}")
+        if self.decoder_sizes and not (len(self.decoder_sizes) == 2 and 1 <= self.decoder_sizes[0] <= self.decoder_sizes[1] <= 64):
+            raise ValueError(f"--decoder-sizes must be two sides LOW HIGH with 1 <= LOW <= HIGH <= 64, got "
+                             f"{' '.join(map(str, self.decoder_sizes))}")
         if self.text_width % self.text_heads:
             raise ValueError(f"--text-width ({self.text_width}) must be a multiple of --text-heads ({self.text_heads})")
         if self.unet_attention_from >= len(self.unet_channels):

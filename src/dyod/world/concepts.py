@@ -45,11 +45,13 @@ def concept_corpus(config: PretrainConfig, seed: int | None = None) -> SceneGene
                           vocabulary=concept_set(atlas, config.concept_stride), **_emphasis(config, atlas))
 
 
-def atlas_corpus(config: PretrainConfig, seed: int | None = None, vocabulary: Sequence[int] | None = None) -> SceneGenerator:
-    """Scenes of every emoji of the atlas (or of ``vocabulary``): what the autoencoder learns to draw."""
+def atlas_corpus(config: PretrainConfig, seed: int | None = None, vocabulary: Sequence[int] | None = None,
+                 size_range: tuple[int, int] | None = None) -> SceneGenerator:
+    """Scenes of every emoji of the atlas (or of ``vocabulary``): what the autoencoder learns to draw; with
+    ``size_range``, at every sprite side in it rather than the three named sizes."""
     atlas = EmojiAtlas.bundled()
     return SceneGenerator(seed=config.corpus_seed + 1 if seed is None else seed, resolution=config.resolution,
-                          atlas=atlas, vocabulary=vocabulary, **_emphasis(config, atlas))
+                          atlas=atlas, vocabulary=vocabulary, size_range=size_range, **_emphasis(config, atlas))
 
 
 def heldout_corpora(config: PretrainConfig) -> dict[str, SceneGenerator]:

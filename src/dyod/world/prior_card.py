@@ -245,10 +245,15 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         f"{config['unet_attention_from']}, ε-prediction, Min-SNR-γ {config['min_snr_gamma']:g}, {config['unet_steps']} "
         f"steps × batch {config['unet_batch_size']} on {config['corpus_size']} concept scenes, caption dropout "
         f"{config['caption_dropout']}, EMA {config['ema_decay']} |",
-        *([f"| decoder refinement | the decoder alone, {config['decoder_steps']} steps × batch {config['vae_batch_size']} "
-           f"of fresh scenes of all emoji, L1 + MSE" + (f" + PatchGAN × {config['adversarial_weight']:g}"
-                                                       if config.get('adversarial_weight') else "")
-           + f", Adam {config['decoder_learning_rate']:g}; the encoder, hence the UNet's latents, unchanged |"]
+        *([f"| decoder refinement | the decoder alone"
+           + (f", grown by {config['decoder_extra_layers']} identity-initialised resnet(s) a level"
+              if config.get("decoder_extra_layers") else "")
+           + f", {config['decoder_steps']} steps × batch {config['vae_batch_size']} of fresh scenes of all emoji"
+           + (" at every sprite side from {} to {} px".format(*config["decoder_sizes"]) if config.get("decoder_sizes")
+              else "")
+           + ", L1 + MSE" + (f" + PatchGAN × {config['adversarial_weight']:g}" if config.get('adversarial_weight') else "")
+           + f", Adam {config['decoder_learning_rate']:g} (warm-up, cosine decay); the encoder, hence the UNet's "
+           "latents, unchanged; decoder weights stored in float16 |"]
           if config.get("decoder_steps") else []),
         "| scheduler | DDIM config (scaled-linear betas 0.00085–0.012, 1000 steps, leading spacing) |",
         f"| hardware | {props['hardware']} |",

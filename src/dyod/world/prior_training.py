@@ -10,8 +10,9 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
   3. unet/ + text_encoder/   trained together on the cached latents of the concept corpus: ε-prediction, Min-SNR-γ
                    weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
-  5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE + PatchGAN), the encoder frozen, so the
-                   latent space the UNet learned stays
+  5. vae/ again    with ``decoder_steps``: the decoder grown by identity-initialised resnets and refined alone (L1 + MSE
+                   [+ PatchGAN]) on scenes at every sprite size, the encoder frozen, so the latent space the UNet
+                   learned stays; the decoder's weights stored in float16
 
 The concept set is every ``concept_stride``-th emoji of the atlas in code-point order: Unicode allocates each group
 (faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs, so the stride takes an even
@@ -262,12 +263,51 @@ def adaptive_adversarial_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, 
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
-def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
-    """The autoencoder's decoder alone trained on (L1 + MSE + an adaptively weighted hinge PatchGAN term) on fresh
-    scenes of every emoji, its encoder frozen: the latents, hence the UNet, stay as they are. Returns (vae, seconds)."""
+def deepen_autoencoder(vae, extra_layers: int, seed: int = 0):
+    """The same autoencoder with ``extra_layers`` more resnets on every level, the same function to the last bit.
+
+    AutoencoderKL ties the decoder's depth to the encoder's (``layers_per_block``), so both grow. Each new resnet is
+    appended to its block with its last convolution zero, so it starts as the identity (the residual ``x + 0``), as
+    zero-initialised residual branches do (Goyal et al. 2017; ControlNet's zero convolutions): the encoder's stay so
+    (frozen), the decoder's learn. The new layers' other weights are drawn from ``seed``."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(folder).to(device, memory_format=torch.channels_last)
+    if extra_layers <= 0:
+        return vae
+    old_layers = vae.config.layers_per_block
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        deeper = AutoencoderKL.from_config({**vae.config, "layers_per_block": old_layers + extra_layers})
+    missing, unexpected = deeper.load_state_dict(vae.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"not an AutoencoderKL of the same widths: {unexpected[:3]}")
+    new_resnets = ([r for block in deeper.encoder.down_blocks for r in block.resnets[old_layers:]]
+                   + [r for block in deeper.decoder.up_blocks for r in block.resnets[old_layers + 1:]])
+    for resnet in new_resnets:
+        torch.nn.init.zeros_(resnet.conv2.weight)
+        torch.nn.init.zeros_(resnet.conv2.bias)
+    return deeper.to(vae.device)
+
+
+def save_autoencoder(vae, folder: Path) -> None:
+    """Save with the decoder's weights in float16 and the encoder's in float32: the encoder's latents, which the UNet
+    learned, stay bit for bit, and the file stays small; diffusers loads both into a float32 model."""
+    vae = vae.to(memory_format=torch.contiguous_format)
+    vae.decoder.half(), vae.post_quant_conv.half()
+    vae.save_pretrained(folder)
+    vae.decoder.float(), vae.post_quant_conv.float()
+
+
+def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
+    """The autoencoder's decoder alone trained on (L1 + MSE + an adaptively weighted hinge PatchGAN term) on fresh
+    scenes of every emoji at every size in ``decoder_sizes``, its encoder frozen: the latents, hence the UNet, stay as
+    they are. The decoder first grows by ``decoder_extra_layers`` resnets per level. Returns (vae, losses, seconds)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder)
+    grown = 1 + config.decoder_extra_layers  # stage 2's autoencoder has one resnet per encoder level
+    vae = deepen_autoencoder(vae, grown - vae.config.layers_per_block, seed=config.seed + 3)
+    vae = vae.to(device, memory_format=torch.channels_last)
     vae.requires_grad_(False)
     trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in trained:
@@ -278,12 +318,17 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
     opt_g = torch.optim.Adam(trained, lr=config.decoder_learning_rate, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.decoder_learning_rate, betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(config.seed + 2)
-    stream = atlas_corpus(config, seed=config.corpus_seed + 2)
+    stream = atlas_corpus(config, seed=config.corpus_seed + 2, size_range=tuple(config.decoder_sizes) or None)
     heldout = heldout_sets(config) if config.probe_every else None
     state_path, start, losses, before = folder.parent / "training" / "decoder_state.safetensors", 0, [], 0.0
     if resume and state_path.exists():
-        start, tensors, meta = load_training_state(state_path, opt_g, generator)
-        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        try:
+            start, tensors, meta = load_training_state(state_path, opt_g, generator)
+            vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        except (RuntimeError, ValueError) as error:
+            raise DyodError(f"{state_path} holds a decoder of another depth than --decoder-extra-layers "
+                            f"{config.decoder_extra_layers} makes: resume with the value it was started with, or "
+                            "delete that file to start the decoder refinement anew") from error
         disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
         state_d = opt_d.state_dict()
         for key in [k for k in tensors if k.startswith("optim_d.")]:
@@ -298,6 +343,9 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
                desc="prior decoder")
     with CheckpointOnInterrupt() as interrupt:
         for step in bar:
+            for optimizer in (opt_g, opt_d):  # annealed: at a constant rate the decoder's weights keep wandering
+                for group in optimizer.param_groups:
+                    group["lr"] = config.decoder_learning_rate * warmup_cosine(step, config.decoder_steps, 100)
             batch = range(step * config.vae_batch_size, (step + 1) * config.vae_batch_size)
             x = to_unit(render_scenes(stream, batch)[0]).to(device).contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
@@ -336,8 +384,7 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
             if stopping:
                 interrupt.stop(bar, done, config.decoder_steps, "the prior's decoder refinement", "step", state_path)
     vae.eval()
-    vae = vae.to(memory_format=torch.contiguous_format)
-    vae.save_pretrained(folder)
+    save_autoencoder(vae, folder)
     return vae.cpu(), losses, before + time.time() - started
 
 

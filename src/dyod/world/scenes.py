@@ -113,11 +113,16 @@ class SceneGenerator:
     """Scene ``i`` of seed ``s`` is always the same scene: ``scene(i)`` draws from ``default_rng([s, i])``.
 
     ``emphasis`` lists atlas indices drawn with probability ``emphasis_weight`` (the rest uniformly), so a small prior
-    sees the emoji that the bundled datasets need often enough."""
+    sees the emoji that the bundled datasets need often enough. ``size_range`` (sides at 64 px, both included) draws
+    every sprite's side uniformly instead of the three named sizes: an autoencoder that learns from it draws emoji at
+    every scale a user's images may hold (the caption names the nearest named size)."""
 
     def __init__(self, seed: int = 0, resolution: int = 64, atlas: EmojiAtlas | None = None, max_objects: int = 3,
-                 emphasis: Sequence[int] = (), emphasis_weight: float = 0.0, vocabulary: Sequence[int] | None = None):
-        self.seed, self.resolution, self.max_objects = seed, resolution, max_objects
+                 emphasis: Sequence[int] = (), emphasis_weight: float = 0.0, vocabulary: Sequence[int] | None = None,
+                 size_range: tuple[int, int] | None = None):
+        if size_range is not None and not 1 <= size_range[0] <= size_range[1] <= 64:
+            raise ValueError(f"size_range must be (low, high) with 1 <= low <= high <= 64, got {size_range}")
+        self.seed, self.resolution, self.max_objects, self.size_range = seed, resolution, max_objects, size_range
         self.atlas = atlas or EmojiAtlas.bundled()
         self.vocabulary = np.asarray(vocabulary if vocabulary is not None else range(len(self.atlas)))
         self.emphasis = np.asarray(emphasis, dtype=np.int64)
@@ -138,6 +143,10 @@ class SceneGenerator:
         for _ in range(n):
             size_name = str(rng.choice(list(SIZES) if n == 1 else ["small", "medium"]))
             size = SIZES[size_name] * res // 64
+            if self.size_range is not None:
+                side = int(rng.integers(self.size_range[0], self.size_range[1] + 1))
+                size_name = min(SIZES, key=lambda name: abs(SIZES[name] - side))
+                size = max(1, side * res // 64)
             for _attempt in range(50):
                 x, y = (int(v) for v in rng.integers(0, res - size + 1, size=2))
                 candidate = Placement(self._emoji(rng), size, x, y)
