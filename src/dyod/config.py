@@ -209,7 +209,7 @@ class SampleConfig:
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Sizes and schedule of the reference prior, ``dyod reference pretrain`` (``dyod.world.prior_training``; defaults:
-    about two hours on 2 CPU cores, docs/reference-prior.md)."""
+    about three hours on 2 CPU cores, docs/reference-prior.md)."""
 
     resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
     concept_stride: int = field(4, "the concept set the UNet is told about: every Nth emoji of the atlas in code-point "
@@ -230,7 +230,7 @@ class PretrainConfig:
     vae_learning_rate: float = field(1e-3, "peak AdamW learning rate of the autoencoder (warm-up, then cosine decay)",
                                      min=0.0, max=MAX_LEARNING_RATE)
     vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
-    decoder_steps: int = field(3000, "decoder refinement steps after the UNet: the autoencoder's decoder alone trained "
+    decoder_steps: int = field(8000, "decoder refinement steps after the UNet: the autoencoder's decoder alone trained "
                                      "on (the encoder, hence the latent space and the UNet, unchanged); 0: none",
                                min=0)
     decoder_learning_rate: float = field(3e-4, "peak Adam learning rate of the decoder refinement and its discriminator "
