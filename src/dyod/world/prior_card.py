@@ -189,10 +189,16 @@ def plot_training(model: Path) -> Path:
             ax.plot(np.arange(len(losses) - k + 1) + k, np.convolve(losses, np.ones(k) / k, mode="valid"))
         ax.set(title=title, xlabel="step", yscale="log")
     vae = [p for p in probes if p["stage"] == "vae"]
+    decoder = [p for p in probes if p["stage"] == "decoder"]  # stage 5 goes on from where stage 2 ended
+    offset = vae[-1]["seconds"] if vae else 0.0
     for key, label in (("mse_in_set", "in-set"), ("mse_out_of_set", "out-of-set")):
-        axes[2].plot([p["seconds"] / 60 for p in vae], [p[key] for p in vae], "o-", label=label)
-    axes[2].set(title="held-out reconstruction MSE", xlabel="minutes of autoencoder training", yscale="log")
-    axes[2].legend()
+        line, = axes[2].plot([p["seconds"] / 60 for p in vae], [p[key] for p in vae], "o-", label=label)
+        if decoder:
+            axes[2].plot([(offset + p["seconds"]) / 60 for p in decoder], [p[key] for p in decoder], "s--",
+                         color=line.get_color(), label=f"{label}, decoder refinement")
+    axes[2].set(title="held-out reconstruction MSE", xlabel="minutes of autoencoder training (stages 2, 5)",
+                yscale="log")
+    axes[2].legend(fontsize="x-small")
     unet = [p for p in probes if p["stage"] == "unet"]
     for key, label in (("probe_top1", "top-1"), ("probe_top5", "top-5")):
         axes[3].plot([p["seconds"] / 60 for p in unet], [p[key] for p in unet], "o-", label=label)
