@@ -10,9 +10,9 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
   3. unet/ + text_encoder/   trained together on the cached latents of the concept corpus: ε-prediction, Min-SNR-γ
                    weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
-  5. vae/ again    with ``decoder_steps``: the decoder grown by identity-initialised resnets and refined alone (L1 + MSE
-                   [+ PatchGAN]) on scenes at every sprite size, the encoder frozen, so the latent space the UNet
-                   learned stays; the decoder's weights stored in float16
+  5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE [+ PatchGAN]; optionally first grown by
+                   identity-initialised resnets) on scenes at every sprite size, the encoder frozen, so the latent
+                   space the UNet learned stays; the decoder's weights stored in float16
 
 The concept set is every ``concept_stride``-th emoji of the atlas in code-point order: Unicode allocates each group
 (faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs, so the stride takes an even
@@ -278,7 +278,7 @@ def deepen_autoencoder(vae, extra_layers: int, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         deeper = AutoencoderKL.from_config({**vae.config, "layers_per_block": old_layers + extra_layers})
-    missing, unexpected = deeper.load_state_dict(vae.state_dict(), strict=False)
+    unexpected = deeper.load_state_dict(vae.state_dict(), strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"not an AutoencoderKL of the same widths: {unexpected[:3]}")
     new_resnets = ([r for block in deeper.encoder.down_blocks for r in block.resnets[old_layers:]]
