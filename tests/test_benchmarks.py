@@ -187,3 +187,27 @@ def test_decoder_finetune_trains_the_decoder_alone(tiny_model):
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
     assert not any(p.requires_grad for p in vae.parameters())
     assert len(losses) == 30 and module.reconstruction_mse(vae, images) < mse_before
+
+
+@pytest.mark.slow
+def test_unet_generalization_scores_both_held_out_sets(capsys):
+    """benchmarks/unet_generalization.py on the bundled prior at 8 scenes a set: the autoencoder column is the scenes
+    through the prior's autoencoder, scored as the script scores them, and img2img is measured on both sets."""
+    from diffusers import AutoencoderKL
+
+    from dyod.config import PretrainConfig
+    from dyod.evaluation import feature_extractor, kid
+    from dyod.prior import bundled_prior_path
+    from dyod.world.concepts import heldout_corpora, render_scenes, to_unit
+
+    script = load_script("unet_generalization")
+    results = script.measure(bundled_prior_path(), n=8, steps=10, batch_size=4)
+    assert set(results) == {"in_set", "out_of_set"}
+    vae = AutoencoderKL.from_pretrained(bundled_prior_path() / "vae")
+    extractor = feature_extractor("emoji")
+    x = to_unit(render_scenes(heldout_corpora(PretrainConfig())["out_of_set"], range(8))[0])
+    with torch.no_grad():
+        through = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    expected = kid(extractor(through), extractor(x), num_subsets=50, seed=0).mean_x100
+    assert results["out_of_set"]["autoencoder"] == pytest.approx(expected, rel=1e-6)
+    assert all(row["img2img"] != row["autoencoder"] for row in results.values())
