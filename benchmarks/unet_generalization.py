@@ -18,6 +18,7 @@ from dyod.config import PretrainConfig
 from dyod.evaluation import feature_extractor, kid
 from dyod.prior import bundled_prior_path
 from dyod.world.concepts import heldout_corpora, render_scenes, to_unit
+from dyod.world.prior_training import reconstruct
 
 
 def measure(model, n: int = 200, strength: float = 0.3, guidance_scale: float = 3.0, steps: int = 50,
@@ -39,8 +40,7 @@ def measure(model, n: int = 200, strength: float = 0.3, guidance_scale: float = 
                  num_inference_steps=steps, guidance_scale=guidance_scale,
                  generator=torch.Generator().manual_seed(seed + i), output_type="pt").images * 2 - 1
             for i in range(0, n, batch_size)])
-        with torch.no_grad():
-            through = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        through = reconstruct(pipe.vae, images, "cpu")
         reference = extractor(x)
         results[name] = {label: kid(extractor(images), reference, num_subsets=50, seed=seed).mean_x100
                          for label, images in (("autoencoder", through), ("img2img", denoised))}

@@ -206,7 +206,7 @@ def test_unet_generalization_scores_both_held_out_sets(capsys):
     vae = AutoencoderKL.from_pretrained(bundled_prior_path() / "vae")
     extractor = feature_extractor("emoji")
     x = to_unit(render_scenes(heldout_corpora(PretrainConfig())["out_of_set"], range(8))[0])
-    with torch.no_grad():
+    with torch.no_grad():  # the round trip written out, not the script's helper
         through = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     expected = kid(extractor(through), extractor(x), num_subsets=50, seed=0).mean_x100
     assert results["out_of_set"]["autoencoder"] == pytest.approx(expected, rel=1e-6)
