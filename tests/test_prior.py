@@ -158,7 +158,7 @@ def test_min_snr_weights_are_diffusers_training_recipe():
 def test_the_concept_set_takes_an_even_share_of_every_group_and_the_autoencoder_sees_all_emoji():
     from dyod.config import PretrainConfig
     from dyod.world.atlas import EmojiAtlas
-    from dyod.world.concepts import atlas_corpus, concept_corpus, concept_set, heldout_corpora
+    from dyod.world.concepts import atlas_corpus, concept_corpus, concept_set, heldout_corpora, unet_corpus
 
     atlas = EmojiAtlas.bundled()
     concepts = concept_set(atlas, 4)
@@ -180,6 +180,10 @@ def test_the_concept_set_takes_an_even_share_of_every_group_and_the_autoencoder_
     assert drawn(heldout["in_set"]) <= chosen and not drawn(heldout["out_of_set"]) & chosen
     everything = drawn(atlas_corpus(config))
     assert len(everything - chosen) > 2 * len(everything & chosen)  # all emoji, mostly outside the concept set
+    seen = drawn(unet_corpus(config))  # the UNet sees emoji of every kind, but its captions name the concept set alone
+    assert len(seen - chosen) > 150 and seen & chosen
+    for scene in map(unet_corpus(config).scene, range(400)):
+        assert f" {scene.caption} ".count(" icon ") == sum(p.emoji not in chosen for p in scene.placements)
 
 
 def test_a_folder_of_fp16_variant_weights_loads(tmp_path, tiny_model):
@@ -390,10 +394,13 @@ def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
                  progress=False, device="cpu")
 
 
-def test_decoder_sizes_must_be_two_sides_in_the_canvas():
+def test_decoder_and_corpus_sizes_must_be_two_sides_in_the_canvas():
     from dyod.world.prior_training import PretrainConfig
 
-    assert PretrainConfig(decoder_sizes=()).decoder_sizes == ()
-    for bad in ((12,), (30, 20), (0, 10), (12, 80)):
-        with pytest.raises(ValueError, match="--decoder-sizes must be two sides LOW HIGH"):
-            PretrainConfig(decoder_sizes=bad)
+    for flag in ("decoder_sizes", "corpus_sizes"):
+        assert getattr(PretrainConfig(**{flag: ()}), flag) == ()
+        for bad in ((12,), (30, 20), (0, 10), (12, 80)):
+            with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be two sides LOW HIGH"):
+                PretrainConfig(**{flag: bad})
+    with pytest.raises(ValueError, match=r"--unnamed-share must be in \[0, 1\]"):
+        PretrainConfig(unnamed_share=1.5)

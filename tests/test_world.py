@@ -176,6 +176,28 @@ def features_card_path():
     return resources.files("dyod.world") / "assets" / "emoji_features.json"
 
 
+def test_unnamed_emoji_are_drawn_at_their_share_and_captioned_only_as_icons(atlas):
+    """The UNet corpus' scenes: sprites from ``unnamed`` are seen, never named; with no share, scene i is unchanged."""
+    from dyod.world.scenes import UNNAMED
+
+    assert not any(UNNAMED in name.split() for name in atlas.names)  # the word names no emoji
+    named, unnamed = list(range(0, len(atlas), 4)), list(range(1, len(atlas), 4))
+    mixed = SceneGenerator(seed=5, atlas=atlas, vocabulary=named, unnamed=unnamed, unnamed_share=0.5)
+    scenes = [mixed.scene(i) for i in range(600)]
+    placements = [p for s in scenes for p in s.placements]
+    outside = [p for p in placements if p.emoji in set(unnamed)]
+    assert 0.4 < len(outside) / len(placements) < 0.6
+    assert all(p.emoji in set(named) for p in placements if p not in outside)
+    for s in scenes:
+        hidden = [p for p in s.placements if p.emoji in set(unnamed)]
+        assert f" {s.caption} ".count(f" {UNNAMED} ") == len(hidden), s.caption
+        assert not any(atlas.names[p.emoji] in s.caption for p in hidden), s.caption
+    plain = SceneGenerator(seed=5, atlas=atlas, vocabulary=named)
+    for share, hidden in ((0.0, unnamed), (0.5, ())):
+        same = SceneGenerator(seed=5, atlas=atlas, vocabulary=named, unnamed=hidden, unnamed_share=share)
+        assert [same.scene(i) for i in range(50)] == [plain.scene(i) for i in range(50)]
+
+
 def test_a_size_range_draws_every_side_in_it_and_leaves_the_named_sizes_alone(atlas):
     """The decoder refinement's scenes: sprite sides uniform in the range (captions name the nearest named size);
     without it, scene i of a seed is what it always was."""

@@ -216,6 +216,13 @@ class PretrainConfig:
                                    "order (339 of 1,356 at 4, about a quarter of every group)", min=1)
     corpus_size: int = field(60000, "captioned scenes of the concept set rendered for the UNet (latents cached)", min=1)
     corpus_seed: int = seed_field("seed of the scene corpus (scene i of a seed is always the same)")
+    unnamed_share: float = field(0.5, "share of the UNet corpus' sprites drawn from the emoji outside the concept set "
+                                      "and captioned only as \"icon\", in [0, 1]: the UNet sees every emoji, as "
+                                      "SD saw far more than its captions name, and is told about the concept set "
+                                      "alone", min=0.0)
+    corpus_sizes: tuple[int, ...] = field((12, 56), "sprite sides at 64 px, lowest and highest, drawn uniformly in "
+                                                    "the UNet corpus' scenes (the caption names the nearest of small, "
+                                                    "medium, large; from Python, an empty tuple: those three sizes)")
     emphasis_weight: float = field(0.0, "share of sprites drawn from the bundled datasets' emoji (fruits, faces), in "
                                         "[0, 1]; 0: none favoured", min=0.0)
     vocab_size: int = field(4096, "size of the BPE vocabulary trained on the captions", min=1)
@@ -266,13 +273,15 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_bounds(self)
-        for name in ("emphasis_weight", "caption_dropout", "ema_decay"):
+        for name in ("unnamed_share", "emphasis_weight", "caption_dropout", "ema_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0 or (name == "ema_decay" and self.ema_decay == 1.0):
                 bound = "[0, 1)" if name == "ema_decay" else "[0, 1]"
                 raise ValueError(f"--{name.replace('_', '-')} must be in {bound}, got {getattr(self, name)}")
-        if self.decoder_sizes and not (len(self.decoder_sizes) == 2 and 1 <= self.decoder_sizes[0] <= self.decoder_sizes[1] <= 64):
-            raise ValueError(f"--decoder-sizes must be two sides LOW HIGH with 1 <= LOW <= HIGH <= 64, got "
-                             f"{' '.join(map(str, self.decoder_sizes))}")
+        for name in ("corpus_sizes", "decoder_sizes"):
+            sides = getattr(self, name)
+            if sides and not (len(sides) == 2 and 1 <= sides[0] <= sides[1] <= 64):
+                raise ValueError(f"--{name.replace('_', '-')} must be two sides LOW HIGH with 1 <= LOW <= HIGH <= 64, "
+                                 f"got {' '.join(map(str, sides))}")
         if self.text_width % self.text_heads:
             raise ValueError(f"--text-width ({self.text_width}) must be a multiple of --text-heads ({self.text_heads})")
         if self.unet_attention_from >= len(self.unet_channels):

@@ -45,6 +45,17 @@ def concept_corpus(config: PretrainConfig, seed: int | None = None) -> SceneGene
                           vocabulary=concept_set(atlas, config.concept_stride), **_emphasis(config, atlas))
 
 
+def unet_corpus(config: PretrainConfig, seed: int | None = None) -> SceneGenerator:
+    """What the UNet and the text encoder learn from: scenes whose sprites come from outside the concept set with
+    probability ``unnamed_share``, captioned only as "icon" (seen, never named: SD, too, saw far more than its
+    captions name), at every side in ``corpus_sizes``; the captions name the concept set alone."""
+    atlas = EmojiAtlas.bundled()
+    return SceneGenerator(seed=config.corpus_seed if seed is None else seed, resolution=config.resolution, atlas=atlas,
+                          vocabulary=concept_set(atlas, config.concept_stride),
+                          unnamed=outside_concepts(atlas, config.concept_stride), unnamed_share=config.unnamed_share,
+                          size_range=tuple(config.corpus_sizes) or None, **_emphasis(config, atlas))
+
+
 def atlas_corpus(config: PretrainConfig, seed: int | None = None, vocabulary: Sequence[int] | None = None,
                  size_range: tuple[int, int] | None = None) -> SceneGenerator:
     """Scenes of every emoji of the atlas (or of ``vocabulary``): what the autoencoder learns to draw; with

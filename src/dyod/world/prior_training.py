@@ -41,7 +41,7 @@ from ..sampling import q_sample
 from ..testing import bytes_to_unicode
 from .atlas import EmojiAtlas
 from .concepts import (HELDOUT_SEED, atlas_corpus, concept_corpus, concept_set, heldout_corpora, render_scenes,
-                       to_unit)
+                       to_unit, unet_corpus)
 from .scenes import SceneGenerator
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def train_tokenizer(captions: list[str], folder: Path, vocab_size: int, max_leng
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
 def render_corpus(config: PretrainConfig, progress: bool) -> tuple[torch.Tensor, list[str]]:
-    return render_scenes(concept_corpus(config), range(config.corpus_size), progress, "rendering corpus")
+    return render_scenes(unet_corpus(config), range(config.corpus_size), progress, "rendering corpus")
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -30,6 +30,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (235, 220, 190),
 }
 
+UNNAMED = "icon"  # how a caption names a sprite it is not told about (no emoji name holds the word)
+
 # Pixel sizes at 64 px, scaled with the resolution.
 SIZES: dict[str, int] = {"small": 16, "medium": 24, "large": 36}
 
@@ -99,10 +101,10 @@ def overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool
 
 
 def describe(atlas: EmojiAtlas, placements: Sequence[Placement], size_names: Sequence[str | None], background: str,
-             resolution: int) -> str:
+             resolution: int, unnamed: frozenset[int] = frozenset()) -> str:
     parts = []
     for p, size_name in zip(placements, size_names):
-        name = atlas.names[p.emoji]
+        name = UNNAMED if p.emoji in unnamed else atlas.names[p.emoji]
         noun = f"{size_name} {name}" if size_name else name
         where = position_phrase(p.x + p.size / 2, p.y + p.size / 2, resolution)
         parts.append(f"{article(noun)} {noun} {where}")
@@ -115,11 +117,12 @@ class SceneGenerator:
     ``emphasis`` lists atlas indices drawn with probability ``emphasis_weight`` (the rest uniformly), so a small prior
     sees the emoji that the bundled datasets need often enough. ``size_range`` (sides at 64 px, both included) draws
     every sprite's side uniformly instead of the three named sizes: an autoencoder that learns from it draws emoji at
-    every scale a user's images may hold (the caption names the nearest named size)."""
+    every scale a user's images may hold (the caption names the nearest named size). ``unnamed`` lists emoji drawn with
+    probability ``unnamed_share`` and captioned only as "icon": seen, never named."""
 
     def __init__(self, seed: int = 0, resolution: int = 64, atlas: EmojiAtlas | None = None, max_objects: int = 3,
                  emphasis: Sequence[int] = (), emphasis_weight: float = 0.0, vocabulary: Sequence[int] | None = None,
-                 size_range: tuple[int, int] | None = None):
+                 size_range: tuple[int, int] | None = None, unnamed: Sequence[int] = (), unnamed_share: float = 0.0):
         if size_range is not None and not 1 <= size_range[0] <= size_range[1] <= 64:
             raise ValueError(f"size_range must be (low, high) with 1 <= low <= high <= 64, got {size_range}")
         self.seed, self.resolution, self.max_objects, self.size_range = seed, resolution, max_objects, size_range
@@ -127,8 +130,13 @@ class SceneGenerator:
         self.vocabulary = np.asarray(vocabulary if vocabulary is not None else range(len(self.atlas)))
         self.emphasis = np.asarray(emphasis, dtype=np.int64)
         self.emphasis_weight = emphasis_weight if len(self.emphasis) else 0.0
+        self.unnamed = np.asarray(unnamed, dtype=np.int64)
+        self.unnamed_share = unnamed_share if len(self.unnamed) else 0.0
+        self._unnamed_set = frozenset(int(i) for i in self.unnamed)
 
     def _emoji(self, rng: np.random.Generator) -> int:
+        if self.unnamed_share and rng.random() < self.unnamed_share:
+            return int(rng.choice(self.unnamed))
         if self.emphasis_weight and rng.random() < self.emphasis_weight:
             return int(rng.choice(self.emphasis))
         return int(rng.choice(self.vocabulary))
@@ -154,7 +162,7 @@ class SceneGenerator:
                     placements.append(candidate)
                     size_names.append(size_name)
                     break
-        caption = describe(self.atlas, placements, size_names, background, res)
+        caption = describe(self.atlas, placements, size_names, background, res, self._unnamed_set)
         return Scene(res, background, tuple(placements), caption)
 
     def __iter__(self) -> Iterator[Scene]:
