@@ -3,7 +3,8 @@
 The concept set is every ``stride``-th emoji of the atlas in code-point order. The atlas is sorted by code point and
 Unicode allocates each group (faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs,
 so an even stride takes about the same share of every group, whatever the bundled datasets hold. The autoencoder
-learns from scenes of every emoji (it must draw what the UNet is never told about); the UNet from the concept set's."""
+learns from scenes of every emoji (it must draw what the UNet is never told about); the UNet sees every emoji too, but
+its captions name the concept set alone (the others are each an "icon")."""
 
 from __future__ import annotations
 

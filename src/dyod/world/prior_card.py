@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from .atlas import EmojiAtlas
 from .concepts import SINGLE_EMOJI_PROMPT, concept_set, heldout_corpora, render_scenes, to_unit
+from .scenes import UNNAMED
 
 FLOOR_TARGET = 15.0  # KID × 100 of each bundled dataset through the autoencoder
 TEXT_TARGETS = (0.30, 0.60)  # top-1, top-5
@@ -244,13 +245,16 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         f"| autoencoder | AutoencoderKL, channels {config['vae_channels']}, {config['vae_steps']} steps × batch "
         f"{config['vae_batch_size']} of freshly rendered scenes of all {len(EmojiAtlas.bundled())} emoji, L1 + MSE + "
         f"KL × {config['vae_kl_weight']:g} |",
-        f"| tokenizer | CLIP BPE trained on the concept corpus' captions, vocab {config['vocab_size']}, max length "
+        f"| tokenizer | CLIP BPE trained on the UNet corpus' captions, vocab {config['vocab_size']}, max length "
         f"{config['max_length']} |",
         f"| text encoder | CLIPTextModel, width {config['text_width']}, {config['text_layers']} layers, trained with the UNet |",
         f"| UNet | UNet2DConditionModel, channels {config['unet_channels']}, cross-attention from level "
         f"{config['unet_attention_from']}, ε-prediction, Min-SNR-γ {config['min_snr_gamma']:g}, {config['unet_steps']} "
-        f"steps × batch {config['unet_batch_size']} on {config['corpus_size']} concept scenes, caption dropout "
-        f"{config['caption_dropout']}, EMA {config['ema_decay']} |",
+        f"steps × batch {config['unet_batch_size']} on {config['corpus_size']} scenes"
+        + (f" (a share {config['unnamed_share']:g} of their sprites from outside the concept set, captioned only as "
+           f"\"{UNNAMED}\")" if config.get("unnamed_share") else " of the concept set")
+        + (" at every sprite side from {} to {} px".format(*config["corpus_sizes"]) if config.get("corpus_sizes") else "")
+        + f", caption dropout {config['caption_dropout']}, EMA {config['ema_decay']} |",
         *([f"| decoder refinement | the decoder alone"
            + (f", grown by {config['decoder_extra_layers']} identity-initialised resnet(s) a level"
               if config.get("decoder_extra_layers") else "")

@@ -3,11 +3,12 @@
     dyod reference pretrain --out PRIOR [--unet-steps N ...] [--resume]
 
 Stages (each resumable, each written as soon as it is done, each timed in training/timings.json):
-  1. tokenizer/    CLIP BPE vocab + merges trained on the concept corpus' captions (HF tokenizers' BPE trainer)
+  1. tokenizer/    CLIP BPE vocab + merges trained on the UNet corpus' captions (HF tokenizers' BPE trainer)
   2. vae/          AutoencoderKL, 64 px -> 16 x 16 x 4 latents (x4), L1 + MSE + tiny KL, on an endless stream of freshly
                    rendered scenes of every emoji in the atlas (it must draw what the UNet is never told about);
                    scaling_factor = 1/std(latents), as SD's 0.18215
-  3. unet/ + text_encoder/   trained together on the cached latents of the concept corpus: ε-prediction, Min-SNR-γ
+  3. unet/ + text_encoder/   trained together on the cached latents of the UNet corpus (the concept set named, the
+                   other emoji seen as "icon", every sprite size): ε-prediction, Min-SNR-γ
                    weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
   5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE [+ PatchGAN]; optionally first grown by
