@@ -223,6 +223,7 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
     save_png(make_grid(tensor_to_pil(images[:48]), 8), work / "samples_single_emoji.png")
     plot_training(model)
     probes = json.loads((work / "probes.json").read_text()) if (work / "probes.json").exists() else []
+    learned_vocab = len(json.loads((model / "tokenizer" / "vocab.json").read_text()))
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in sorted(model.iterdir())
              if p.is_dir() and p.name != "training"}
     stages = props["stages_s"]
@@ -245,7 +246,8 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         f"| autoencoder | AutoencoderKL, channels {config['vae_channels']}, {config['vae_steps']} steps × batch "
         f"{config['vae_batch_size']} of freshly rendered scenes of all {len(EmojiAtlas.bundled())} emoji, L1 + MSE + "
         f"KL × {config['vae_kl_weight']:g} |",
-        f"| tokenizer | CLIP BPE trained on the UNet corpus' captions, vocab {config['vocab_size']}, max length "
+        f"| tokenizer | CLIP BPE trained on the UNet corpus' captions, vocab {learned_vocab} (at most "
+        f"{config['vocab_size']}), max length "
         f"{config['max_length']} |",
         f"| text encoder | CLIPTextModel, width {config['text_width']}, {config['text_layers']} layers, trained with the UNet |",
         f"| UNet | UNet2DConditionModel, channels {config['unet_channels']}, cross-attention from level "
