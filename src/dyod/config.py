@@ -214,7 +214,8 @@ class PretrainConfig:
     resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
     concept_stride: int = field(4, "the concept set the UNet is told about: every Nth emoji of the atlas in code-point "
                                    "order (339 of 1,356 at 4, about a quarter of every group)", min=1)
-    corpus_size: int = field(60000, "captioned scenes of the concept set rendered for the UNet (latents cached)", min=1)
+    corpus_size: int = field(60000, "captioned scenes of the UNet corpus rendered for the UNet (latents cached)",
+                             min=1)
     corpus_seed: int = seed_field("seed of the scene corpus (scene i of a seed is always the same)")
     unnamed_share: float = field(0.5, "share of the UNet corpus' sprites drawn from the emoji outside the concept set "
                                       "and captioned only as \"icon\", in [0, 1]: the UNet sees every emoji, as "

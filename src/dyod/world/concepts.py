@@ -39,22 +39,20 @@ def _emphasis(config: PretrainConfig, atlas: EmojiAtlas) -> dict:
     return {"emphasis": fruit_indices(atlas) + face_indices(atlas), "emphasis_weight": config.emphasis_weight}
 
 
-def concept_corpus(config: PretrainConfig, seed: int | None = None) -> SceneGenerator:
-    """Scenes of the concept set alone: what the UNet and the text encoder learn from."""
+def concept_corpus(config: PretrainConfig, seed: int | None = None, **scene_options) -> SceneGenerator:
+    """Scenes whose captions name the concept set alone (``scene_options``: more of SceneGenerator's)."""
     atlas = EmojiAtlas.bundled()
     return SceneGenerator(seed=config.corpus_seed if seed is None else seed, resolution=config.resolution, atlas=atlas,
-                          vocabulary=concept_set(atlas, config.concept_stride), **_emphasis(config, atlas))
+                          vocabulary=concept_set(atlas, config.concept_stride), **scene_options,
+                          **_emphasis(config, atlas))
 
 
 def unet_corpus(config: PretrainConfig, seed: int | None = None) -> SceneGenerator:
     """What the UNet and the text encoder learn from: scenes whose sprites come from outside the concept set with
     probability ``unnamed_share``, captioned only as "icon" (seen, never named: SD, too, saw far more than its
     captions name), at every side in ``corpus_sizes``; the captions name the concept set alone."""
-    atlas = EmojiAtlas.bundled()
-    return SceneGenerator(seed=config.corpus_seed if seed is None else seed, resolution=config.resolution, atlas=atlas,
-                          vocabulary=concept_set(atlas, config.concept_stride),
-                          unnamed=outside_concepts(atlas, config.concept_stride), unnamed_share=config.unnamed_share,
-                          size_range=tuple(config.corpus_sizes) or None, **_emphasis(config, atlas))
+    return concept_corpus(config, seed, unnamed=outside_concepts(EmojiAtlas.bundled(), config.concept_stride),
+                          unnamed_share=config.unnamed_share, size_range=tuple(config.corpus_sizes) or None)
 
 
 def atlas_corpus(config: PretrainConfig, seed: int | None = None, vocabulary: Sequence[int] | None = None,
