@@ -404,3 +404,104 @@ def test_decoder_and_corpus_sizes_must_be_two_sides_in_the_canvas():
                 PretrainConfig(**{flag: bad})
     with pytest.raises(ValueError, match=r"--unnamed-share must be in \[0, 1\]"):
         PretrainConfig(unnamed_share=1.5)
+
+
+def _tiny_text_encoder(width: int = 32, vocab: int = 50, eos: int = 49):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                        bos_token_id=48, eos_token_id=eos, pad_token_id=eos)).eval()
+
+
+def test_trimming_the_padding_changes_none_of_the_outputs_kept():
+    """The contrastive stage cuts each batch after its last end-of-text token: CLIP's causal mask makes every kept
+    position's output, and the pooled one, the same as over the padded 16 tokens."""
+    from dyod.world.prior_training import trim_padding
+
+    encoder = _tiny_text_encoder()
+    ids = torch.full((3, 16), 49)
+    ids[:, 0] = 48
+    ids[0, 1:4], ids[1, 1:7], ids[2, 1:2] = torch.tensor([5, 6, 7]), torch.arange(10, 16), torch.tensor([3])
+    trimmed = trim_padding(ids, 49)
+    assert trimmed.shape == (3, 8)  # the longest caption: start, 6 tokens, end
+    with torch.no_grad():
+        full, cut = encoder(ids), encoder(trimmed)
+    torch.testing.assert_close(cut.pooler_output, full.pooler_output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cut.last_hidden_state, full.last_hidden_state[:, :8], rtol=1e-5, atol=1e-6)
+
+
+def test_clip_loss_is_clips_symmetric_cross_entropy():
+    import transformers.models.clip.modeling_clip as clip
+
+    from dyod.world.prior_training import clip_loss
+
+    reference = getattr(clip, "clip_loss", None) or getattr(clip, "image_text_contrastive_loss")
+    similarity = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 3
+    torch.testing.assert_close(clip_loss(similarity), reference(similarity))
+    assert float(clip_loss(torch.eye(6) * 100)) < 1e-6  # each caption's own image, far above the rest
+
+
+@pytest.mark.slow
+def test_the_contrastive_stage_learns_which_latent_a_caption_names(tmp_path):
+    """Eight captions, each with its own latent pattern (plus the posterior's noise): after the stage, a caption finds
+    its own latent among the eight far above chance (1 / 8), and its loss fell."""
+    from dyod.world.prior_training import (ContrastiveHeads, PretrainConfig, Probes, pretrain_text_encoder,
+                                           retrieval_accuracy)
+
+    class Tokenizer:
+        eos_token_id, bos_token_id, pad_token_id = 49, 48, 49
+
+        def __len__(self):
+            return 50
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.full((8, 8), 49)
+    ids[:, 0] = 48
+    ids[:, 1:4] = torch.randint(0, 48, (8, 3), generator=g)
+    patterns = torch.randn(8, 4, 16, 16, generator=g)
+    config = PretrainConfig(text_width=32, text_layers=1, max_length=8, text_encoder_steps=60,
+                            text_encoder_batch_size=8, text_encoder_learning_rate=3e-3, probe_every=60)
+    (tmp_path / "training").mkdir()
+    probes = Probes(tmp_path / "training" / "probes.json")
+    encoder, losses, _ = pretrain_text_encoder(config, tmp_path, Tokenizer(), (patterns, torch.full_like(patterns, 0.1)),
+                                               ids, (ids, patterns), "cpu", False, False, probes)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert probes.records[-1]["stage"] == "text_encoder" and probes.records[-1]["heldout_retrieval_top1"] >= 0.75
+    untrained = ContrastiveHeads(32)
+    assert retrieval_accuracy(untrained, encoder, ids, patterns) < 1.0  # the probe can fail: fresh heads do not match
+
+
+@pytest.mark.slow
+def test_with_a_contrastive_text_encoder_the_unet_trains_with_it_frozen_and_resumes(tmp_path, monkeypatch,
+                                                                                    ctrl_c_raises):
+    """--text-encoder-steps: the text encoder saved with the pipeline is the contrastive stage's, untouched by the
+    UNet's steps; Ctrl-C in the stage and --resume give the weights of a run never stopped."""
+    from safetensors.torch import load_file
+
+    from dyod.world import prior_training
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    config = PretrainConfig(**{**TINY, "text_encoder_steps": 4, "text_encoder_batch_size": 8})
+    whole = pretrain(tmp_path / "whole", config, progress=False, device="cpu")
+    saved = load_file(str(whole / "text_encoder" / "model.safetensors"))
+    state = load_file(str(whole / "training" / "text_encoder_state.safetensors"))
+    assert saved.keys() and all(torch.equal(saved[k], state[f"text_encoder.{k}"]) for k in saved)
+    joint = load_file(str(pretrain(tmp_path / "joint", PretrainConfig(**TINY), progress=False, device="cpu")
+                          / "text_encoder" / "model.safetensors"))
+    assert any(not torch.equal(saved[k], joint[k]) for k in saved)
+    assert "text_encoder_s" in json.loads((whole / "training" / "timings.json").read_text())
+    with monkeypatch.context() as m:
+        _interrupt_on_call(m, prior_training, "clip_loss", 2)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(tmp_path / "stopped", config, progress=False, device="cpu")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "stopped" / "training" / "text_encoder_state.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2"
+    resumed = pretrain(tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
+    for component, file in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a = load_file(str(whole / component / f"{file}.safetensors"))
+        b = load_file(str(resumed / component / f"{file}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), component

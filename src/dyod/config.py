@@ -254,10 +254,18 @@ class PretrainConfig:
     adversarial_weight: float = field(0.0, "weight of a PatchGAN term in the decoder refinement, times Latent "
                                            "Diffusion's adaptive weight; 0: L1 + MSE alone (docs/reference-prior.md: "
                                            "how the term did here)", min=0.0)
+    text_encoder_steps: int = field(0, "contrastive pre-training steps of the text encoder (CLIP's loss against a "
+                                       "small image tower on the corpus latents) before the UNet, which then trains "
+                                       "with it frozen, as SD's UNet with CLIP's; 0: text encoder trained with the UNet",
+                                    min=0)
+    text_encoder_batch_size: int = field(256, "caption-latent pairs per contrastive step (each caption's negatives: "
+                                              "the batch's other latents)", min=2)
+    text_encoder_learning_rate: float = field(1e-3, "peak AdamW learning rate of the contrastive stage (warm-up, then "
+                                                    "cosine decay)", min=0.0, max=MAX_LEARNING_RATE)
     unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
     unet_attention_from: int = field(1, "first UNet level with cross-attention (0: all; attention at the finest level "
                                         "costs most)", min=0)
-    unet_steps: int = field(6000, "UNet and text encoder training steps", min=1)
+    unet_steps: int = field(6000, "UNet (and, without --text-encoder-steps, text encoder) training steps", min=1)
     unet_batch_size: int = field(64, "images per UNet step", min=1)
     unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
                                             "cosine decay)", min=0.0, max=MAX_LEARNING_RATE)

@@ -249,7 +249,10 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         f"| tokenizer | CLIP BPE trained on the UNet corpus' captions, vocab {learned_vocab} (at most "
         f"{config['vocab_size']}), max length "
         f"{config['max_length']} |",
-        f"| text encoder | CLIPTextModel, width {config['text_width']}, {config['text_layers']} layers, trained with the UNet |",
+        f"| text encoder | CLIPTextModel, width {config['text_width']}, {config['text_layers']} layers, "
+        + (f"pre-trained with CLIP's contrastive loss against a small image tower on the corpus latents "
+           f"({config['text_encoder_steps']} steps × batch {config['text_encoder_batch_size']}), then frozen |"
+           if config.get("text_encoder_steps") else "trained with the UNet |"),
         f"| UNet | UNet2DConditionModel, channels {config['unet_channels']}, cross-attention from level "
         f"{config['unet_attention_from']}, ε-prediction, Min-SNR-γ {config['min_snr_gamma']:g}, {config['unet_steps']} "
         f"steps × batch {config['unet_batch_size']} on {config['corpus_size']} scenes"

@@ -9,7 +9,9 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
                    scaling_factor = 1/std(latents), as SD's 0.18215
   3. unet/ + text_encoder/   trained together on the cached latents of the UNet corpus (the concept set named, the
                    other emoji seen as "icon", every sprite size): ε-prediction, Min-SNR-γ
-                   weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights
+                   weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights;
+                   with ``text_encoder_steps``, the text encoder is first pre-trained alone with CLIP's contrastive loss
+                   against a small image tower on the cached latents, then frozen (as SD's UNet learned with CLIP's)
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
   5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE [+ PatchGAN]; optionally first grown by
                    identity-initialised resnets) on scenes at every sprite size, the encoder frozen, so the latent
@@ -401,17 +403,132 @@ def encode_corpus(vae, images: torch.Tensor, device, progress: bool) -> tuple[to
     return torch.cat(means), torch.cat(stds)
 
 
+# -- 3a. text encoder, contrastive (optional) ----------------------------------------------------------------------------
+class LatentImageTower(torch.nn.Module):
+    """CLIP's image tower in miniature, over the corpus latents: strided convolutions, then a linear map of the whole
+    4 × 4 grid (captions say where each emoji is, so the map keeps the layout rather than pooling it away)."""
+
+    def __init__(self, latent_channels: int = 4, width: int = 64, dim: int = 128):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, dim),
+        )
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents)
+
+
+class ContrastiveHeads(torch.nn.Module):
+    """What the contrastive stage trains beside the text encoder and then drops: the image tower, CLIP's text
+    projection (no bias) and its learned temperature (initialised to 1/0.07, as CLIP's)."""
+
+    def __init__(self, text_width: int, dim: int = 128):
+        super().__init__()
+        self.image_tower = LatentImageTower(dim=dim)
+        self.text_projection = torch.nn.Linear(text_width, dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def similarity(self, text_pooled: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Caption × image logits: the cosine similarity times the temperature (capped at 100, as CLIP's)."""
+        text = F.normalize(self.text_projection(text_pooled), dim=-1)
+        image = F.normalize(self.image_tower(latents), dim=-1)
+        return self.logit_scale.exp().clamp(max=100) * text @ image.T
+
+
+def clip_loss(similarity: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy: each caption's own image among the batch's, and each image's own caption
+    (transformers' private helper for it has changed names between releases)."""
+    labels = torch.arange(len(similarity), device=similarity.device)
+    return (F.cross_entropy(similarity, labels) + F.cross_entropy(similarity.T, labels)) / 2
+
+
+def trim_padding(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """The token ids cut after the batch's last end-of-text token: under CLIP's causal mask no position attends to a
+    later one, so every earlier output, the pooled one too, is the same, at a fraction of the cost."""
+    ends = (ids == eos_token_id).int().argmax(dim=-1)
+    return ids[:, :int(ends.max()) + 1]
+
+
+def retrieval_accuracy(heads: ContrastiveHeads, text_encoder, ids: torch.Tensor, latents: torch.Tensor) -> float:
+    """How often a held-out caption's own latent is the most similar of the batch's (chance: 1 / batch)."""
+    with torch.no_grad():
+        pooled = text_encoder(trim_padding(ids, text_encoder.config.eos_token_id)).pooler_output
+        return float((heads.similarity(pooled, latents).argmax(dim=-1) == torch.arange(len(ids))).float().mean())
+
+
+def pretrain_text_encoder(config: PretrainConfig, out: Path, tokenizer, latents: tuple[torch.Tensor, torch.Tensor],
+                          token_ids: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor], device, progress: bool,
+                          resume: bool, probes: Probes):
+    """CLIP's contrastive loss (Radford et al. 2021) between the corpus captions and their latents, so that the text
+    encoder tells the concepts apart before the UNet's first step (the UNet then learns with it frozen, as SD's with
+    CLIP's). ``latents``: the posterior mean and std (a sample is drawn each step); ``held``: held-out ids and latents
+    for the retrieval probe. Returns (text_encoder, losses, seconds)."""
+    means, stds = latents
+    text_encoder = build_text_encoder(config, tokenizer).to(device).train()
+    heads = ContrastiveHeads(config.text_width).to(device).train()
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.text_encoder_learning_rate, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed + 4)
+    modules = {"text_encoder": text_encoder, "heads": heads}
+    state_path, start, losses, before = out / "training" / "text_encoder_state.safetensors", 0, [], 0.0
+    if resume and state_path.exists():
+        start, extra = _load_state(state_path, modules, optimizer, generator)
+        losses, before = extra.get("losses", []), extra.get("text_encoder_s", 0.0)
+    eos = tokenizer.eos_token_id
+    started = time.time()
+    steps = config.text_encoder_steps
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="prior text encoder")
+    with CheckpointOnInterrupt() as interrupt:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = config.text_encoder_learning_rate * warmup_cosine(step, steps, 100)
+            idx = torch.randperm(len(means), generator=generator)[:config.text_encoder_batch_size]
+            z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
+            ids = trim_padding(token_ids[idx], eos).to(device)
+            loss = clip_loss(heads.similarity(text_encoder(ids).pooler_output, z.to(device)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            done = step + 1
+            if config.probe_every and (done % config.probe_every == 0 or done == steps):
+                text_encoder.eval(), heads.eval()
+                accuracy = retrieval_accuracy(heads, text_encoder, held[0].to(device), held[1].to(device))
+                text_encoder.train(), heads.train()
+                probes.add("text_encoder", done, before + time.time() - started,
+                           loss=round(float(np.mean(losses[-100:])), 4), heldout_retrieval_top1=round(accuracy, 4))
+            stopping = interrupt.stopping(done, steps)
+            if done % config.checkpoint_every == 0 or done == steps or stopping:
+                _save_state(state_path, modules, optimizer, done, generator,
+                            {"losses": losses, "text_encoder_s": before + time.time() - started})
+            if stopping:
+                interrupt.stop(bar, done, steps, "the prior's text encoder", "step", state_path)
+    return text_encoder.eval(), losses, before + time.time() - started
+
+
 # -- 3. UNet + text encoder ---------------------------------------------------------------------------------------------
-def build_unet_and_text_encoder(config: PretrainConfig, tokenizer):
-    from diffusers import UNet2DConditionModel
+def build_text_encoder(config: PretrainConfig, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=4 * config.text_width,
         num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
         max_position_embeddings=config.max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
+
+
+def build_unet_and_text_encoder(config: PretrainConfig, tokenizer):
+    from diffusers import UNet2DConditionModel
+
+    text_encoder = build_text_encoder(config, tokenizer)
     ch, first = config.unet_channels, config.unet_attention_from
     # cross-attention from level ``first`` down; the deepest level's attention is the mid block's
     down = tuple("CrossAttnDownBlock2D" if first <= i < len(ch) - 1 else "DownBlock2D" for i in range(len(ch)))
@@ -467,15 +584,26 @@ def unet_probe(unet, text_encoder, tokenizer, vae, scaling, probe_emoji, probe_b
             "mse_true_captions": round(mse["true"], 5), "mse_shuffled_captions": round(mse["shuffled"], 5)}
 
 
+@torch.no_grad()
+def encode_captions(text_encoder, token_ids: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
+    """The text encoder's last hidden states of every caption (what the UNet attends to), on the CPU."""
+    text_encoder.eval()
+    return torch.cat([text_encoder(token_ids[i:i + batch_size].to(device))[0].cpu()
+                      for i in range(0, len(token_ids), batch_size)])
+
+
 def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, token_ids, empty_ids, device,
-               progress: bool, resume: bool, probes: Probes):
+               progress: bool, resume: bool, probes: Probes, frozen_text_encoder=None):
+    """Stage 3: the UNet, and the text encoder with it unless ``frozen_text_encoder`` (stage 3a's) is given."""
     from diffusers import DDIMScheduler
 
     work = out / "training"
     unet, text_encoder = build_unet_and_text_encoder(config, tokenizer)
+    if frozen_text_encoder is not None:
+        text_encoder = frozen_text_encoder.requires_grad_(False)
     unet.to(device, memory_format=torch.channels_last).train()
     text_encoder.to(device).train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + ([] if frozen_text_encoder is not None else list(text_encoder.parameters()))
     optimizer = torch.optim.AdamW(params, lr=config.unet_learning_rate, weight_decay=0.01)
     ema = ema_of(params, config.ema_decay) if config.ema_decay else None
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -521,6 +649,10 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
             ema.restore(params)
         probes.add("unet", step, before + time.time() - started, loss=round(float(np.mean(losses[-200:])), 5), **values)
 
+    cached_hidden = cached_empty = None
+    if frozen_text_encoder is not None:  # frozen: every caption's hidden states computed once, as the latents are
+        cached_hidden = encode_captions(text_encoder, token_ids, device)
+        cached_empty = encode_captions(text_encoder, empty_ids, device)[0]
     started = time.time()
     bar = tqdm(range(start, config.unet_steps), initial=start, total=config.unet_steps, disable=not progress, desc="prior UNet")
     with CheckpointOnInterrupt() as interrupt:
@@ -531,13 +663,18 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
             latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scaling
             noise = torch.randn(latents.shape, generator=generator)
             t = torch.randint(1000, (len(idx),), generator=generator)
-            ids = token_ids[idx].clone()
             drop = torch.rand(len(idx), generator=generator) < config.caption_dropout
-            ids[drop] = empty_ids[0]
-            latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
+            if cached_hidden is not None:
+                hidden = cached_hidden[idx].clone()
+                hidden[drop] = cached_empty
+            else:
+                ids = token_ids[idx].clone()
+                ids[drop] = empty_ids[0]
+                hidden = text_encoder(ids.to(device))[0]
+            latents, noise, t, hidden = latents.to(device), noise.to(device), t.to(device), hidden.to(device)
             ab = alphas_cumprod[t].view(-1, 1, 1, 1)
             noisy = q_sample(latents, noise, ab).contiguous(memory_format=torch.channels_last)  # Eq. 4
-            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+            pred = unet(noisy, t, encoder_hidden_states=hidden).sample
             per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # Eq. 5
             loss = (min_snr_weights(alphas_cumprod, t, config.min_snr_gamma) * per_sample).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -607,8 +744,17 @@ def train_tokenizer_autoencoder_and_unet(out: Path, config: PretrainConfig, resu
                           return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=config.max_length, return_tensors="pt").input_ids
 
+    frozen_text_encoder = None
+    if config.text_encoder_steps:
+        held_images, held_captions = render_scenes(unet_corpus(config, seed=HELDOUT_SEED), range(256))
+        held = (tokenizer(held_captions, padding="max_length", max_length=config.max_length, truncation=True,
+                          return_tensors="pt").input_ids, encode_corpus(vae, held_images, device, False)[0])
+        frozen_text_encoder, te_losses, seconds = pretrain_text_encoder(
+            config, out, tokenizer, (means, stds), token_ids, held, device, progress, resume, probes)
+        timings["text_encoder_s"] = round(seconds, 1)
+        write_json(work / "text_encoder_losses.json", te_losses)
     unet, text_encoder, losses, seconds = train_unet(config, out, tokenizer, vae, means, stds, token_ids, empty_ids,
-                                                     device, progress, resume, probes)
+                                                     device, progress, resume, probes, frozen_text_encoder)
     timings["unet_s"] = round(seconds, 1)
     write_json(work / "unet_losses.json", losses)
 
