@@ -37,7 +37,8 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
 
     config = PretrainConfig(corpus_size=64, vae_steps=2, vae_batch_size=4, unet_steps=3, unet_batch_size=4,
                             vocab_size=600, text_width=32, text_layers=1, vae_channels=(32, 32, 32),
-                            unet_channels=(32, 32, 32), checkpoint_every=2, decoder_steps=2)
+                            unet_channels=(32, 32, 32), checkpoint_every=2, decoder_steps=2, text_encoder_steps=2,
+                            text_encoder_batch_size=8)
     out = pretrain(tmp_path / "prior", config, progress=False, device="cpu")
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
@@ -57,7 +58,7 @@ def test_pretrain_smoke_writes_a_diffusers_folder(tmp_path):
 
 TINY = dict(corpus_size=64, vae_steps=4, vae_batch_size=4, unet_steps=5, unet_batch_size=4, vocab_size=600,
             text_width=32, text_layers=1, vae_channels=(32, 32, 32), unet_channels=(32, 32, 32), probe_every=0,
-            decoder_steps=0)
+            decoder_steps=0, text_encoder_steps=0)
 
 
 def _interrupt_on_call(monkeypatch, module, name, call):

@@ -209,7 +209,7 @@ class SampleConfig:
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Sizes and schedule of the reference prior, ``dyod reference pretrain`` (``dyod.world.prior_training``; defaults:
-    about three hours on 2 CPU cores, docs/reference-prior.md)."""
+    about two and a half hours on 2 CPU cores, docs/reference-prior.md)."""
 
     resolution: int = field(64, "side of the corpus images and of the prior's samples, in pixels", min=16)
     concept_stride: int = field(4, "the concept set the UNet is told about: every Nth emoji of the atlas in code-point "
@@ -254,7 +254,7 @@ class PretrainConfig:
     adversarial_weight: float = field(0.0, "weight of a PatchGAN term in the decoder refinement, times Latent "
                                            "Diffusion's adaptive weight; 0: L1 + MSE alone (docs/reference-prior.md: "
                                            "how the term did here)", min=0.0)
-    text_encoder_steps: int = field(0, "contrastive pre-training steps of the text encoder (CLIP's loss against a "
+    text_encoder_steps: int = field(1200, "contrastive pre-training steps of the text encoder (CLIP's loss against a "
                                        "small image tower on the corpus latents) before the UNet, which then trains "
                                        "with it frozen, as SD's UNet with CLIP's; 0: text encoder trained with the UNet",
                                     min=0)

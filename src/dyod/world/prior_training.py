@@ -7,11 +7,11 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
   2. vae/          AutoencoderKL, 64 px -> 16 x 16 x 4 latents (x4), L1 + MSE + tiny KL, on an endless stream of freshly
                    rendered scenes of every emoji in the atlas (it must draw what the UNet is never told about);
                    scaling_factor = 1/std(latents), as SD's 0.18215
-  3. unet/ + text_encoder/   trained together on the cached latents of the UNet corpus (the concept set named, the
-                   other emoji seen as "icon", every sprite size): ε-prediction, Min-SNR-γ
-                   weighting, 10 % caption dropout (for classifier-free guidance with the empty prompt), EMA weights;
-                   with ``text_encoder_steps``, the text encoder is first pre-trained alone with CLIP's contrastive loss
-                   against a small image tower on the cached latents, then frozen (as SD's UNet learned with CLIP's)
+  3. text_encoder/ + unet/   on the cached latents of the UNet corpus (the concept set named, the other emoji seen
+                   as "icon", every sprite size): the text encoder first pre-trained alone with CLIP's contrastive loss
+                   against a small image tower (``text_encoder_steps``; 0: trained with the UNet instead), then frozen
+                   (as SD's UNet learned with CLIP's) while the UNet learns: ε-prediction, Min-SNR-γ weighting, 10 %
+                   caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
   5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE [+ PatchGAN]; optionally first grown by
                    identity-initialised resnets) on scenes at every sprite size, the encoder frozen, so the latent
@@ -468,8 +468,10 @@ def pretrain_text_encoder(config: PretrainConfig, out: Path, tokenizer, latents:
     CLIP's). ``latents``: the posterior mean and std (a sample is drawn each step); ``held``: held-out ids and latents
     for the retrieval probe. Returns (text_encoder, losses, seconds)."""
     means, stds = latents
-    text_encoder = build_text_encoder(config, tokenizer).to(device).train()
-    heads = ContrastiveHeads(config.text_width).to(device).train()
+    with torch.random.fork_rng(devices=[]):  # the same initial weights whichever stages this invocation ran before
+        torch.manual_seed(config.seed + 4)
+        text_encoder = build_text_encoder(config, tokenizer).to(device).train()
+        heads = ContrastiveHeads(config.text_width).to(device).train()
     params = list(text_encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.text_encoder_learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed + 4)
@@ -598,7 +600,9 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
     from diffusers import DDIMScheduler
 
     work = out / "training"
-    unet, text_encoder = build_unet_and_text_encoder(config, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights whichever stages this invocation ran before
+        torch.manual_seed(config.seed + 1)
+        unet, text_encoder = build_unet_and_text_encoder(config, tokenizer)
     if frozen_text_encoder is not None:
         text_encoder = frozen_text_encoder.requires_grad_(False)
     unet.to(device, memory_format=torch.channels_last).train()
