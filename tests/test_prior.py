@@ -77,40 +77,50 @@ def _interrupt_on_call(monkeypatch, module, name, call):
     monkeypatch.setattr(module, name, interrupting)
 
 
+def _stopped_at_step(monkeypatch, module, name: str, call: int, out, config, state: str, resume: bool = False) -> str:
+    """Pre-train into ``out`` with SIGINT during the ``call``-th call of ``module.name``; the step ``state`` holds."""
+    from safetensors import safe_open
+
+    from dyod.world.prior_training import pretrain
+
+    with monkeypatch.context() as m:
+        _interrupt_on_call(m, module, name, call)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(out, config, resume=resume, progress=False, device="cpu")
+    with safe_open(str(out / "training" / state), "pt") as f:
+        return f.metadata()["step"]
+
+
+def _assert_same_weights(a_folder, b_folder, components) -> None:
+    from safetensors.torch import load_file
+
+    for component in components:
+        file = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+        a = load_file(str(a_folder / component / f"{file}.safetensors"))
+        b = load_file(str(b_folder / component / f"{file}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+
+
 @pytest.mark.slow
 def test_pretraining_stopped_in_each_stage_and_resumed_gives_the_uninterrupted_prior(tmp_path, monkeypatch,
                                                                                    ctrl_c_raises):
     """Ctrl-C in the autoencoder's stage, then in the UNet's: the step in progress finishes and its state is written
     (EMA weights and all), and --resume ends with the very weights of a run never stopped."""
-    from safetensors.torch import load_file
-
     from dyod.world import prior_training
     from dyod.world.prior_training import PretrainConfig, pretrain
 
     config = PretrainConfig(**TINY, checkpoint_every=100, ema_decay=0.9)
     whole = pretrain(tmp_path / "whole", config, progress=False, device="cpu")
+    stopped = tmp_path / "stopped"
     # render_scenes: call 1 renders the corpus, call k + 1 the autoencoder's step k
-    with monkeypatch.context() as m:
-        _interrupt_on_call(m, prior_training, "render_scenes", 3)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(tmp_path / "stopped", config, progress=False, device="cpu")
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "stopped" / "training" / "vae_state.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "2"
-    assert not (tmp_path / "stopped" / "vae").exists()
-    with monkeypatch.context() as m:  # clip_grad_norm_: the UNet loop's alone
-        _interrupt_on_call(m, torch.nn.utils, "clip_grad_norm_", 3)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
-    with safe_open(str(tmp_path / "stopped" / "training" / "unet_state.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "3"
-    resumed = pretrain(tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
-    for component, file in (("vae", "diffusion_pytorch_model"), ("unet", "diffusion_pytorch_model"),
-                            ("text_encoder", "model")):
-        a = load_file(str(whole / component / f"{file}.safetensors"))
-        b = load_file(str(resumed / component / f"{file}.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    assert _stopped_at_step(monkeypatch, prior_training, "render_scenes", 3, stopped, config,
+                            "vae_state.safetensors") == "2"
+    assert not (stopped / "vae").exists()
+    # clip_grad_norm_: the UNet loop's alone (no contrastive stage in TINY)
+    assert _stopped_at_step(monkeypatch, torch.nn.utils, "clip_grad_norm_", 3, stopped, config,
+                            "unet_state.safetensors", resume=True) == "3"
+    resumed = pretrain(stopped, config, resume=True, progress=False, device="cpu")
+    _assert_same_weights(whole, resumed, ("vae", "unet", "text_encoder"))
     assert len(json.loads((resumed / "training" / "unet_losses.json").read_text())) == 5
     assert len(json.loads((resumed / "training" / "vae_losses.json").read_text())) == 4
 
@@ -438,7 +448,7 @@ def test_clip_loss_is_clips_symmetric_cross_entropy():
 
     from dyod.world.prior_training import clip_loss
 
-    reference = getattr(clip, "clip_loss", None) or getattr(clip, "image_text_contrastive_loss")
+    reference = getattr(clip, "clip_loss", None) or clip.image_text_contrastive_loss
     similarity = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 3
     torch.testing.assert_close(clip_loss(similarity), reference(similarity))
     assert float(clip_loss(torch.eye(6) * 100)) < 1e-6  # each caption's own image, far above the rest
@@ -493,16 +503,7 @@ def test_with_a_contrastive_text_encoder_the_unet_trains_with_it_frozen_and_resu
                           / "text_encoder" / "model.safetensors"))
     assert any(not torch.equal(saved[k], joint[k]) for k in saved)
     assert "text_encoder_s" in json.loads((whole / "training" / "timings.json").read_text())
-    with monkeypatch.context() as m:
-        _interrupt_on_call(m, prior_training, "clip_loss", 2)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(tmp_path / "stopped", config, progress=False, device="cpu")
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "stopped" / "training" / "text_encoder_state.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "2"
+    assert _stopped_at_step(monkeypatch, prior_training, "clip_loss", 2, tmp_path / "stopped", config,
+                            "text_encoder_state.safetensors") == "2"
     resumed = pretrain(tmp_path / "stopped", config, resume=True, progress=False, device="cpu")
-    for component, file in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
-        a = load_file(str(whole / component / f"{file}.safetensors"))
-        b = load_file(str(resumed / component / f"{file}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), component
+    _assert_same_weights(whole, resumed, ("unet", "text_encoder"))

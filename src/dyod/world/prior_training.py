@@ -457,7 +457,8 @@ def retrieval_accuracy(heads: ContrastiveHeads, text_encoder, ids: torch.Tensor,
     """How often a held-out caption's own latent is the most similar of the batch's (chance: 1 / batch)."""
     with torch.no_grad():
         pooled = text_encoder(trim_padding(ids, text_encoder.config.eos_token_id)).pooler_output
-        return float((heads.similarity(pooled, latents).argmax(dim=-1) == torch.arange(len(ids))).float().mean())
+        matches = heads.similarity(pooled, latents).argmax(dim=-1) == torch.arange(len(ids), device=latents.device)
+        return float(matches.float().mean())
 
 
 def pretrain_text_encoder(config: PretrainConfig, out: Path, tokenizer, latents: tuple[torch.Tensor, torch.Tensor],
@@ -527,20 +528,18 @@ def build_text_encoder(config: PretrainConfig, tokenizer):
     ))
 
 
-def build_unet_and_text_encoder(config: PretrainConfig, tokenizer):
+def build_unet(config: PretrainConfig):
     from diffusers import UNet2DConditionModel
 
-    text_encoder = build_text_encoder(config, tokenizer)
     ch, first = config.unet_channels, config.unet_attention_from
     # cross-attention from level ``first`` down; the deepest level's attention is the mid block's
     down = tuple("CrossAttnDownBlock2D" if first <= i < len(ch) - 1 else "DownBlock2D" for i in range(len(ch)))
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=config.resolution // 2 ** (len(config.vae_channels) - 1), in_channels=4, out_channels=4,
         block_out_channels=ch, layers_per_block=1, cross_attention_dim=config.text_width, attention_head_dim=8,
         down_block_types=down, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         norm_num_groups=32,
     )
-    return unet, text_encoder
 
 
 def ddim_config(prediction_type: str = "epsilon") -> dict:
@@ -600,14 +599,14 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
     from diffusers import DDIMScheduler
 
     work = out / "training"
+    frozen = frozen_text_encoder is not None
     with torch.random.fork_rng(devices=[]):  # the same initial weights whichever stages this invocation ran before
         torch.manual_seed(config.seed + 1)
-        unet, text_encoder = build_unet_and_text_encoder(config, tokenizer)
-    if frozen_text_encoder is not None:
-        text_encoder = frozen_text_encoder.requires_grad_(False)
+        text_encoder = frozen_text_encoder.requires_grad_(False) if frozen else build_text_encoder(config, tokenizer)
+        unet = build_unet(config)
     unet.to(device, memory_format=torch.channels_last).train()
     text_encoder.to(device).train()
-    params = list(unet.parameters()) + ([] if frozen_text_encoder is not None else list(text_encoder.parameters()))
+    params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     optimizer = torch.optim.AdamW(params, lr=config.unet_learning_rate, weight_decay=0.01)
     ema = ema_of(params, config.ema_decay) if config.ema_decay else None
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -654,7 +653,7 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
         probes.add("unet", step, before + time.time() - started, loss=round(float(np.mean(losses[-200:])), 5), **values)
 
     cached_hidden = cached_empty = None
-    if frozen_text_encoder is not None:  # frozen: every caption's hidden states computed once, as the latents are
+    if frozen:  # every caption's hidden states computed once, as the latents are
         cached_hidden = encode_captions(text_encoder, token_ids, device)
         cached_empty = encode_captions(text_encoder, empty_ids, device)[0]
     started = time.time()
