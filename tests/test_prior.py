@@ -392,6 +392,23 @@ def test_deepening_the_autoencoder_keeps_its_function_bit_for_bit():
     assert deepen_autoencoder(vae, 0) is vae
 
 
+def test_encoding_and_reconstructing_in_small_batches_gives_what_one_batch_gives():
+    """The corpus is encoded (and the probes reconstruct) a few images at a time for speed: every image's posterior
+    and reconstruction must be the same as with all images in one batch."""
+    from dyod.world.prior_training import encode_corpus, reconstruct
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    small, whole = encode_corpus(vae, images, "cpu", False, batch_size=3), encode_corpus(vae, images, "cpu", False, 7)
+    for a, b in zip(small, whole):
+        assert a.shape == (7, 4, 8, 8)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reconstruct(vae, images, "cpu", batch_size=3), reconstruct(vae, images, "cpu", 7),
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
     from dyod.world.prior_training import PretrainConfig, pretrain

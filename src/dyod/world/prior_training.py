@@ -169,8 +169,9 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(vae, images_uint8: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
-    """Images through the autoencoder (posterior mean), in [-1, 1] on the CPU."""
+def reconstruct(vae, images_uint8: torch.Tensor, device, batch_size: int = 16) -> torch.Tensor:
+    """Images through the autoencoder (posterior mean), in [-1, 1] on the CPU (small batches: on a CPU, large ones'
+    activations fall out of the cache and run several times slower)."""
     out = []
     for i in range(0, len(images_uint8), batch_size):
         x = to_unit(images_uint8[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
@@ -392,11 +393,13 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
 
 
 @torch.no_grad()
-def encode_corpus(vae, images: torch.Tensor, device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_corpus(vae, images: torch.Tensor, device, progress: bool,
+                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior mean and std of every image (small batches, as in ``reconstruct``)."""
     vae = vae.to(device).eval()
     means, stds = [], []
-    for i in tqdm(range(0, len(images), 256), disable=not progress, desc="encoding corpus"):
-        x = to_unit(images[i:i + 256]).to(device).contiguous(memory_format=torch.channels_last)
+    for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encoding corpus"):
+        x = to_unit(images[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
@@ -586,7 +589,7 @@ def unet_probe(unet, text_encoder, tokenizer, vae, scaling, probe_emoji, probe_b
 
 
 @torch.no_grad()
-def encode_captions(text_encoder, token_ids: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
+def encode_captions(text_encoder, token_ids: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
     """The text encoder's last hidden states of every caption (what the UNet attends to), on the CPU."""
     text_encoder.eval()
     return torch.cat([text_encoder(token_ids[i:i + batch_size].to(device))[0].cpu()
@@ -652,11 +655,11 @@ def train_unet(config: PretrainConfig, out: Path, tokenizer, vae, means, stds, t
             ema.restore(params)
         probes.add("unet", step, before + time.time() - started, loss=round(float(np.mean(losses[-200:])), 5), **values)
 
+    started = time.time()  # caching the captions' hidden states counts: every invocation of the stage pays it
     cached_hidden = cached_empty = None
     if frozen:  # every caption's hidden states computed once, as the latents are
         cached_hidden = encode_captions(text_encoder, token_ids, device)
         cached_empty = encode_captions(text_encoder, empty_ids, device)[0]
-    started = time.time()
     bar = tqdm(range(start, config.unet_steps), initial=start, total=config.unet_steps, disable=not progress, desc="prior UNet")
     with CheckpointOnInterrupt() as interrupt:
         for step in bar:
