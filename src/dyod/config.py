@@ -217,7 +217,7 @@ class PretrainConfig:
     corpus_size: int = field(60000, "captioned scenes of the UNet corpus rendered for the UNet (latents cached)",
                              min=1)
     corpus_seed: int = seed_field("seed of the scene corpus (scene i of a seed is always the same)")
-    unnamed_share: float = field(0.5, "share of the UNet corpus' sprites drawn from the emoji outside the concept set "
+    unnamed_share: float = field(0.25, "share of the UNet corpus' sprites drawn from the emoji outside the concept set "
                                       "and captioned only as \"icon\", in [0, 1]: the UNet sees every emoji, as "
                                       "SD saw far more than its captions name, and is told about the concept set "
                                       "alone", min=0.0)
