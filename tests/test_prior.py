@@ -193,11 +193,12 @@ def test_the_concept_set_takes_an_even_share_of_every_group_and_the_autoencoder_
     assert len(everything - chosen) > 2 * len(everything & chosen)  # all emoji, mostly outside the concept set
     # the UNet sees emoji of every kind, a share ``unnamed_share`` of its sprites from outside the concept set, but its
     # captions name the concept set alone
-    placements = [p for i in range(400) for p in unet_corpus(config).scene(i).placements]
+    scenes = list(map(unet_corpus(config).scene, range(400)))
+    placements = [p for scene in scenes for p in scene.placements]
     outside = [p.emoji not in chosen for p in placements]
     assert abs(sum(outside) / len(placements) - config.unnamed_share) < 0.05
     assert len({p.emoji for p, out in zip(placements, outside) if out}) > 100
-    for scene in map(unet_corpus(config).scene, range(400)):
+    for scene in scenes:
         assert f" {scene.caption} ".count(" icon ") == sum(p.emoji not in chosen for p in scene.placements)
 
 
