@@ -9,7 +9,7 @@ import dyod
 from dyod import SampleConfig
 from dyod.cli import main
 from dyod.errors import DyodError
-from dyod.sweep import choose_t0, markdown_table, sweep
+from dyod.sweep import SweepRow, choose_t0, markdown_table, sweep
 
 FAST = SampleConfig(num_inference_steps=10, guidance_scale=2.0)
 
@@ -36,6 +36,12 @@ def test_holdout_split_is_stable_and_disjoint(shapes, holdout_run):
     assert sorted(train + held) == load_image_folder(shapes).paths
     with pytest.raises(DyodError, match="holdout-fraction must be in"):
         load_image_folder(shapes, holdout_fraction=1.0)
+
+
+def test_the_table_names_every_t0_with_its_own_digits():
+    rows = [SweepRow(f"t0={t}", t, 1.0, 0.1, 1, 0.1, 4) for t in (0.05, 0.1, 0.1 + 0.2)]
+    header = markdown_table(rows, 50).splitlines()[0]
+    assert header == "| | 0.05T | 0.1T | 0.3T |"  # 0.05 was shown as 0.1T, a second 0.1 column
 
 
 def test_sweep_produces_a_complete_table(fitted_run, tmp_path):

@@ -133,13 +133,18 @@ def best_row(rows: list[SweepRow]) -> SweepRow:
     return min(candidates, key=lambda r: r.kid_x100)
 
 
+def t0_label(t0: float) -> str:
+    """t0 as a table names it: all its digits (0.05 is not 0.1), no float noise (0.3, not 0.30000000000000004)."""
+    return f"{t0:g}"
+
+
 def markdown_table(rows: list[SweepRow], num_inference_steps: int) -> str:
     """Shaped like the paper's Table 1: one column per t0, then the two baselines."""
     dyod_rows = [r for r in rows if r.t0 is not None and r.t0 < 1.0]
     alone = next((r for r in rows if r.t0 == 1.0), None)
     vae = next((r for r in rows if r.t0 is None), None)
     best = min(dyod_rows, key=lambda r: r.kid_x100) if dyod_rows else None
-    cols = [f"{r.t0:.1f}T" for r in dyod_rows] + (["prior + S* (t0 = T)"] if alone else []) + (["VAE"] if vae else [])
+    cols = [f"{t0_label(r.t0)}T" for r in dyod_rows] + (["prior + S* (t0 = T)"] if alone else []) + (["VAE"] if vae else [])
     ordered = dyod_rows + ([alone] if alone else []) + ([vae] if vae else [])
     base_seconds = alone.seconds_per_image if alone else None
 
@@ -307,7 +312,7 @@ def sweep_transform(run: str | os.PathLike | Run, inputs: list, t0s=(0.4, 0.5, 0
                              lambda row: row.get("grid") or (transform_grid_name(row["t0"], row.get("prompt"))
                                                            if isinstance(row.get("t0"), (int, float)) else None))
         write_json(out / "sweep_transform.json", {"run": str(run.path), "rows": results})
-        lines = ["| t0 | " + " | ".join(f"{t:.1f}" for t in t0s) + " |", "|---" * (len(t0s) + 1) + "|"]
+        lines = ["| t0 | " + " | ".join(t0_label(t) for t in t0s) + " |", "|---" * (len(t0s) + 1) + "|"]
         for label in ("with S*", "without S*"):
             cells = [next(f"{r['kid_x100']:.2f} ± {r['kid_x100_std']:.2f}" for r in results if r["t0"] == t and r["prompt"] == label)
                      for t in t0s]
