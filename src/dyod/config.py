@@ -265,7 +265,7 @@ class PretrainConfig:
     unet_channels: tuple[int, ...] = field((64, 128, 128), "UNet channels per resolution level")
     unet_attention_from: int = field(1, "first UNet level with cross-attention (0: all; attention at the finest level "
                                         "costs most)", min=0)
-    unet_steps: int = field(6000, "UNet (and, without --text-encoder-steps, text encoder) training steps", min=1)
+    unet_steps: int = field(7000, "UNet (and, without --text-encoder-steps, text encoder) training steps", min=1)
     unet_batch_size: int = field(64, "images per UNet step", min=1)
     unet_learning_rate: float = field(5e-4, "peak AdamW learning rate of the UNet and text encoder (warm-up, then "
                                             "cosine decay)", min=0.0, max=MAX_LEARNING_RATE)
