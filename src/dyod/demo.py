@@ -49,7 +49,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
     from .inversion import invert
     from .pipeline import DyodPipeline
     from .run import Run, check_output_folder
-    from .sweep import SweepRow, plot_sweep, prompt_without_token
+    from .sweep import SweepRow, plot_sweep, prompt_without_token, t0_label
     from .vae import most_active_dimensions
     from .vae_training import run_latent_activity, train_vae
     from .world.atlas import EmojiAtlas
@@ -93,7 +93,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         seconds = time.time() - t
         name = f"samples_t0_{t0:.2f}.png"
         save_png(make_grid(images[:32], 8), out / name)
-        label = f"DYOD t0 = {t0:.1f}" if t0 < 1 else ALONE
+        label = f"DYOD t0 = {t0_label(t0)}" if t0 < 1 else ALONE
         first[label] = images[:OVERVIEW_IMAGES]
         rows.append((label, pipe.last_unet_calls, f"×{config.num_inference_steps / pipe.last_unet_calls:.2f}",
                      seconds, kid(features(images), data_features, num_subsets=50), name))
@@ -174,7 +174,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
            f"\"{InversionConfig().initializer}\", {prompt_grids[-1].stem} the final S*): "
            + " ".join(f"![]({p.relative_to(out)})" for p in (prompt_grids[0], prompt_grids[-1])), ""]
           if len(prompt_grids) > 1 else []),
-        f"## Latent manipulation at t0 = {best_t0:.1f} (the best DYOD row)",
+        f"## Latent manipulation at t0 = {t0_label(best_t0)} (the best DYOD row)",
         "",
         f"Between the custom VAE's latents of seeds {ends[0]} and {ends[1]}, the forward noise ε held fixed (Fig. 6): "
         "![](interpolation.png)",
@@ -190,8 +190,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), model: s
         "",
         f"{STROKES} scenes of `{config.dataset}` the dataset does not hold (seed {config.seed + 1}), painted as flat "
         "discs of their emoji's colours (the top row; `dyod datasets make --strokes` writes such inputs), each "
-        f"perturbed to t' = {', '.join(f'{t0:.1f}' for t0 in stroke_t0s)} (the rows below) and denoised with S*; the "
-        f"last row, the paper's baseline: t' = {best_t0:.1f} with \"{baseline}\", the prompt without S* (Fig. 5): "
+        f"perturbed to t' = {', '.join(t0_label(t0) for t0 in stroke_t0s)} (the rows below) and denoised with S*; the "
+        f"last row, the paper's baseline: t' = {t0_label(best_t0)} with \"{baseline}\", the prompt without S* (Fig. 5): "
         "![](image_initialization.png)",
         "",
         f"Time: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {wall / 60:.1f} min on "
