@@ -350,7 +350,27 @@ def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
     assert all(torch.equal(u[k], v[k]) for k in u)
     probes = json.loads((refined / "training" / "probes.json").read_text())
     assert [p["step"] for p in probes if p["stage"] == "decoder"] == [2, 3]
+    floors = {"floor_apple-orange", "floor_faces", "floor_fruit-stack"}
+    assert all(floors <= p.keys() and all(np.isfinite(p[k]) for k in floors)
+               for p in probes if p["stage"] in ("vae", "decoder"))
     assert "decoder_s" in json.loads((refined / "training" / "timings.json").read_text())
+
+
+def test_the_floor_probe_measures_the_floor_as_the_model_card_does():
+    """Stages 2 and 5 probe the autoencoder floor with the images and the KID of benchmarks/prior_properties.py: over
+    the same n images, the same figure (the card's KID subsets are then every image, in another order)."""
+    from dyod.world.datasets import DATASETS
+    from dyod.world.prior_card import autoencoder_properties
+    from dyod.world.prior_training import FloorProbe
+
+    model = bundled_prior_path()
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+    probed = FloorProbe(12)(vae, "cpu")
+    card = autoencoder_properties(model, n=12)["floor"]
+    assert probed.keys() == {f"floor_{name}" for name in DATASETS}
+    for name in DATASETS:
+        assert probed[f"floor_{name}"] == pytest.approx(card[name]["kid_x100"], abs=0.006)
+    assert max(probed.values()) > 1.0  # the bundled prior's floor is not zero: the probe can tell
 
 
 @pytest.mark.slow
@@ -437,6 +457,8 @@ def test_decoder_and_corpus_sizes_must_be_two_sides_in_the_canvas():
                 PretrainConfig(**{flag: bad})
     with pytest.raises(ValueError, match=r"--unnamed-share must be in \[0, 1\]"):
         PretrainConfig(unnamed_share=1.5)
+    with pytest.raises(ValueError, match="--probe-floor-images must be 0 .* or at least 2"):
+        PretrainConfig(probe_floor_images=1)
 
 
 def _tiny_text_encoder(width: int = 32, vocab: int = 50, eos: int = 49):

@@ -278,6 +278,8 @@ class PretrainConfig:
     checkpoint_every: int = field(500, "write a resumable checkpoint of the stage in training every N steps", min=1)
     probe_every: int = field(600, "measure the stage in training every N steps (reconstruction, text following on a "
                                   "small probe), for the model card's curves; 0: only at the end", min=0)
+    probe_floor_images: int = field(100, "each bundled dataset's first N images through the autoencoder at every probe of "
+                                         "stages 2 and 5: the floor's curve (measured only); 0: no floor probe", min=0)
     seed: int = seed_field("training seed")
 
     def __post_init__(self):
@@ -291,6 +293,8 @@ class PretrainConfig:
             if sides and not (len(sides) == 2 and 1 <= sides[0] <= sides[1] <= 64):
                 raise ValueError(f"--{name.replace('_', '-')} must be two sides LOW HIGH with 1 <= LOW <= HIGH <= 64, "
                                  f"got {' '.join(map(str, sides))}")
+        if self.probe_floor_images == 1:
+            raise ValueError("--probe-floor-images must be 0 (no floor probe) or at least 2 (KID compares sets), got 1")
         if self.text_width % self.text_heads:
             raise ValueError(f"--text-width ({self.text_width}) must be a multiple of --text-heads ({self.text_heads})")
         if self.unet_attention_from >= len(self.unet_channels):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..config import read_json, write_json
@@ -99,6 +100,13 @@ DATASETS: dict[str, DatasetSpec] = {
 def dataset_scene(name: str, index: int, seed: int = 0) -> Scene:
     spec = _spec(name)
     return spec.make_scene(np.random.default_rng([seed, index]), EmojiAtlas.bundled(), spec.resolution)
+
+
+def dataset_images(name: str, n: int, seed: int = 0) -> torch.Tensor:
+    """The first ``n`` images of dataset ``name`` as uint8 [n, 3, H, W], as ``make_dataset`` writes them."""
+    atlas = EmojiAtlas.bundled()
+    return torch.from_numpy(np.stack([np.asarray(dataset_scene(name, i, seed).render(atlas))
+                                      for i in range(n)])).permute(0, 3, 1, 2)
 
 
 def _spec(name: str) -> DatasetSpec:

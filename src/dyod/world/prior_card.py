@@ -93,13 +93,12 @@ def autoencoder_properties(model: str | os.PathLike, n: int = 400, device: str =
 
     from ..config import PretrainConfig
     from ..evaluation import kid
-    from .datasets import DATASETS, dataset_scene
+    from .datasets import DATASETS, dataset_images
     from .features import EmojiFeatures
     from .prior_training import reconstruct
 
     vae = AutoencoderKL.from_pretrained(Path(model) / "vae").to(device).eval()
     features = EmojiFeatures.bundled()
-    atlas = EmojiAtlas.bundled()
 
     def scores(images: torch.Tensor) -> dict:
         recon = reconstruct(vae, images, device)
@@ -107,10 +106,7 @@ def autoencoder_properties(model: str | os.PathLike, n: int = 400, device: str =
         return {"mse": float(F.mse_loss(recon, to_unit(images))), "kid_x100": result.mean_x100,
                 "kid_x100_std": result.std_x100}
 
-    floors = {}
-    for name in DATASETS:
-        images = torch.from_numpy(np.stack([np.asarray(dataset_scene(name, i).render(atlas)) for i in range(n)]))
-        floors[name] = scores(images.permute(0, 3, 1, 2))
+    floors = {name: scores(dataset_images(name, n)) for name in DATASETS}
     known = {k: v for k, v in recorded_config(model).items() if k in PretrainConfig.__dataclass_fields__}
     config = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
     heldout = {name: scores(render_scenes(gen, range(n))[0]) for name, gen in heldout_corpora(config).items()}
@@ -173,7 +169,8 @@ def markdown_rows(rows) -> list[str]:
 
 
 def plot_training(model: Path) -> Path:
-    """training/curves.png: the losses and the probes (held-out reconstruction, text following) against time."""
+    """training/curves.png: the losses and the probes (held-out reconstruction, text following, the autoencoder floor
+    where it was probed) against time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +179,7 @@ def plot_training(model: Path) -> Path:
     work = model / "training"
     read = lambda name: json.loads((work / name).read_text()) if (work / name).exists() else []  # noqa: E731
     probes = read("probes.json")
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.2))
     for ax, losses, title in ((axes[0], read("vae_losses.json"), "autoencoder L1 + MSE"),
                               (axes[1], read("unet_losses.json"), "UNet ε-MSE")):
         if losses:
@@ -200,6 +197,16 @@ def plot_training(model: Path) -> Path:
     axes[2].set(title="held-out reconstruction MSE", xlabel="minutes of autoencoder training (stages 2, 5)",
                 yscale="log")
     axes[2].legend(fontsize="x-small")
+    floors = sorted({k for p in vae + decoder for k in p if k.startswith("floor_")})
+    for key in floors:
+        line, = axes[4].plot([p["seconds"] / 60 for p in vae if key in p], [p[key] for p in vae if key in p], "o-",
+                             label=key[len("floor_"):])
+        axes[4].plot([(offset + p["seconds"]) / 60 for p in decoder if key in p], [p[key] for p in decoder if key in p],
+                     "s--", color=line.get_color())
+    axes[4].set(title="autoencoder floor, KID × 100 (dashed: stage 5)", xlabel="minutes of autoencoder training",
+                yscale="log")
+    if floors:
+        axes[4].legend(fontsize="x-small")
     unet = [p for p in probes if p["stage"] == "unet"]
     for key, label in (("probe_top1", "top-1"), ("probe_top5", "top-5")):
         axes[3].plot([p["seconds"] / 60 for p in unet], [p[key] for p in unet], "o-", label=label)

@@ -20,7 +20,8 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
 The concept set is every ``concept_stride``-th emoji of the atlas in code-point order: Unicode allocates each group
 (faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs, so the stride takes an even
 share of every group, whatever the bundled datasets hold. ``training/probes.json`` records, every ``probe_every``
-steps, the held-out reconstruction error and the text following on a small probe (the model card's curves).
+steps, the held-out reconstruction error, the autoencoder floor on the bundled datasets and the text following on a
+small probe (the model card's curves).
 """
 
 from __future__ import annotations
@@ -183,12 +184,42 @@ def heldout_sets(config: PretrainConfig, n: int = 256) -> dict[str, torch.Tensor
     return {name: render_scenes(gen, range(n))[0] for name, gen in heldout_corpora(config).items()}
 
 
-def autoencoder_probe(vae, heldout: dict[str, torch.Tensor], device) -> dict:
+class FloorProbe:
+    """The autoencoder floor during training: each bundled dataset's first ``n`` images through the autoencoder, KID ×
+    100 against those images with the bundled emoji features, as the model card measures it over more images. Measured
+    only: nothing trains on it or is chosen by it."""
+
+    def __init__(self, n: int):
+        from .datasets import DATASETS, dataset_images
+        from .features import EmojiFeatures
+
+        self.features = EmojiFeatures.bundled()
+        self.images = {name: dataset_images(name, n) for name in DATASETS}
+        self.reference = {name: self.features(to_unit(x)) for name, x in self.images.items()}
+
+    def __call__(self, vae, device) -> dict:
+        from ..evaluation import kid
+
+        return {f"floor_{name}": round(kid(self.features(reconstruct(vae, x, device)), self.reference[name],
+                                           num_subsets=1).mean_x100, 2)
+                for name, x in self.images.items()}
+
+
+def autoencoder_probe(vae, heldout: dict[str, torch.Tensor], device, floor: FloorProbe | None = None) -> dict:
     vae.eval()
     values = {f"mse_{name}": round(float(F.mse_loss(reconstruct(vae, x, device), to_unit(x))), 5)
               for name, x in heldout.items()}
+    if floor is not None:
+        values.update(floor(vae, device))
     vae.train()
     return values
+
+
+def probe_sets(config: PretrainConfig) -> tuple[dict[str, torch.Tensor] | None, FloorProbe | None]:
+    """What the autoencoder stages measure every ``probe_every`` steps: held-out scenes, and the floor's datasets."""
+    if not config.probe_every:
+        return None, None
+    return heldout_sets(config), FloorProbe(config.probe_floor_images) if config.probe_floor_images else None
 
 
 def train_autoencoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
@@ -196,7 +227,7 @@ def train_autoencoder(config: PretrainConfig, folder: Path, device, progress: bo
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
     stream = atlas_corpus(config)
-    heldout = heldout_sets(config) if config.probe_every else None
+    heldout, floor = probe_sets(config)
     state_path, start, losses, before = folder.parent / "training" / "vae_state.safetensors", 0, [], 0.0
     if resume and state_path.exists():
         start, extra = _load_state(state_path, {"vae": vae}, optimizer, generator)
@@ -223,7 +254,8 @@ def train_autoencoder(config: PretrainConfig, folder: Path, device, progress: bo
                 bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
             done = step + 1
             if heldout is not None and (done % config.probe_every == 0 or done == config.vae_steps):
-                probes.add("vae", done, before + time.time() - started, **autoencoder_probe(vae, heldout, device))
+                probes.add("vae", done, before + time.time() - started,
+                           **autoencoder_probe(vae, heldout, device, floor))
             stopping = interrupt.stopping(done, config.vae_steps)
             if done % config.checkpoint_every == 0 or stopping:
                 _save_state(state_path, {"vae": vae}, optimizer, done, generator,
@@ -323,7 +355,7 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.decoder_learning_rate, betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(config.seed + 2)
     stream = atlas_corpus(config, seed=config.corpus_seed + 2, size_range=tuple(config.decoder_sizes) or None)
-    heldout = heldout_sets(config) if config.probe_every else None
+    heldout, floor = probe_sets(config)
     state_path, start, losses, before = folder.parent / "training" / "decoder_state.safetensors", 0, [], 0.0
     if resume and state_path.exists():
         try:
@@ -375,7 +407,8 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
             done = step + 1
             if heldout is not None and (done % config.probe_every == 0 or done == config.decoder_steps):
                 vae.decoder.eval()
-                probes.add("decoder", done, before + time.time() - started, **autoencoder_probe(vae, heldout, device))
+                probes.add("decoder", done, before + time.time() - started,
+                           **autoencoder_probe(vae, heldout, device, floor))
                 vae.decoder.train()
             stopping = interrupt.stopping(done, config.decoder_steps)
             if done % config.checkpoint_every == 0 or done == config.decoder_steps or stopping:
