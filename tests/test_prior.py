@@ -356,6 +356,22 @@ def test_the_decoder_refinement_keeps_the_latent_space_and_the_unet(tmp_path):
     assert "decoder_s" in json.loads((refined / "training" / "timings.json").read_text())
 
 
+def test_the_training_curves_plot_the_floor_where_it_was_probed(tmp_path):
+    """A prior whose stages probed the floor gets a fifth panel for it; one made before (the bundled prior) keeps four."""
+    from PIL import Image
+
+    from dyod.world.prior_card import plot_training
+
+    widths = {}
+    for name, floor in (("before", {}), ("probed", {"floor_faces": 7.0, "floor_apple-orange": -0.1})):
+        (tmp_path / name / "training").mkdir(parents=True)
+        probes = [{"stage": stage, "step": step, "seconds": 60.0 * step, "mse_in_set": 0.02, "mse_out_of_set": 0.02,
+                   **floor} for stage in ("vae", "decoder") for step in (1, 2)]
+        (tmp_path / name / "training" / "probes.json").write_text(json.dumps(probes))
+        widths[name] = Image.open(plot_training(tmp_path / name)).size[0]
+    assert widths["probed"] == pytest.approx(widths["before"] * 5 / 4, rel=0.02)
+
+
 def test_the_floor_probe_measures_the_floor_as_the_model_card_does():
     """Stages 2 and 5 probe the autoencoder floor with the images and the KID of benchmarks/prior_properties.py: over
     the same n images, the same figure (the card's KID subsets are then every image, in another order)."""

@@ -179,15 +179,16 @@ def plot_training(model: Path) -> Path:
     work = model / "training"
     read = lambda name: json.loads((work / name).read_text()) if (work / name).exists() else []  # noqa: E731
     probes = read("probes.json")
-    fig, axes = plt.subplots(1, 5, figsize=(20, 3.2))
+    vae = [p for p in probes if p["stage"] == "vae"]
+    decoder = [p for p in probes if p["stage"] == "decoder"]  # stage 5 goes on from where stage 2 ended
+    floors = sorted({k for p in vae + decoder for k in p if k.startswith("floor_")})  # priors made before: none
+    fig, axes = plt.subplots(1, 5 if floors else 4, figsize=(20 if floors else 16, 3.2))
     for ax, losses, title in ((axes[0], read("vae_losses.json"), "autoencoder L1 + MSE"),
                               (axes[1], read("unet_losses.json"), "UNet ε-MSE")):
         if losses:
             k = max(1, len(losses) // 200)
             ax.plot(np.arange(len(losses) - k + 1) + k, np.convolve(losses, np.ones(k) / k, mode="valid"))
         ax.set(title=title, xlabel="step", yscale="log")
-    vae = [p for p in probes if p["stage"] == "vae"]
-    decoder = [p for p in probes if p["stage"] == "decoder"]  # stage 5 goes on from where stage 2 ended
     offset = vae[-1]["seconds"] if vae else 0.0
     for key, label in (("mse_in_set", "in-set"), ("mse_out_of_set", "out-of-set")):
         line, = axes[2].plot([p["seconds"] / 60 for p in vae], [p[key] for p in vae], "o-", label=label)
@@ -197,15 +198,14 @@ def plot_training(model: Path) -> Path:
     axes[2].set(title="held-out reconstruction MSE", xlabel="minutes of autoencoder training (stages 2, 5)",
                 yscale="log")
     axes[2].legend(fontsize="x-small")
-    floors = sorted({k for p in vae + decoder for k in p if k.startswith("floor_")})
     for key in floors:
         line, = axes[4].plot([p["seconds"] / 60 for p in vae if key in p], [p[key] for p in vae if key in p], "o-",
                              label=key[len("floor_"):])
         axes[4].plot([(offset + p["seconds"]) / 60 for p in decoder if key in p], [p[key] for p in decoder if key in p],
                      "s--", color=line.get_color())
-    axes[4].set(title="autoencoder floor, KID × 100 (dashed: stage 5)", xlabel="minutes of autoencoder training",
-                yscale="log")
-    if floors:
+    if floors:  # KID is unbiased, so a floor near 0 may come out below it: symlog keeps those points
+        axes[4].set(title="autoencoder floor, KID × 100 (dashed: stage 5)", xlabel="minutes of autoencoder training")
+        axes[4].set_yscale("symlog", linthresh=1.0)
         axes[4].legend(fontsize="x-small")
     unet = [p for p in probes if p["stage"] == "unet"]
     for key, label in (("probe_top1", "top-1"), ("probe_top5", "top-5")):
