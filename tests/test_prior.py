@@ -372,6 +372,7 @@ def test_the_training_curves_plot_the_floor_where_it_was_probed(tmp_path):
     assert widths["probed"] == pytest.approx(widths["before"] * 5 / 4, rel=0.02)
 
 
+@pytest.mark.slow
 def test_the_floor_probe_measures_the_floor_as_the_model_card_does():
     """Stages 2 and 5 probe the autoencoder floor with the images and the KID of benchmarks/prior_properties.py: over
     the same n images, the same figure (the card's KID subsets are then every image, in another order)."""
