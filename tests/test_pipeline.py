@@ -128,9 +128,12 @@ def test_fixed_noise_gives_identical_outputs(pipe):
     assert a.tobytes() == b.tobytes()
     c, d = pipe.generate(z, pipe.noise([11, 12]), config)
     assert c.tobytes() != d.tobytes()  # ε is the remaining randomness
-    # interpolation endpoints with fixed ε are the plain samples of the two seeds' z under that ε
+    # interpolation endpoints with fixed ε are the plain samples of the two seeds' z under that ε (within one level
+    # of 255: the frames run as a batch of 3, and on some CPUs (AVX2 alone) its kernels round otherwise than a batch
+    # of 2's)
     frames = pipe.interpolate(7, 8, steps=3, config=config, fix_noise=True, noise_seed=11, progress=False)
-    assert frames[0].tobytes() == a.tobytes()
+    assert np.abs(np.asarray(frames[0], dtype=np.int16) - np.asarray(a, dtype=np.int16)).max() <= 1
+    assert np.abs(np.asarray(frames[-1], dtype=np.int16) - np.asarray(a, dtype=np.int16)).max() > 1  # it can fail
 
 
 def test_outputs_come_at_the_dataset_resolution_or_the_models_if_the_dataset_is_larger(pipe, fitted_run):
