@@ -434,6 +434,44 @@ def test_deepening_the_autoencoder_keeps_its_function_bit_for_bit():
     assert deepen_autoencoder(vae, 0) is vae
 
 
+def test_widening_the_autoencoder_keeps_its_function_and_lets_the_copies_learn_apart():
+    """Net2WiderNet on AutoencoderKL: twice the channels on every level, 1 × 1 shortcuts and mid-block attention
+    included, encode and decode as before up to float rounding; the decoder's copies of a channel read the next layer
+    with different shares, so one step's gradient already tells them apart (with equal shares it cannot)."""
+    from dyod.world.prior_training import widen_autoencoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    for block in list(vae.encoder.down_blocks) + list(vae.decoder.up_blocks):  # GroupNorm's default affine is trivial
+        for resnet in block.resnets:
+            for norm in (resnet.norm1, resnet.norm2):
+                torch.nn.init.normal_(norm.weight, 1.0, 0.3), torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    wide = widen_autoencoder(vae, 2, seed=1).eval()
+    assert list(wide.config.block_out_channels) == [64, 128]
+    assert wide.decoder.up_blocks[1].resnets[0].conv_shortcut is not None  # 128 -> 64, as 64 -> 32 was
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z, z2 = vae.encode(x).latent_dist, wide.encode(x).latent_dist
+        torch.testing.assert_close(z2.mean, z.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(z2.logvar, z.logvar, rtol=0, atol=1e-5)
+        torch.testing.assert_close(wide.decode(z.mean).sample, vae.decode(z.mean).sample, rtol=0, atol=1e-5)
+        assert (wide.decode(z.mean).sample - vae.decode(z.mean).sample).abs().max() < \
+            1e-3 * vae.decode(z.mean).sample.abs().max()
+
+    def copy_gradients(model):
+        model.zero_grad()
+        model.decode(z.mean).sample.square().mean().backward()
+        grad = model.decoder.up_blocks[0].resnets[0].conv1.weight.grad  # output channels 2k and 2k + 1 are copies
+        return grad[0::2], grad[1::2]
+
+    a, b = copy_gradients(widen_autoencoder(vae, 2, seed=1, split=0.0))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    a, b = copy_gradients(wide)
+    assert (a - b).abs().max() > 0.05 * a.abs().max()
+    assert widen_autoencoder(vae, 1) is vae
+
+
 def test_encoding_and_reconstructing_in_small_batches_gives_what_one_batch_gives():
     """The corpus is encoded (and the probes reconstruct) a few images at a time for speed: every image's posterior
     and reconstruction must be the same as with all images in one batch."""
@@ -452,6 +490,24 @@ def test_encoding_and_reconstructing_in_small_batches_gives_what_one_batch_gives
 
 
 @pytest.mark.slow
+def test_a_widened_decoder_refinement_keeps_the_latents_the_unet_learned(tmp_path):
+    """--decoder-widening 2: the saved autoencoder is twice as wide on every level, and its encoder still gives the
+    latents of the same pre-training without the refinement (up to float rounding), so the UNet's stay valid."""
+    from dyod.world.prior_training import PretrainConfig, pretrain
+
+    plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY), progress=False, device="cpu")
+    wide = pretrain(tmp_path / "wide", PretrainConfig(**{**TINY, "decoder_steps": 2, "decoder_widening": 2}),
+                    progress=False, device="cpu")
+    vae_plain, vae_wide = (AutoencoderKL.from_pretrained(p / "vae").eval() for p in (plain, wide))
+    assert list(vae_wide.config.block_out_channels) == [2 * c for c in vae_plain.config.block_out_channels]
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vae_wide.encode(x).latent_dist.mean, vae_plain.encode(x).latent_dist.mean,
+                                   rtol=0, atol=1e-5)
+    assert json.loads((wide / "training" / "pretrain_config.json").read_text())["decoder_widening"] == 2
+
+
+@pytest.mark.slow
 def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
     from dyod.world.prior_training import PretrainConfig, pretrain
 
@@ -459,7 +515,7 @@ def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
     out = pretrain(tmp_path / "prior", PretrainConfig(**config), progress=False, device="cpu")
     state = out / "training" / "decoder_state.safetensors"
     assert state.exists()
-    with pytest.raises(DyodError, match="another depth than --decoder-extra-layers 1.*delete that file"):
+    with pytest.raises(DyodError, match="another depth or width than --decoder-extra-layers 1 and --decoder-widening 1.*delete that file"):
         pretrain(out, PretrainConfig(**{**config, "decoder_steps": 3, "decoder_extra_layers": 1}), resume=True,
                  progress=False, device="cpu")
 

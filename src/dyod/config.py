@@ -248,6 +248,11 @@ class PretrainConfig:
                                          "the identity (AutoencoderKL ties the depths, so the encoder gets identity "
                                          "ones that keep its latents bit for bit); for a longer refinement (a GPU)",
                                       min=0)
+    decoder_widening: int = field(1, "factor by which every autoencoder level's channels grow before the refinement, "
+                                     "the function kept (Net2WiderNet: each channel repeated, the weights that read it "
+                                     "shared among its copies; AutoencoderKL ties the widths, so the encoder grows "
+                                     "too and keeps its latents up to float rounding); 1: none; for a longer "
+                                     "refinement (a GPU)", min=1)
     decoder_sizes: tuple[int, ...] = field((12, 56), "sprite sides at 64 px, lowest and highest, drawn uniformly in the "
                                                      "decoder refinement's scenes so that it draws emoji at every "
                                                      "scale (from Python, an empty tuple: the corpus' three named sizes)")

@@ -14,8 +14,8 @@ Stages (each resumable, each written as soon as it is done, each timed in traini
                    caption dropout (for classifier-free guidance with the empty prompt), EMA weights
   4. scheduler/    DDIM config of the training schedule; model_index.json via StableDiffusionPipeline.save_pretrained
   5. vae/ again    with ``decoder_steps``: the decoder alone refined (L1 + MSE [+ PatchGAN]; optionally first grown by
-                   identity-initialised resnets) on scenes at every sprite size, the encoder frozen, so the latent
-                   space the UNet learned stays; the decoder's weights stored in float16
+                   identity-initialised resnets or widened, the function kept) on scenes at every sprite size, the
+                   encoder frozen, so the latent space the UNet learned stays; the decoder's weights stored in float16
 
 The concept set is every ``concept_stride``-th emoji of the atlas in code-point order: Unicode allocates each group
 (faces, people, animals, food, travel, activities, objects, symbols) in contiguous runs, so the stride takes an even
@@ -325,6 +325,44 @@ def deepen_autoencoder(vae, extra_layers: int, seed: int = 0):
     return deeper.to(vae.device)
 
 
+def widen_autoencoder(vae, factor: int, seed: int = 0, split: float = 0.5):
+    """The same autoencoder with every level ``factor`` times as wide, the same function up to float rounding.
+
+    AutoencoderKL ties the decoder's widths to the encoder's, so both grow. Net2WiderNet (Chen et al. 2016): every
+    channel is repeated ``factor`` times, the copies side by side so that each GroupNorm group holds whole copies (the
+    same mean and variance), and a weight that reads a repeated channel is shared among its copies. The encoder's
+    shares are equal (frozen, its latents stay); the decoder's are drawn around equal, ``split`` apart at most, so that
+    the copies learn different things from the first step. The mid-block attention's query shrinks by sqrt(factor):
+    repeated dimensions grow q·k ``factor``-fold while its 1/sqrt(d) scale shrinks by sqrt(factor) only."""
+    from diffusers import AutoencoderKL
+
+    if factor <= 1:
+        return vae
+    wide = AutoencoderKL.from_config({**vae.config, "block_out_channels": [c * factor for c in vae.config.block_out_channels]})
+    generator = torch.Generator().manual_seed(seed)
+    old, state = vae.state_dict(), {}
+    for name, target in wide.state_dict().items():
+        weight = old[name].detach().float().cpu()
+        for dim in range(min(2, weight.ndim)):
+            if target.shape[dim] == weight.shape[dim]:
+                continue
+            weight = weight.repeat_interleave(factor, dim=dim)
+            if dim == 1:  # reads repeated channels: their copies share the weight
+                shares = torch.ones(weight.shape[0], weight.shape[1] // factor, factor)
+                if split and name.startswith(("decoder.", "post_quant_conv.")):
+                    shares += split * (torch.rand(shares.shape, generator=generator) - 0.5)
+                shares = (shares / shares.sum(-1, keepdim=True)).reshape(weight.shape[:2])
+                weight = weight * shares.view(*shares.shape, *[1] * (weight.ndim - 2))
+        state[name] = weight
+    for part in (wide.encoder, wide.decoder):
+        query = f"{'encoder' if part is wide.encoder else 'decoder'}.mid_block.attentions.0.to_q"
+        for key in (f"{query}.weight", f"{query}.bias"):
+            if key in state:
+                state[key] = state[key] / math.sqrt(factor)
+    wide.load_state_dict(state)
+    return wide.to(vae.device)
+
+
 def save_autoencoder(vae, folder: Path) -> None:
     """Save with the decoder's weights in float16 and the encoder's in float32: the encoder's latents, which the UNet
     learned, stay bit for bit, and the file stays small; diffusers loads both into a float32 model."""
@@ -337,12 +375,15 @@ def save_autoencoder(vae, folder: Path) -> None:
 def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
     """The autoencoder's decoder alone trained on (L1 + MSE + an adaptively weighted hinge PatchGAN term) on fresh
     scenes of every emoji at every size in ``decoder_sizes``, its encoder frozen: the latents, hence the UNet, stay as
-    they are. The decoder first grows by ``decoder_extra_layers`` resnets per level. Returns (vae, losses, seconds)."""
+    they are. The decoder first grows by ``decoder_extra_layers`` resnets per level and ``decoder_widening`` times
+    the channels. Returns (vae, losses, seconds)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder)
     grown = 1 + config.decoder_extra_layers  # stage 2's autoencoder has one resnet per encoder level
     vae = deepen_autoencoder(vae, grown - vae.config.layers_per_block, seed=config.seed + 3)
+    vae = widen_autoencoder(vae, config.decoder_widening * config.vae_channels[0] // vae.config.block_out_channels[0],
+                            seed=config.seed + 4)
     vae = vae.to(device, memory_format=torch.channels_last)
     vae.requires_grad_(False)
     trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -362,9 +403,10 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
             start, tensors, meta = load_training_state(state_path, opt_g, generator)
             vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
         except (RuntimeError, ValueError) as error:
-            raise DyodError(f"{state_path} holds a decoder of another depth than --decoder-extra-layers "
-                            f"{config.decoder_extra_layers} makes: resume with the value it was started with, or "
-                            "delete that file to start the decoder refinement anew") from error
+            raise DyodError(f"{state_path} holds a decoder of another depth or width than --decoder-extra-layers "
+                            f"{config.decoder_extra_layers} and --decoder-widening {config.decoder_widening} make: "
+                            "resume with the values it was started with, or delete that file to start the decoder "
+                            "refinement anew") from error
         disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
         state_d = opt_d.state_dict()
         for key in [k for k in tensors if k.startswith("optim_d.")]:
