@@ -447,7 +447,7 @@ def test_widening_the_autoencoder_keeps_its_function_and_lets_the_copies_learn_a
         for resnet in block.resnets:
             for norm in (resnet.norm1, resnet.norm2):
                 torch.nn.init.normal_(norm.weight, 1.0, 0.3), torch.nn.init.normal_(norm.bias, 0.0, 0.3)
-    wide = widen_autoencoder(vae, 2, seed=1).eval()
+    wide = widen_autoencoder(vae, (64, 128), seed=1).eval()
     assert list(wide.config.block_out_channels) == [64, 128]
     assert wide.decoder.up_blocks[1].resnets[0].conv_shortcut is not None  # 128 -> 64, as 64 -> 32 was
     x = torch.rand(3, 3, 32, 32) * 2 - 1
@@ -465,11 +465,19 @@ def test_widening_the_autoencoder_keeps_its_function_and_lets_the_copies_learn_a
         grad = model.decoder.up_blocks[0].resnets[0].conv1.weight.grad  # output channels 2k and 2k + 1 are copies
         return grad[0::2], grad[1::2]
 
-    a, b = copy_gradients(widen_autoencoder(vae, 2, seed=1, split=0.0))
+    a, b = copy_gradients(widen_autoencoder(vae, (64, 128), seed=1, split=0.0))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     a, b = copy_gradients(wide)
     assert (a - b).abs().max() > 0.05 * a.abs().max()
-    assert widen_autoencoder(vae, 1) is vae
+    assert widen_autoencoder(vae, (32, 64)) is vae
+    three = widen_autoencoder(vae, (96, 64), seed=1).eval()  # the finest level alone, three copies a channel
+    with torch.no_grad():
+        torch.testing.assert_close(three.encode(x).latent_dist.mean, z.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(three.decode(z.mean).sample, vae.decode(z.mean).sample, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="48 64 must give each of the 2 levels a multiple of its channels 32 64"):
+        widen_autoencoder(vae, (48, 64))
+    with pytest.raises(ValueError, match="shortcut between levels 0 and 1"):
+        widen_autoencoder(vae, (64, 64))
 
 
 def test_encoding_and_reconstructing_in_small_batches_gives_what_one_batch_gives():
@@ -491,12 +499,12 @@ def test_encoding_and_reconstructing_in_small_batches_gives_what_one_batch_gives
 
 @pytest.mark.slow
 def test_a_widened_decoder_refinement_keeps_the_latents_the_unet_learned(tmp_path):
-    """--decoder-widening 2: the saved autoencoder is twice as wide on every level, and its encoder still gives the
+    """--decoder-widths 64 64 64 (of 32 32 32): the saved autoencoder is twice as wide on every level, and its encoder gives the
     latents of the same pre-training without the refinement (up to float rounding), so the UNet's stay valid."""
     from dyod.world.prior_training import PretrainConfig, pretrain
 
     plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY), progress=False, device="cpu")
-    wide = pretrain(tmp_path / "wide", PretrainConfig(**{**TINY, "decoder_steps": 2, "decoder_widening": 2}),
+    wide = pretrain(tmp_path / "wide", PretrainConfig(**{**TINY, "decoder_steps": 2, "decoder_widths": (64, 64, 64)}),
                     progress=False, device="cpu")
     vae_plain, vae_wide = (AutoencoderKL.from_pretrained(p / "vae").eval() for p in (plain, wide))
     assert list(vae_wide.config.block_out_channels) == [2 * c for c in vae_plain.config.block_out_channels]
@@ -504,7 +512,7 @@ def test_a_widened_decoder_refinement_keeps_the_latents_the_unet_learned(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(vae_wide.encode(x).latent_dist.mean, vae_plain.encode(x).latent_dist.mean,
                                    rtol=0, atol=1e-5)
-    assert json.loads((wide / "training" / "pretrain_config.json").read_text())["decoder_widening"] == 2
+    assert json.loads((wide / "training" / "pretrain_config.json").read_text())["decoder_widths"] == [64, 64, 64]
 
 
 @pytest.mark.slow
@@ -515,9 +523,20 @@ def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
     out = pretrain(tmp_path / "prior", PretrainConfig(**config), progress=False, device="cpu")
     state = out / "training" / "decoder_state.safetensors"
     assert state.exists()
-    with pytest.raises(DyodError, match="another depth or width than --decoder-extra-layers 1 and --decoder-widening 1.*delete that file"):
+    with pytest.raises(DyodError, match="another depth or width than --decoder-extra-layers 1 and --decoder-widths make.*delete that file"):
         pretrain(out, PretrainConfig(**{**config, "decoder_steps": 3, "decoder_extra_layers": 1}), resume=True,
                  progress=False, device="cpu")
+
+
+def test_decoder_widths_are_refused_when_the_config_is_made_not_after_hours_of_training():
+    from dyod.world.prior_training import PretrainConfig
+
+    with pytest.raises(ValueError, match="--decoder-widths 64 64 must give each of the 3 levels"):
+        PretrainConfig(decoder_widths=(64, 64))
+    with pytest.raises(ValueError, match="--decoder-widths 64 64 128 would add or remove a shortcut between levels 0 "
+                                         "and 1 of 32 64 128"):
+        PretrainConfig(decoder_widths=(64, 64, 128))
+    assert PretrainConfig(decoder_widths=(96, 64, 128)).decoder_widths == (96, 64, 128)
 
 
 def test_decoder_and_corpus_sizes_must_be_two_sides_in_the_canvas():

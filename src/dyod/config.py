@@ -248,11 +248,12 @@ class PretrainConfig:
                                          "the identity (AutoencoderKL ties the depths, so the encoder gets identity "
                                          "ones that keep its latents bit for bit); for a longer refinement (a GPU)",
                                       min=0)
-    decoder_widening: int = field(1, "factor by which every autoencoder level's channels grow before the refinement, "
-                                     "the function kept (Net2WiderNet: each channel repeated, the weights that read it "
-                                     "shared among its copies; AutoencoderKL ties the widths, so the encoder grows "
-                                     "too and keeps its latents up to float rounding); 1: none; for a longer "
-                                     "refinement (a GPU)", min=1)
+    decoder_widths: tuple[int, ...] = field((), "autoencoder channels per level for the refinement, each a multiple "
+                                                 "of --vae-channels', the function kept (Net2WiderNet: each channel "
+                                                 "repeated, the weights that read it shared among its copies; "
+                                                 "AutoencoderKL ties the widths, so the encoder widens too and keeps "
+                                                 "its latents up to float rounding); empty: unchanged; for a longer "
+                                                 "refinement (a GPU)")
     decoder_sizes: tuple[int, ...] = field((12, 56), "sprite sides at 64 px, lowest and highest, drawn uniformly in the "
                                                      "decoder refinement's scenes so that it draws emoji at every "
                                                      "scale (from Python, an empty tuple: the corpus' three named sizes)")
@@ -298,6 +299,8 @@ class PretrainConfig:
             if sides and not (len(sides) == 2 and 1 <= sides[0] <= sides[1] <= 64):
                 raise ValueError(f"--{name.replace('_', '-')} must be two sides LOW HIGH with 1 <= LOW <= HIGH <= 64, "
                                  f"got {' '.join(map(str, sides))}")
+        if self.decoder_widths and (problem := widening_problem(self.vae_channels, self.decoder_widths)):
+            raise ValueError(f"--decoder-widths {problem}")
         if self.probe_floor_images == 1:
             raise ValueError("--probe-floor-images must be 0 (no floor probe) or at least 2 (KID compares sets), got 1")
         if self.text_width % self.text_heads:
@@ -305,6 +308,19 @@ class PretrainConfig:
         if self.unet_attention_from >= len(self.unet_channels):
             raise ValueError(f"--unet-attention-from ({self.unet_attention_from}) must name one of the "
                              f"{len(self.unet_channels)} UNet levels (0 to {len(self.unet_channels) - 1})")
+
+
+def widening_problem(widths: tuple[int, ...] | list[int], wider: tuple[int, ...] | list[int]) -> str | None:
+    """Why an autoencoder of channels ``widths`` cannot be widened to ``wider`` keeping its function, or None."""
+    widths, wider = list(widths), list(wider)
+    if len(wider) != len(widths) or any(w < 1 or w % o for w, o in zip(wider, widths)):
+        return f"{' '.join(map(str, wider))} must give each of the {len(widths)} levels a multiple of its channels " \
+               f"{' '.join(map(str, widths))}"
+    for i in range(len(widths) - 1):  # a resnet between two levels has a 1 x 1 shortcut exactly when they differ
+        if (wider[i] == wider[i + 1]) != (widths[i] == widths[i + 1]):
+            return f"{' '.join(map(str, wider))} would add or remove a shortcut between levels {i} and {i + 1} of " \
+                   f"{' '.join(map(str, widths))}: keep equal neighbours equal and different ones different"
+    return None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -270,8 +270,8 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         *([f"| decoder refinement | the decoder alone"
            + (f", grown by {config['decoder_extra_layers']} identity-initialised resnet(s) a level"
               if config.get("decoder_extra_layers") else "")
-           + (f", widened {config['decoder_widening']}× (Net2WiderNet, the function kept)"
-              if config.get("decoder_widening", 1) > 1 else "")
+           + (f", widened to channels {config['decoder_widths']} (Net2WiderNet, the function kept)"
+              if config.get("decoder_widths") else "")
            + f", {config['decoder_steps']} steps × batch {config['vae_batch_size']} of fresh scenes of all emoji"
            + (" at every sprite side from {} to {} px".format(*config["decoder_sizes"]) if config.get("decoder_sizes")
               else "")

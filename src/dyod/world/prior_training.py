@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointOnInterrupt, load_training_state, save_training_state
-from ..config import PretrainConfig, to_dict, write_json
+from ..config import PretrainConfig, to_dict, widening_problem, write_json
 from ..errors import DyodError
 from ..sampling import q_sample
 from ..testing import bytes_to_unicode
@@ -325,40 +325,44 @@ def deepen_autoencoder(vae, extra_layers: int, seed: int = 0):
     return deeper.to(vae.device)
 
 
-def widen_autoencoder(vae, factor: int, seed: int = 0, split: float = 0.5):
-    """The same autoencoder with every level ``factor`` times as wide, the same function up to float rounding.
+def widen_autoencoder(vae, widths, seed: int = 0, split: float = 0.5):
+    """The same autoencoder with ``widths`` channels on its levels, each a multiple of the old, the same function up
+    to float rounding.
 
     AutoencoderKL ties the decoder's widths to the encoder's, so both grow. Net2WiderNet (Chen et al. 2016): every
-    channel is repeated ``factor`` times, the copies side by side so that each GroupNorm group holds whole copies (the
-    same mean and variance), and a weight that reads a repeated channel is shared among its copies. The encoder's
-    shares are equal (frozen, its latents stay); the decoder's are drawn around equal, ``split`` apart at most, so that
-    the copies learn different things from the first step. The mid-block attention's query shrinks by sqrt(factor):
-    repeated dimensions grow q·k ``factor``-fold while its 1/sqrt(d) scale shrinks by sqrt(factor) only."""
+    channel is repeated, the copies side by side so that each GroupNorm group holds whole copies (the same mean and
+    variance), and a weight that reads a repeated channel is shared among its copies. The encoder's shares are equal
+    (frozen, its latents stay); the decoder's are drawn around equal, ``split`` apart at most, so that the copies learn
+    different things from the first step. The mid-block attention's query shrinks by sqrt(r) for an r-fold widening:
+    repeated dimensions grow q·k r-fold while its 1/sqrt(d) scale shrinks by sqrt(r) only."""
     from diffusers import AutoencoderKL
 
-    if factor <= 1:
+    old_widths, widths = list(vae.config.block_out_channels), [int(w) for w in widths]
+    if widths == old_widths:
         return vae
-    wide = AutoencoderKL.from_config({**vae.config, "block_out_channels": [c * factor for c in vae.config.block_out_channels]})
+    if problem := widening_problem(old_widths, widths):
+        raise ValueError(f"widths {problem}")
+    wide = AutoencoderKL.from_config({**vae.config, "block_out_channels": widths})
     generator = torch.Generator().manual_seed(seed)
     old, state = vae.state_dict(), {}
     for name, target in wide.state_dict().items():
         weight = old[name].detach().float().cpu()
         for dim in range(min(2, weight.ndim)):
-            if target.shape[dim] == weight.shape[dim]:
+            copies = target.shape[dim] // weight.shape[dim]
+            if copies == 1:
                 continue
-            weight = weight.repeat_interleave(factor, dim=dim)
+            weight = weight.repeat_interleave(copies, dim=dim)
             if dim == 1:  # reads repeated channels: their copies share the weight
-                shares = torch.ones(weight.shape[0], weight.shape[1] // factor, factor)
+                shares = torch.ones(weight.shape[0], weight.shape[1] // copies, copies)
                 if split and name.startswith(("decoder.", "post_quant_conv.")):
                     shares += split * (torch.rand(shares.shape, generator=generator) - 0.5)
                 shares = (shares / shares.sum(-1, keepdim=True)).reshape(weight.shape[:2])
                 weight = weight * shares.view(*shares.shape, *[1] * (weight.ndim - 2))
         state[name] = weight
-    for part in (wide.encoder, wide.decoder):
-        query = f"{'encoder' if part is wide.encoder else 'decoder'}.mid_block.attentions.0.to_q"
-        for key in (f"{query}.weight", f"{query}.bias"):
+    for part in ("encoder", "decoder"):
+        for key in (f"{part}.mid_block.attentions.0.to_q.weight", f"{part}.mid_block.attentions.0.to_q.bias"):
             if key in state:
-                state[key] = state[key] / math.sqrt(factor)
+                state[key] = state[key] / math.sqrt(widths[-1] // old_widths[-1])
     wide.load_state_dict(state)
     return wide.to(vae.device)
 
@@ -375,15 +379,15 @@ def save_autoencoder(vae, folder: Path) -> None:
 def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool, resume: bool, probes: Probes):
     """The autoencoder's decoder alone trained on (L1 + MSE + an adaptively weighted hinge PatchGAN term) on fresh
     scenes of every emoji at every size in ``decoder_sizes``, its encoder frozen: the latents, hence the UNet, stay as
-    they are. The decoder first grows by ``decoder_extra_layers`` resnets per level and ``decoder_widening`` times
-    the channels. Returns (vae, losses, seconds)."""
+    they are. The decoder first grows by ``decoder_extra_layers`` resnets per level and widens to ``decoder_widths``
+    channels. Returns (vae, losses, seconds)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder)
     grown = 1 + config.decoder_extra_layers  # stage 2's autoencoder has one resnet per encoder level
     vae = deepen_autoencoder(vae, grown - vae.config.layers_per_block, seed=config.seed + 3)
-    vae = widen_autoencoder(vae, config.decoder_widening * config.vae_channels[0] // vae.config.block_out_channels[0],
-                            seed=config.seed + 4)
+    if config.decoder_widths:  # checked against --vae-channels when the config was made
+        vae = widen_autoencoder(vae, config.decoder_widths, seed=config.seed + 4)
     vae = vae.to(device, memory_format=torch.channels_last)
     vae.requires_grad_(False)
     trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -404,7 +408,7 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
             vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
         except (RuntimeError, ValueError) as error:
             raise DyodError(f"{state_path} holds a decoder of another depth or width than --decoder-extra-layers "
-                            f"{config.decoder_extra_layers} and --decoder-widening {config.decoder_widening} make: "
+                            f"{config.decoder_extra_layers} and --decoder-widths make: "
                             "resume with the values it was started with, or delete that file to start the decoder "
                             "refinement anew") from error
         disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
