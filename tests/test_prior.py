@@ -499,8 +499,9 @@ def test_encoding_and_reconstructing_in_small_batches_gives_what_one_batch_gives
 
 @pytest.mark.slow
 def test_a_widened_decoder_refinement_keeps_the_latents_the_unet_learned(tmp_path):
-    """--decoder-widths 64 64 64 (of 32 32 32): the saved autoencoder is twice as wide on every level, and its encoder gives the
-    latents of the same pre-training without the refinement (up to float rounding), so the UNet's stay valid."""
+    """--decoder-widths 64 64 64 (of 32 32 32): the saved autoencoder is twice as wide on every level, and its encoder
+    gives the latents of the same pre-training without the refinement (up to float rounding), so the UNet's stay
+    valid."""
     from dyod.world.prior_training import PretrainConfig, pretrain
 
     plain = pretrain(tmp_path / "plain", PretrainConfig(**TINY), progress=False, device="cpu")
@@ -523,7 +524,8 @@ def test_a_decoder_state_of_another_depth_is_refused_with_the_way_out(tmp_path):
     out = pretrain(tmp_path / "prior", PretrainConfig(**config), progress=False, device="cpu")
     state = out / "training" / "decoder_state.safetensors"
     assert state.exists()
-    with pytest.raises(DyodError, match="another depth or width than --decoder-extra-layers 1 and --decoder-widths make.*delete that file"):
+    with pytest.raises(DyodError, match="another depth or width than --decoder-extra-layers 1 and --decoder-widths "
+                                        "make.*delete that file"):
         pretrain(out, PretrainConfig(**{**config, "decoder_steps": 3, "decoder_extra_layers": 1}), resume=True,
                  progress=False, device="cpu")
 
