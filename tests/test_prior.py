@@ -514,6 +514,10 @@ def test_a_widened_decoder_refinement_keeps_the_latents_the_unet_learned(tmp_pat
         torch.testing.assert_close(vae_wide.encode(x).latent_dist.mean, vae_plain.encode(x).latent_dist.mean,
                                    rtol=0, atol=1e-5)
     assert json.loads((wide / "training" / "pretrain_config.json").read_text())["decoder_widths"] == [64, 64, 64]
+    with pytest.raises(DyodError, match="--decoder-widths 96 96 96 must give each of the 3 levels a multiple of its "
+                                        "channels 64 64 64: .* already widened; resume with the widths"):
+        pretrain(wide, PretrainConfig(**{**TINY, "decoder_steps": 3, "decoder_widths": (96, 96, 96)}), resume=True,
+                 progress=False, device="cpu")
 
 
 @pytest.mark.slow

@@ -359,10 +359,8 @@ def widen_autoencoder(vae, widths, seed: int = 0, split: float = 0.5):
                 shares = (shares / shares.sum(-1, keepdim=True)).reshape(weight.shape[:2])
                 weight = weight * shares.view(*shares.shape, *[1] * (weight.ndim - 2))
         state[name] = weight
-    for part in ("encoder", "decoder"):
-        for key in (f"{part}.mid_block.attentions.0.to_q.weight", f"{part}.mid_block.attentions.0.to_q.bias"):
-            if key in state:
-                state[key] = state[key] / math.sqrt(widths[-1] // old_widths[-1])
+    for key in [k for k in state if ".mid_block.attentions.0.to_q." in k]:
+        state[key] = state[key] / math.sqrt(widths[-1] // old_widths[-1])
     wide.load_state_dict(state)
     return wide.to(vae.device)
 
@@ -386,7 +384,10 @@ def refine_decoder(config: PretrainConfig, folder: Path, device, progress: bool,
     vae = AutoencoderKL.from_pretrained(folder)
     grown = 1 + config.decoder_extra_layers  # stage 2's autoencoder has one resnet per encoder level
     vae = deepen_autoencoder(vae, grown - vae.config.layers_per_block, seed=config.seed + 3)
-    if config.decoder_widths:  # checked against --vae-channels when the config was made
+    if config.decoder_widths:  # checked against --vae-channels when the config was made, not against a resumed one
+        if problem := widening_problem(vae.config.block_out_channels, config.decoder_widths):
+            raise DyodError(f"--decoder-widths {problem}: {folder} holds an autoencoder already widened; resume with "
+                            "the widths it was refined with")
         vae = widen_autoencoder(vae, config.decoder_widths, seed=config.seed + 4)
     vae = vae.to(device, memory_format=torch.channels_last)
     vae.requires_grad_(False)
