@@ -585,6 +585,25 @@ def test_trimming_the_padding_changes_none_of_the_outputs_kept():
     torch.testing.assert_close(cut.last_hidden_state, full.last_hidden_state[:, :8], rtol=1e-5, atol=1e-6)
 
 
+def test_the_autoencoders_kl_is_weighed_against_the_image_as_latent_diffusion_weighs_it():
+    """LDM sums the reconstruction over each image and the KL over each latent: against the mean reconstruction the KL
+    is then divided by an image's values, so that --vae-kl-weight 1e-6 is SD's weight at every image size."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from dyod.world.prior_training import kl_per_pixel_value, reconstruction_loss
+
+    gen = torch.Generator().manual_seed(0)
+    for side in (16, 32):
+        x, recon = (torch.rand(3, 3, side, side, generator=gen) * 2 - 1 for _ in range(2))
+        mean, logvar = torch.randn(3, 4, side // 4, side // 4, generator=gen), torch.randn(3, 4, side // 4, side // 4,
+                                                                                           generator=gen)
+        posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar)
+        ldm = (((recon - x).abs() + (recon - x) ** 2).sum() + 1e-6 * kl.sum()) / len(x)  # contperceptual.py's sums
+        ours = reconstruction_loss(recon, x) + 1e-6 * kl_per_pixel_value(posterior, x)
+        torch.testing.assert_close(ours * 3 * side * side, ldm)
+
+
 def test_clip_loss_is_clips_symmetric_cross_entropy():
     import transformers.models.clip.modeling_clip as clip
 

@@ -237,7 +237,9 @@ class PretrainConfig:
     vae_batch_size: int = field(16, "images per autoencoder step", min=1)
     vae_learning_rate: float = field(1e-3, "peak AdamW learning rate of the autoencoder (warm-up, then cosine decay)",
                                      min=0.0, max=MAX_LEARNING_RATE)
-    vae_kl_weight: float = field(1e-6, "weight of the KL term of the autoencoder", min=0.0)
+    vae_kl_weight: float = field(1e-6, "weight of the autoencoder's KL term, summed over each latent against the "
+                                       "reconstruction summed over each image, as Latent Diffusion weighs them (SD's "
+                                       "autoencoder: 1e-6; the bundled prior's: 0.012288)", min=0.0)
     decoder_steps: int = field(8000, "decoder refinement steps after the UNet: the autoencoder's decoder alone trained "
                                      "on (the encoder, hence the latent space and the UNet, unchanged); 0: none",
                                min=0)

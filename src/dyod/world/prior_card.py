@@ -252,7 +252,8 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         f"({props['text_following']['concept_set_size']} of {len(EmojiAtlas.bundled())}), an even share of every group |",
         f"| autoencoder | AutoencoderKL, channels {config['vae_channels']}, {config['vae_steps']} steps × batch "
         f"{config['vae_batch_size']} of freshly rendered scenes of all {len(EmojiAtlas.bundled())} emoji, L1 + MSE + "
-        f"KL × {config['vae_kl_weight']:g} |",
+        f"KL × {config['vae_kl_weight']:g} (the KL summed over each latent, the reconstruction over each image, as "
+        "Latent Diffusion weighs them) |",
         f"| tokenizer | CLIP BPE trained on the UNet corpus' captions, vocab {learned_vocab} (at most "
         f"{config['vocab_size']}), max length "
         f"{config['max_length']} |",

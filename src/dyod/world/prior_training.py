@@ -169,6 +169,13 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 
 
+def kl_per_pixel_value(posterior, x: torch.Tensor) -> torch.Tensor:
+    """The KL summed over each latent, per value of its image: Latent Diffusion weighs the KL summed over the latent
+    against the reconstruction summed over the image, so against the mean reconstruction loss a KL weight then means
+    what it means for SD's autoencoder (1e-6), whatever the image size."""
+    return posterior.kl().mean() / x[0].numel()
+
+
 @torch.no_grad()
 def reconstruct(vae, images_uint8: torch.Tensor, device, batch_size: int = 16) -> torch.Tensor:
     """Images through the autoencoder (posterior mean), in [-1, 1] on the CPU (small batches: on a CPU, large ones'
@@ -245,7 +252,7 @@ def train_autoencoder(config: PretrainConfig, folder: Path, device, progress: bo
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
             recon = vae.decode(z).sample
             rec = reconstruction_loss(recon, x)
-            loss = rec + config.vae_kl_weight * posterior.kl().mean()
+            loss = rec + config.vae_kl_weight * kl_per_pixel_value(posterior, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
