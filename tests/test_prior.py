@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -434,14 +435,17 @@ def test_deepening_the_autoencoder_keeps_its_function_bit_for_bit():
     assert deepen_autoencoder(vae, 0) is vae
 
 
-def test_widening_the_autoencoder_keeps_its_function_and_lets_the_copies_learn_apart():
+@pytest.mark.parametrize("groups", [32, 8])
+def test_widening_the_autoencoder_keeps_its_function_and_lets_the_copies_learn_apart(groups):
     """Net2WiderNet on AutoencoderKL: twice the channels on every level, 1 × 1 shortcuts and mid-block attention
-    included, encode and decode as before up to float rounding; the decoder's copies of a channel read the next layer
-    with different shares, so one step's gradient already tells them apart (with equal shares it cannot)."""
+    included, encode and decode as before up to float rounding, whether a GroupNorm group holds one channel or
+    several; the decoder's copies of a channel read the next layer with different shares, so one step's gradient
+    already tells them apart (with equal shares it cannot)."""
     from dyod.world.prior_training import widen_autoencoder
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=32,
+                        norm_num_groups=groups,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
     for block in list(vae.encoder.down_blocks) + list(vae.decoder.up_blocks):  # GroupNorm's default affine is trivial
         for resnet in block.resnets:
@@ -543,6 +547,41 @@ def test_decoder_widths_are_refused_when_the_config_is_made_not_after_hours_of_t
                                          "and 1 of 32 64 128"):
         PretrainConfig(decoder_widths=(64, 64, 128))
     assert PretrainConfig(decoder_widths=(96, 64, 128)).decoder_widths == (96, 64, 128)
+
+
+def test_the_autoencoders_norm_groups_follow_the_config_and_must_divide_its_channels():
+    """--vae-norm-groups sets every GroupNorm of the autoencoder and is recorded in its config (at the bundled 32, the
+    32-channel level normalizes each channel alone); channels it does not divide are refused naming both flags."""
+    from dyod.world.prior_training import PretrainConfig, build_autoencoder
+
+    for groups in (32, 8):
+        vae = build_autoencoder(PretrainConfig(vae_norm_groups=groups))
+        norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert len(norms) > 10 and {m.num_groups for m in norms} == {groups}
+        assert vae.config.norm_num_groups == groups
+        assert min(m.num_channels // m.num_groups for m in norms) == 32 // groups
+    with pytest.raises(ValueError, match=r"--vae-channels must each be a multiple of --vae-norm-groups \(24\), "
+                                         "got 32 64 128"):
+        PretrainConfig(vae_norm_groups=24)
+    with pytest.raises(ValueError, match=r"--vae-channels .* \(16\), got 40"):
+        PretrainConfig(vae_channels=(32, 40, 64), vae_norm_groups=16)
+
+
+@pytest.mark.parametrize("folder", ["bundled", "prior-next"])
+def test_a_recorded_pretraining_config_rebuilds_the_autoencoder_it_made(folder):
+    """--resume takes the flags not given from training/pretrain_config.json, so the config recorded next to a prior
+    (the bundled one, or the next one's finished stages in prior-next/) must name the autoencoder it holds."""
+    from dyod.prior import bundled_prior_path
+    from dyod.world.prior_card import recorded_config
+    from dyod.world.prior_training import PretrainConfig, build_autoencoder
+
+    path = bundled_prior_path() if folder == "bundled" else Path(__file__).parents[1] / folder
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded_config(path).items()
+             if k in PretrainConfig.__dataclass_fields__}
+    built = build_autoencoder(PretrainConfig(**known)).config
+    saved = json.loads((path / "vae" / "config.json").read_text())
+    for key in ("block_out_channels", "norm_num_groups", "layers_per_block", "latent_channels", "sample_size"):
+        assert list(np.atleast_1d(built[key])) == list(np.atleast_1d(saved[key])), key
 
 
 def test_decoder_and_corpus_sizes_must_be_two_sides_in_the_canvas():

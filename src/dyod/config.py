@@ -233,6 +233,10 @@ class PretrainConfig:
     text_heads: int = field(4, "attention heads of the text encoder", min=1)
     vae_channels: tuple[int, ...] = field((32, 64, 128), "autoencoder channels per level; each level after the first "
                                                          "halves the resolution")
+    vae_norm_groups: int = field(8, "GroupNorm groups of the autoencoder (each of --vae-channels a multiple of it), "
+                                    "so that every group holds several channels, as in SD's autoencoder; the bundled "
+                                    "prior's: 32, one channel a group at the 32-channel level, as instance norm",
+                                 min=1)
     vae_steps: int = field(3600, "autoencoder training steps, each on freshly rendered scenes of every emoji", min=1)
     vae_batch_size: int = field(16, "images per autoencoder step", min=1)
     vae_learning_rate: float = field(1e-3, "peak AdamW learning rate of the autoencoder (warm-up, then cosine decay)",
@@ -301,6 +305,9 @@ class PretrainConfig:
             if sides and not (len(sides) == 2 and 1 <= sides[0] <= sides[1] <= 64):
                 raise ValueError(f"--{name.replace('_', '-')} must be two sides LOW HIGH with 1 <= LOW <= HIGH <= 64, "
                                  f"got {' '.join(map(str, sides))}")
+        if indivisible := [c for c in self.vae_channels if c % self.vae_norm_groups]:
+            raise ValueError(f"--vae-channels must each be a multiple of --vae-norm-groups ({self.vae_norm_groups}), "
+                             f"got {' '.join(map(str, indivisible))}")
         if self.decoder_widths and (problem := widening_problem(self.vae_channels, self.decoder_widths)):
             raise ValueError(f"--decoder-widths {problem}")
         if self.probe_floor_images == 1:

@@ -250,7 +250,8 @@ def write_model_card(model: str | os.PathLike, props: dict, images: torch.Tensor
         f"| images | {config['resolution']}×{config['resolution']} RGB; VAE ×4 → 16×16×4 latents |",
         f"| concept set | every {config['concept_stride']}th emoji of the atlas in code-point order "
         f"({props['text_following']['concept_set_size']} of {len(EmojiAtlas.bundled())}), an even share of every group |",
-        f"| autoencoder | AutoencoderKL, channels {config['vae_channels']}, {config['vae_steps']} steps × batch "
+        f"| autoencoder | AutoencoderKL, channels {config['vae_channels']}, GroupNorm in "
+        f"{config.get('vae_norm_groups', 32)} groups, {config['vae_steps']} steps × batch "
         f"{config['vae_batch_size']} of freshly rendered scenes of all {len(EmojiAtlas.bundled())} emoji, L1 + MSE + "
         f"KL × {config['vae_kl_weight']:g} (the KL summed over each latent, the reconstruction over each image, as "
         "Latent Diffusion weighs them) |",

@@ -159,7 +159,7 @@ def build_autoencoder(config: PretrainConfig):
     n_blocks = len(config.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=config.resolution,
-        block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=32,
+        block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=config.vae_norm_groups,
         down_block_types=("DownEncoderBlock2D",) * n_blocks, up_block_types=("UpDecoderBlock2D",) * n_blocks,
     )
 
