@@ -572,13 +572,11 @@ def test_a_recorded_pretraining_config_rebuilds_the_autoencoder_it_made(folder):
     """--resume takes the flags not given from training/pretrain_config.json, so the config recorded next to a prior
     (the bundled one, or the next one's finished stages in prior-next/) must name the autoencoder it holds."""
     from dyod.prior import bundled_prior_path
-    from dyod.world.prior_card import recorded_config
-    from dyod.world.prior_training import PretrainConfig, build_autoencoder
+    from dyod.world.prior_card import recorded_pretrain_config
+    from dyod.world.prior_training import build_autoencoder
 
     path = bundled_prior_path() if folder == "bundled" else Path(__file__).parents[1] / folder
-    known = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded_config(path).items()
-             if k in PretrainConfig.__dataclass_fields__}
-    built = build_autoencoder(PretrainConfig(**known)).config
+    built = build_autoencoder(recorded_pretrain_config(path)).config
     saved = json.loads((path / "vae" / "config.json").read_text())
     for key in ("block_out_channels", "norm_num_groups", "layers_per_block", "latent_channels", "sample_size"):
         assert list(np.atleast_1d(built[key])) == list(np.atleast_1d(saved[key])), key

@@ -67,6 +67,14 @@ def recorded_config(model: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def recorded_pretrain_config(model: str | os.PathLike):
+    """The PretrainConfig a prior was made with: its recorded settings, today's defaults for those it predates."""
+    from ..config import PretrainConfig
+
+    known = {k: v for k, v in recorded_config(model).items() if k in PretrainConfig.__dataclass_fields__}
+    return PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+
+
 @torch.no_grad()
 def text_following(model: str | os.PathLike, n_captions: int = 200, seed: int = 0, steps: int = 50,
                    guidance_scale: float = 7.5, device: str = "cpu") -> tuple[dict, torch.Tensor, list[int]]:
@@ -91,7 +99,6 @@ def autoencoder_properties(model: str | os.PathLike, n: int = 400, device: str =
     the reconstruction of ``n`` held-out scenes inside and outside the concept set: MSE in [-1, 1] and KID × 100."""
     from diffusers import AutoencoderKL
 
-    from ..config import PretrainConfig
     from ..evaluation import kid
     from .datasets import DATASETS, dataset_images
     from .features import EmojiFeatures
@@ -107,8 +114,7 @@ def autoencoder_properties(model: str | os.PathLike, n: int = 400, device: str =
                 "kid_x100_std": result.std_x100}
 
     floors = {name: scores(dataset_images(name, n)) for name in DATASETS}
-    known = {k: v for k, v in recorded_config(model).items() if k in PretrainConfig.__dataclass_fields__}
-    config = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+    config = recorded_pretrain_config(model)
     heldout = {name: scores(render_scenes(gen, range(n))[0]) for name, gen in heldout_corpora(config).items()}
     return {"n": n, "floor": floors, "heldout": heldout}
 
